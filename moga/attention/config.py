@@ -1,0 +1,74 @@
+"""MoGA settings: one frozen value, passed down; defaults live here and nowhere else."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+FUSIONS = ("mean", "lse")
+BACKENDS = ("auto", "fa4", "flash_attn", "torch", "sdpa", "reference")
+
+
+@dataclass(frozen=True)
+class MoGAConfig:
+    """How a MoGA self-attention layer runs.
+
+    num_groups: M, the router's group count (the paper: 5 for Wan2.1 at 5-30 s, 20 at ~580k tokens).
+    window: (frames, rows, cols). rows x cols is the spatial grid cut into every latent frame (the
+        paper: 2x2 for Wan). frames is the temporal extent of a window group in latent frames;
+        0 means the whole shot, as in the paper.
+    context_frames: latent frames of each neighbouring window in time (the previous and the next
+        shot, or chunk) added to a window group's keys/values; the paper's "two adjacent frames".
+    routed / windowed / per_frame: which branches run (at least one).
+    fusion: "mean" (the paper: mean of routed*p, window, per-frame) or "lse" (one softmax over the
+        union of the branches' keys, no gate: for calibrated, untrained routers).
+    dense: run plain dense attention instead (warm-up steps/layers, baselines).
+    backend: varlen kernel ("auto" picks the fastest importable one).
+    """
+
+    num_groups: int = 5
+    window: tuple[int, int, int] = (0, 2, 2)
+    context_frames: int = 1
+    routed: bool = True
+    windowed: bool = True
+    per_frame: bool = True
+    fusion: str = "mean"
+    dense: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.num_groups, int) or self.num_groups < 1:
+            raise ValueError(f"num_groups must be an integer >= 1, got {self.num_groups!r}")
+        window = tuple(int(w) for w in self.window)
+        if len(window) != 3:
+            raise ValueError(f"window must be (frames, rows, cols), got {self.window!r}")
+        if window[0] < 0 or window[1] < 1 or window[2] < 1:
+            raise ValueError(
+                f"window {window} is invalid: frames >= 0 (0 = whole shot), rows >= 1, cols >= 1")
+        object.__setattr__(self, "window", window)
+        if self.context_frames < 0:
+            raise ValueError(f"context_frames must be >= 0, got {self.context_frames}")
+        if not (self.routed or self.windowed or self.per_frame):
+            raise ValueError("at least one MoGA branch (routed, windowed, per_frame) must be on")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def replace(self, **changes) -> "MoGAConfig":
+        return replace(self, **changes)
+
+    @staticmethod
+    def parse_window(text: str) -> tuple[int, int, int]:
+        """'0,2,2' or '2x2' (rows x cols, whole shot) -> (frames, rows, cols)."""
+        text = text.strip().lower()
+        try:
+            if "x" in text:
+                rows, cols = (int(p) for p in text.split("x"))
+                return (0, rows, cols)
+            parts = tuple(int(p) for p in text.replace(" ", "").split(","))
+        except ValueError:
+            parts = ()
+        if len(parts) != 3:
+            raise ValueError(
+                f"window {text!r} is not 'frames,rows,cols' (e.g. '0,2,2': whole shot, 2x2 grid) "
+                f"nor 'rowsxcols' (e.g. '2x2')")
+        return parts
