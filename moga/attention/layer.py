@@ -12,6 +12,15 @@ Contract (other modules rely on it):
     dense warm-up...). Without a router, or with config.dense, the layer runs dense attention.
   - When `layer.record_routing` is True, the last call's routing is kept in `layer.last_routing`
     (a `Routing`), so a trainer can add the balance loss.
+  - `parallel`: a sequence-parallel exchange (moga.parallel.ulysses implements it; this package only
+    knows the protocol below). Then `x` holds this rank's padded token shard [B, n_local, dim] and
+    `rope` this shard's rows. The router scores the local tokens, the routing is all-gathered, q/k/v
+    go from sequence shards to head shards over the full sequence, attention runs for the local
+    heads, and the output returns to sequence shards. Protocol:
+        parallel.all_gather_tokens(t [B, n_local, ...], num_tokens) -> [B, num_tokens, ...]
+        parallel.seq_to_heads(t [B, n_local, H, D], num_tokens) -> [B, num_tokens, H / P, D]
+        parallel.heads_to_seq(t [B, num_tokens, H / P, D]) -> [B, n_local, H, D]
+    Padding tokens are dropped by the exchange, so they never join a group or a window.
 """
 from __future__ import annotations
 
@@ -78,16 +87,26 @@ class MoGAAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, rope: torch.Tensor | None = None,
-                config: MoGAConfig | None = None) -> torch.Tensor:
+                config: MoGAConfig | None = None, parallel=None) -> torch.Tensor:
         cfg = config or self.config
-        layout.check_tokens(x.shape[1])
+        if parallel is None:
+            layout.check_tokens(x.shape[1])
         q, k, v = self.qkv(x, rope)
-        if self.router is None or cfg.dense:
-            out = dense_attention(q, k, v)
-        else:
+        sparse = self.router is not None and not cfg.dense
+        routing = self.router(x, num_groups=cfg.num_groups) if sparse and cfg.routed else None
+        if parallel is not None:
+            n = layout.num_tokens
+            q, k, v = (parallel.seq_to_heads(t, n) for t in (q, k, v))
+            if routing is not None:
+                routing = routing.gather(lambda t: parallel.all_gather_tokens(t, n))
+        if sparse:
             from .mixture import moga_attention
-            out, routing = moga_attention(q, k, v, self.router, x, layout, cfg)
-            self.last_routing = routing if self.record_routing else None
+            out = moga_attention(q, k, v, routing, layout, cfg)
+        else:
+            out = dense_attention(q, k, v)
+        if parallel is not None:
+            out = parallel.heads_to_seq(out)
+        self.last_routing = routing if self.record_routing else None
         return self.o(out.flatten(2))
 
 
