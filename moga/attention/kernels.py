@@ -1,0 +1,225 @@
+"""Variable-length attention behind one dispatcher.
+
+`varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend="auto", return_lse=False)` takes packed
+q [Tq, H, D] and k, v [Tk, H, D]; segment i is queries cu_q[i]:cu_q[i+1] attending to keys
+cu_k[i]:cu_k[i+1] (query and key sets may differ). It returns out [Tq, H, D], and with
+`return_lse` also lse [Tq, H] float32 (float64 for float64 inputs): the natural log of the sum
+over the segment's keys of exp(scale * q.k), scale = 1/sqrt(D). A query whose segment has no keys
+gets out 0 and lse -inf.
+
+Backends (BACKENDS; "auto" = the fastest importable one for the device and dtype):
+  fa4        flash_attn.cute.flash_attn_varlen_func (package flash-attn-4; CUDA, Hopper/Blackwell,
+             fp16/bf16). Fastest on an H100. Backward: yes, the lse's gradient included.
+  flash_attn flash_attn.flash_attn_varlen_func (FlashAttention 2; CUDA, fp16/bf16).
+             Backward: yes for the output; its lse carries NO gradient.
+  torch      torch.nn.attention.varlen.varlen_attn (CUDA only, fp16/bf16; PyTorch >= 2.10).
+             Backward: yes for the output; its lse carries NO gradient.
+  sdpa       any device and dtype (the CPU default): segments of equal length are batched into one
+             F.scaled_dot_product_attention call; with return_lse a chunked explicit softmax (never
+             more than one batch of segments' scores at a time). Backward: yes, lse included.
+  reference  one dense masked softmax over all Tq x Tk scores in float32 (float64 for float64
+             inputs). Tests only. Backward: yes, lse included.
+So training through `fusion="lse"` (which differentiates the lse) needs fa4, sdpa or reference;
+mixture.py refuses the other two when gradients are on.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("fa4", "flash_attn", "torch", "sdpa", "reference")
+LSE_HAS_GRAD = {"fa4": True, "flash_attn": False, "torch": False, "sdpa": True, "reference": True}
+_HALF = (torch.float16, torch.bfloat16)
+_PACKAGE = {
+    "fa4": "flash-attn-4 (`pip install moga-video[fa4]`; import flash_attn.cute)",
+    "flash_attn": "flash-attn (`pip install moga-video[flash]`; import flash_attn)",
+    "torch": "PyTorch >= 2.10 with torch.nn.attention.varlen",
+}
+
+
+@lru_cache(maxsize=None)
+def _import(name: str):
+    """The backend's callable, or the ImportError explaining why not."""
+    try:
+        if name == "fa4":
+            from flash_attn.cute import flash_attn_varlen_func
+            return flash_attn_varlen_func
+        if name == "flash_attn":
+            from flash_attn import flash_attn_varlen_func
+            return flash_attn_varlen_func
+        if name == "torch":
+            from torch.nn.attention.varlen import AuxRequest, varlen_attn
+            return (varlen_attn, AuxRequest)
+    except Exception as err:  # a broken install counts as missing
+        return err
+    raise KeyError(name)
+
+
+def backend_problem(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `name` cannot run on this device/dtype (None when it can)."""
+    if name not in BACKENDS:
+        return f"unknown attention backend {name!r}; choose one of {('auto',) + BACKENDS}"
+    if name in ("sdpa", "reference"):
+        return None
+    if device.type != "cuda":
+        return f"attention backend {name!r} runs on CUDA only (this tensor is on {device}); use 'sdpa'"
+    if dtype not in _HALF:
+        return f"attention backend {name!r} needs float16 or bfloat16 inputs, got {dtype}; use 'sdpa'"
+    if name == "fa4" and torch.cuda.get_device_capability(device)[0] < 9:
+        return "attention backend 'fa4' needs a Hopper or Blackwell GPU; use 'flash_attn' or 'torch'"
+    got = _import(name)
+    if isinstance(got, Exception):
+        return f"attention backend {name!r} needs {_PACKAGE[name]}, which is not importable: {got}"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """'auto' -> the fastest backend that runs here; a named one is checked (ValueError if not)."""
+    if backend == "auto":
+        order = ("fa4", "flash_attn", "torch", "sdpa") if device.type == "cuda" else ("sdpa",)
+        return next(b for b in order if backend_problem(b, device, dtype) is None)
+    problem = backend_problem(backend, device, dtype)
+    if problem:
+        raise ValueError(problem)
+    return backend
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
+                     cu_k: torch.Tensor, max_q: int, max_k: int, backend: str = "auto",
+                     return_lse: bool = False, scale: float | None = None):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"varlen attention takes packed [tokens, heads, dim] tensors, got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match: "
+                         f"k and v need the same shape, and q the same heads and head dim")
+    if cu_q.dim() != 1 or cu_q.shape != cu_k.shape or cu_q.numel() < 1:
+        raise ValueError(f"cu_q {tuple(cu_q.shape)} and cu_k {tuple(cu_k.shape)} must be 1-D of "
+                         f"equal length (segments + 1)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    name = resolve_backend(backend, q.device, q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if name in ("sdpa", "reference"):
+        lq = torch.diff(cu_q.to("cpu", torch.long)).tolist()
+        lk = torch.diff(cu_k.to("cpu", torch.long)).tolist()
+        if (min(lq + lk + [0]) < 0 or sum(lq) != q.shape[0] or sum(lk) != k.shape[0]
+                or int(cu_q[0]) != 0 or int(cu_k[0]) != 0):
+            raise ValueError(f"cu_q/cu_k must rise from 0 to the token counts ({q.shape[0]}, "
+                             f"{k.shape[0]})")
+        fn = _sdpa if name == "sdpa" else _reference
+        return fn(q, k, v, lq, lk, return_lse, scale)
+    cu_q = cu_q.to(q.device, torch.int32)
+    cu_k = cu_k.to(q.device, torch.int32)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if name == "fa4":
+        out, lse = _import("fa4")(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                  max_seqlen_q=int(max_q), max_seqlen_k=int(max_k),
+                                  softmax_scale=scale, return_lse=return_lse)
+        return (out, lse.transpose(0, 1)) if return_lse else out  # fa4's lse is [H, Tq]
+    if name == "flash_attn":
+        res = _import("flash_attn")(q, k, v, cu_q, cu_k, int(max_q), int(max_k),
+                                    softmax_scale=scale, return_attn_probs=return_lse)
+        if not return_lse:
+            return res
+        out, lse = res[0], res[1]
+        return out, lse[:, : q.shape[0]].transpose(0, 1)  # [H, Tq] -> [Tq, H]
+    varlen_attn, AuxRequest = _import("torch")
+    kw = {} if scale == 1.0 / math.sqrt(q.shape[-1]) else {"scale": scale}  # older: no `scale`
+    if not return_lse:
+        return varlen_attn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **kw)
+    out, lse = varlen_attn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **kw,
+                           return_aux=AuxRequest(lse=True))
+    if lse.shape[0] != q.shape[0] and lse.shape[-1] == q.shape[0]:
+        lse = lse.transpose(0, 1)  # the FA2-style [H, Tq] layout
+    return out, lse
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reference(q, k, v, lq, lk, return_lse, scale):
+    """Dense masked softmax over all scores: exact and simple, O(Tq x Tk) memory."""
+    work = _lse_dtype(q.dtype)
+    seg_q = torch.repeat_interleave(torch.arange(len(lq)), torch.tensor(lq, dtype=torch.long))
+    seg_k = torch.repeat_interleave(torch.arange(len(lk)), torch.tensor(lk, dtype=torch.long))
+    mask = (seg_q[:, None] == seg_k[None, :]).to(q.device)  # [Tq, Tk]
+    s = torch.einsum("qhd,khd->hqk", q.to(work), k.to(work)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [H, Tq]; -inf for a query without keys
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
+    out = torch.einsum("hqk,khd->qhd", p, v.to(work)).to(q.dtype)
+    return (out, lse.transpose(0, 1)) if return_lse else out
+
+
+def _sdpa(q, k, v, lq, lk, return_lse, scale):
+    """Segments bucketed by (query length, key length); one batched call per bucket."""
+    tq, h, d = q.shape
+    starts_q = [0] * len(lq)
+    starts_k = [0] * len(lk)
+    for i in range(1, len(lq)):
+        starts_q[i] = starts_q[i - 1] + lq[i - 1]
+        starts_k[i] = starts_k[i - 1] + lk[i - 1]
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for i, (a, b) in enumerate(zip(lq, lk)):
+        if a > 0:
+            buckets.setdefault((a, b), []).append(i)
+    dev = q.device
+    pieces, places, lses = [], [], []
+    for (nq, nk), segs in buckets.items():
+        sq = torch.tensor([starts_q[i] for i in segs], device=dev)
+        if len(segs) == len(lq) and nq * len(segs) == tq:  # uniform: a plain view, no gather
+            qb = q.reshape(len(segs), nq, h, d)
+            qidx = None
+        else:
+            qidx = (sq[:, None] + torch.arange(nq, device=dev)).flatten()
+            qb = q.index_select(0, qidx).view(len(segs), nq, h, d)
+        if nk == 0:
+            ob = q.new_zeros(len(segs), nq, h, d)
+            lb = torch.full((len(segs), nq, h), float("-inf"), dtype=_lse_dtype(q.dtype), device=dev)
+        else:
+            if len(segs) == len(lk) and nk * len(segs) == k.shape[0]:
+                kb, vb = k.reshape(len(segs), nk, h, d), v.reshape(len(segs), nk, h, d)
+            else:
+                sk = torch.tensor([starts_k[i] for i in segs], device=dev)
+                kidx = (sk[:, None] + torch.arange(nk, device=dev)).flatten()
+                kb = k.index_select(0, kidx).view(len(segs), nk, h, d)
+                vb = v.index_select(0, kidx).view(len(segs), nk, h, d)
+            qt, kt, vt = (t.transpose(1, 2) for t in (qb, kb, vb))  # [S, H, L, D]
+            if return_lse:
+                ob, lb = _chunked_softmax(qt, kt, vt, scale)
+            else:
+                ob, lb = F.scaled_dot_product_attention(qt, kt, vt, scale=scale), None
+            ob = ob.transpose(1, 2)
+            lb = None if lb is None else lb.transpose(1, 2)
+        if qidx is None:
+            out = ob.reshape(tq, h, d)
+            return (out, lb.reshape(tq, h)) if return_lse else out
+        pieces.append(ob.reshape(-1, h, d))
+        places.append(qidx)
+        if return_lse:
+            lses.append(lb.reshape(-1, h))
+    order = torch.argsort(torch.cat(places))  # rows back to packed order
+    out = torch.cat(pieces).index_select(0, order)
+    return (out, torch.cat(lses).index_select(0, order)) if return_lse else out
+
+
+def _chunked_softmax(q, k, v, scale, budget=1 << 26):
+    """Explicit softmax returning (out, lse) for [S, H, L, D] inputs, in query chunks so the
+    score tensor stays under `budget` elements."""
+    s_, h, nq, _ = q.shape
+    nk = k.shape[2]
+    work = _lse_dtype(q.dtype)
+    step = max(1, budget // max(1, s_ * h * nk))
+    kw, vw = k.to(work), v.to(work)
+    outs, lses = [], []
+    for a in range(0, nq, step):
+        s = torch.matmul(q[:, :, a:a + step].to(work), kw.transpose(-1, -2)) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.matmul(torch.exp(s - lse[..., None]), vw))
+        lses.append(lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
