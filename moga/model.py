@@ -1,0 +1,533 @@
+"""The Wan2.1 text-to-video DiT, with MoGA self-attention in every layer that has a router.
+
+The equations follow Wan2.1 (`wan/modules/model.py`) and its ComfyUI port; parameter names are Wan's
+original ones, so a checkpoint maps onto this module by name (see `moga.checkpoint` for the other
+key layouts). What is ours:
+
+- Self-attention is `moga.attention.MoGAAttention`: dense without a router, MoGA with one.
+- Multi-shot: every video token attends, in the cross-attention, only to the text of its own shot.
+  The cross-attention runs once per shot over that shot's token range (no mask).
+- Positions: the temporal RoPE index is the global latent-frame index, running on across shot
+  cuts (frame 0 .. F-1 of the whole video); height/width indices restart in every frame as in Wan.
+- Long sequences: nothing N x N is ever built; the FFN and the cross-attention run over chunks of
+  `chunk_tokens` tokens, so activation memory grows linearly with N and never with N x ffn_dim.
+- Precision as the original: timestep embedding, modulation, the residual stream, the norms and the
+  head run in float32; the linear layers of attention, FFN and text embedding run in the compute
+  dtype (the weights' dtype; bfloat16 for fp8 weights, which are upcast layer by layer, with their
+  `scale_weight` for ComfyUI's "scaled fp8" files).
+- Sequence parallel (`parallel=`): see `WanModel.forward`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from .attention import MoGAAttention, MoGAConfig, RMSNorm, TokenLayout
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+ROPE_THETA = 10000.0
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Shape of a Wan2.1 T2V DiT. `from_state_dict` reads it from the tensors' shapes."""
+
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    text_len: int = 512
+    patch_size: tuple = (1, 2, 2)
+    eps: float = 1e-6
+    num_groups: int = 0          # router rows M (0: no routers)
+    moga_layers: tuple = ()      # indices of the layers that have a router
+    cross_attn_norm: bool = True  # Wan T2V has `norm3` (affine LayerNorm) before the cross-attention
+
+    def __post_init__(self):
+        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim",
+                     "freq_dim", "text_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"WanConfig.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        layers = tuple(sorted(int(i) for i in self.moga_layers))
+        if any(not 0 <= i < self.num_layers for i in layers):
+            raise ValueError(f"moga_layers {layers} must lie in 0..{self.num_layers - 1}")
+        if layers and self.num_groups < 1:
+            raise ValueError("moga_layers given but num_groups is 0")
+        object.__setattr__(self, "moga_layers", layers)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Complex channels of the (frame, height, width) RoPE axes, as Wan splits head_dim / 2."""
+        c = self.head_dim // 2
+        return (c - 2 * (c // 3), c // 3, c // 3)
+
+    @property
+    def name(self) -> str:
+        known = {(1536, 30, 12, 8960): "Wan2.1 T2V 1.3B", (5120, 40, 40, 13824): "Wan2.1 T2V 14B"}
+        return known.get((self.dim, self.num_layers, self.num_heads, self.ffn_dim),
+                         f"Wan2.1-architecture T2V (dim {self.dim}, {self.num_layers} layers)")
+
+    def replace(self, **changes) -> "WanConfig":
+        return replace(self, **changes)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping, num_heads: int | None = None, **overrides) -> "WanConfig":
+        """Infer the config from canonical (Wan-original) names -> tensors or shapes.
+
+        Wan's head dim is 128 (1.3B: 12 heads, 14B: 40 heads); `num_heads` overrides that rule for
+        models with another head dim (our tiny test models carry it as `moga.num_heads` metadata).
+        """
+        shape = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in sd.items()}
+
+        def need(key):
+            if key not in shape:
+                raise ValueError(f"the state dict has no {key!r}: it is not a Wan2.1 DiT")
+            return shape[key]
+
+        pe = need("patch_embedding.weight")          # [dim, in_dim, pt, ph, pw]
+        if len(pe) != 5:
+            raise ValueError(f"patch_embedding.weight has shape {pe}; Wan's is [dim, in_dim, 1, 2, 2]")
+        dim, in_dim, patch = pe[0], pe[1], pe[2:]
+        head = need("head.head.weight")
+        out_dim = head[0] // math.prod(patch)
+        layers = sorted({int(k.split(".")[1]) for k in shape if k.startswith("blocks.")})
+        if not layers or layers != list(range(len(layers))):
+            raise ValueError(f"blocks are not numbered 0..n-1 (found {layers[:8]}...)")
+        if num_heads is None:
+            if dim % 128:
+                raise ValueError(
+                    f"dim {dim} is not a multiple of Wan's head dim 128: the head count cannot be "
+                    f"inferred; pass num_heads (or store `moga.num_heads` in the file's metadata)")
+            num_heads = dim // 128
+        routers = {i: shape[f"blocks.{i}.self_attn.router.weight"] for i in layers
+                   if f"blocks.{i}.self_attn.router.weight" in shape}
+        rows = {r[0] for r in routers.values()}
+        if len(rows) > 1:
+            raise ValueError(f"the routers disagree on the group count: {sorted(rows)} rows "
+                             f"in layers {sorted(routers)}; every router needs the same M")
+        for i, r in routers.items():
+            if len(r) != 2 or r[1] != dim:
+                raise ValueError(f"router of layer {i} has shape {r}, the model needs [M, {dim}]")
+        cfg = dict(
+            dim=dim, ffn_dim=need("blocks.0.ffn.0.weight")[0], num_heads=int(num_heads),
+            num_layers=len(layers), in_dim=in_dim, out_dim=out_dim,
+            text_dim=need("text_embedding.0.weight")[1], freq_dim=need("time_embedding.0.weight")[1],
+            patch_size=patch, num_groups=rows.pop() if rows else 0, moga_layers=tuple(sorted(routers)),
+            cross_attn_norm="blocks.0.norm3.weight" in shape)
+        cfg.update(overrides)
+        return cls(**cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# equations (plain functions: the tests check them against hand-written formulas)
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding [cos | sin], computed in float64 as the original, returned float32."""
+    half = dim // 2
+    pos = t.reshape(-1).to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angle = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(angle), torch.sin(angle)], dim=1).float()
+
+
+def rope_axis(positions: torch.Tensor, channels: int, theta: float = ROPE_THETA) -> torch.Tensor:
+    """One RoPE axis: complex128 [P, channels], exp(i * p * theta^(-2j / (2 * channels)))."""
+    dim = 2 * channels
+    inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+    angle = torch.outer(positions.to(torch.float64), inv)
+    return torch.polar(torch.ones_like(angle), angle)
+
+
+def rope_freqs(layout: TokenLayout, head_dim: int, device=None, dtype=torch.complex64,
+               frame_offset: int = 0) -> torch.Tensor:
+    """3D RoPE of every token in `layout`: complex [N, head_dim / 2], frame-major token order.
+
+    Channels are split (frames, height, width) as Wan does; the frame index is the global latent
+    frame (it runs on across shots), plus `frame_offset`.
+    """
+    c = head_dim // 2
+    split = (c - 2 * (c // 3), c // 3, c // 3)
+    f, h, w = layout.frames, layout.height, layout.width
+    ar = lambda n: torch.arange(n, device=device)  # noqa: E731
+    ft = rope_axis(ar(f) + frame_offset, split[0])
+    fh = rope_axis(ar(h), split[1])
+    fw = rope_axis(ar(w), split[2])
+    out = torch.cat([ft[:, None, None].expand(f, h, w, -1),
+                     fh[None, :, None].expand(f, h, w, -1),
+                     fw[None, None, :].expand(f, h, w, -1)], dim=-1)
+    return out.reshape(f * h * w, c).to(dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine (float32), then x * (1 + scale) + shift."""
+    xf = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return xf * (1 + scale) + shift
+
+
+def shard_range(num_tokens: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """(start, end, n_local) of `rank`'s token shard: ceil(N / P) tokens each; the tail shard ends
+    early (end - start < n_local) and is zero-padded to n_local."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    n_local = -(-num_tokens // world_size)
+    start = min(rank * n_local, num_tokens)
+    return start, min(start + n_local, num_tokens), n_local
+
+
+def shard_tokens(t: torch.Tensor, start: int, end: int, n_local: int, dim: int = 1,
+                 fill: float | complex = 0) -> torch.Tensor:
+    """Rows [start, end) of `t` along `dim`, padded with `fill` to n_local rows."""
+    part = t.narrow(dim, start, end - start)
+    pad = n_local - (end - start)
+    if pad == 0:
+        return part
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([part, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim=dim)
+
+
+def local_shot_ranges(layout: TokenLayout, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(shot, a, b) for every shot that meets the global token range [start, end); a, b local."""
+    out = []
+    for s, (a, b) in enumerate(layout.shot_token_ranges):
+        lo, hi = max(a, start), min(b, end)
+        if lo < hi:
+            out.append((s, lo - start, hi - start))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+
+
+class WanLinear(nn.Linear):
+    """nn.Linear that computes in the input's dtype: weights stored in another dtype (fp8, or
+    float32 routers...) are cast per call; `scale_weight` (ComfyUI scaled fp8) multiplies them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+        scale = self._buffers.get("scale_weight")
+        if scale is not None:
+            w = w * scale.to(x.dtype)
+        b = self.bias
+        if b is not None and b.dtype != x.dtype:
+            b = b.to(x.dtype)
+        return F.linear(x, w, b)
+
+
+def _use_wan_linear(module: nn.Module) -> None:
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = WanLinear
+
+
+class WanCrossAttention(nn.Module):
+    """Text cross-attention (Wan's names q k v o norm_q norm_k); the caller picks the shot's text."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, l, _ = context.shape
+        k = self.norm_k(self.k(context)).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v(context).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig, num_groups: int = 0):
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = MoGAAttention(cfg.dim, cfg.num_heads, num_groups=num_groups, eps=cfg.eps)
+        self.norm3 = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else None
+        self.cross_attn = WanCrossAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.empty(1, 6, cfg.dim))
+
+    def _norm3(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm3 is None:
+            return x.float()
+        w, b = self.norm3.weight.float(), self.norm3.bias.float()
+        return F.layer_norm(x.float(), (x.shape[-1],), w, b, self.eps)
+
+    def forward(self, x, e, rope, context_kv, layout, cfg, shot_ranges, chunk, cdtype, parallel=None):
+        """x [B, n, dim] float32 residual; e [B, 6, dim] float32; context_kv: per shot (k, v)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).chunk(6, dim=1)
+        y = self.self_attn(modulate(x, shift1, scale1, self.eps).to(cdtype), layout, rope=rope,
+                           config=cfg, parallel=parallel)
+        x = x + y.float() * gate1
+        del y
+
+        # cross-attention: each shot's tokens attend to that shot's text only; uncovered (padding)
+        # tokens get zero
+        cross = x.new_zeros(x.shape)
+        for s, a, b in shot_ranges:
+            k, v = context_kv[s]
+            for lo in range(a, b, chunk):
+                hi = min(lo + chunk, b)
+                cross[:, lo:hi] = self.cross_attn(self._norm3(x[:, lo:hi]).to(cdtype), k, v).float()
+        x = x + cross
+        del cross
+
+        # FFN, chunked over tokens: the [n, ffn_dim] activation exists one chunk at a time
+        y = x.new_empty(x.shape)
+        for lo in range(0, x.shape[1], chunk):
+            hi = min(lo + chunk, x.shape[1])
+            h = modulate(x[:, lo:hi], shift2, scale2, self.eps).to(cdtype)
+            y[:, lo:hi] = self.ffn(h).float()
+        return x + y * gate2
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.empty(1, 2, cfg.dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e[:, None]).chunk(2, dim=1)
+        return F.linear(modulate(x, shift, scale, self.eps), _dequant(self.head), self.head.bias.float())
+
+
+class WanModel(nn.Module):
+    """Wan2.1 T2V DiT. `model(x, t, context, shot_frames=None, moga=None, dense_layers=(),
+    parallel=None)`; see `forward`."""
+
+    chunk_tokens = 16384  # FFN / cross-attention chunk (tokens); memory: chunk x ffn_dim
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        routed = set(cfg.moga_layers)
+        self.blocks = nn.ModuleList(
+            WanBlock(cfg, cfg.num_groups if i in routed else 0) for i in range(cfg.num_layers))
+        self.head = WanHead(cfg)
+        _use_wan_linear(self)
+        # MoGA settings used when a call passes none (the checkpoint loader sets them from metadata)
+        self.moga_config = MoGAConfig(num_groups=max(cfg.num_groups, 1))
+        self.dense_warmup = 0.0
+        self.compute_dtype: torch.dtype | None = None  # None: the dtype of the linear weights
+        # A model that brings its own text encoder / VAE (the demo model) sets these (moga.checkpoint)
+        self.text_encoder = None
+        self.vae = None
+        self.gradient_checkpointing = False
+        self._rope_cache: dict = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].ffn[0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].ffn[0].weight.device
+
+    def _compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        d = self.dtype
+        return torch.bfloat16 if d in FP8_DTYPES else d
+
+    def dit_state_dict(self) -> dict[str, torch.Tensor]:
+        """The DiT's tensors under Wan's names (without text_encoder/vae extras), with the
+        `scale_weight` of scaled-fp8 layers."""
+        return {k: v for k, v in self.state_dict().items()
+                if not k.startswith(("text_encoder.", "vae."))}
+
+    def rope(self, layout: TokenLayout, device) -> torch.Tensor:
+        key = (layout.frames, layout.height, layout.width, str(device))
+        hit = self._rope_cache.get(key)
+        if hit is None:
+            hit = rope_freqs(layout, self.config.head_dim, device=device)
+            self._rope_cache.clear()
+            self._rope_cache[key] = hit
+        return hit
+
+    def time_embed(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """e [B, dim] and e0 [B, 6, dim], float32 as Wan."""
+        sin = sinusoidal_embedding(self.config.freq_dim, t)
+        lin = lambda m, x: F.linear(x, _dequant(m), m.bias.float())  # noqa: E731
+        e = lin(self.time_embedding[2], F.silu(lin(self.time_embedding[0], sin)))
+        e0 = lin(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.config.dim))
+        return e, e0
+
+    def embed_text(self, context, batch: int, num_shots: int, cdtype) -> list[torch.Tensor]:
+        """Per shot: the text tokens [B, max(L, text_len), dim] after Wan's text MLP (zero-padded to
+        text_len first, as Wan does)."""
+        if isinstance(context, torch.Tensor):
+            context = [context] * num_shots
+        context = list(context)
+        if len(context) != num_shots:
+            raise ValueError(f"{len(context)} text embeddings for {num_shots} shots: pass one per "
+                             f"shot (or one tensor for all)")
+        done: dict[int, torch.Tensor] = {}
+        out = []
+        for c in context:
+            if id(c) not in done:
+                done[id(c)] = self._embed_one(c, batch, cdtype)
+            out.append(done[id(c)])
+        return out
+
+    def _embed_one(self, c: torch.Tensor, batch: int, cdtype) -> torch.Tensor:
+        if c.dim() == 2:
+            c = c[None]
+        if c.dim() != 3 or c.shape[-1] != self.config.text_dim:
+            raise ValueError(f"a text embedding must be [B, L, {self.config.text_dim}], got "
+                             f"{tuple(c.shape)}: use the text encoder this model was trained with")
+        if c.shape[0] not in (1, batch):
+            raise ValueError(f"text embedding batch {c.shape[0]} does not match the latent batch {batch}")
+        pad = self.config.text_len - c.shape[1]
+        if pad > 0:
+            c = torch.cat([c, c.new_zeros(c.shape[0], pad, c.shape[2])], dim=1)
+        c = self.text_embedding(c.to(device=self.device, dtype=cdtype))
+        return c.expand(batch, -1, -1)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context, shot_frames=None,
+                moga: MoGAConfig | None = None, dense_layers=(), parallel=None) -> torch.Tensor:
+        """x [B, in_dim, F, H, W] latent; t [B] (or scalar) timestep in [0, 1000]; context: one text
+        embedding [B|1, L, text_dim] for every shot, or a list with one per shot; shot_frames:
+        latent frames per shot (None: one shot). moga: MoGAConfig for this call (default
+        `self.moga_config`); layers with a router run MoGA with it, the others dense;
+        dense_layers: layer indices that run dense this call. Returns [B, out_dim, F, H, W] in
+        x's dtype.
+
+        parallel: a sequence-parallel exchange (rank, world_size, all_gather_tokens, seq_to_heads,
+        heads_to_seq; see moga/attention/layer.py). Every rank passes the full x and gets the full
+        output; the blocks run on this rank's ceil(N / P) tokens (zero-padded at the end).
+        """
+        cfg = self.config
+        if x.dim() != 5 or x.shape[1] != cfg.in_dim:
+            raise ValueError(f"x must be [B, {cfg.in_dim}, F, H, W], got {tuple(x.shape)}")
+        b, _, f0, h0, w0 = x.shape
+        pt, ph, pw = cfg.patch_size
+        pad = [0, (-w0) % pw, 0, (-h0) % ph, 0, (-f0) % pt]
+        xin = F.pad(x, pad, mode="circular") if any(pad) else x  # as ComfyUI pads
+        cdtype = self._compute_dtype()
+        dev = self.device
+        tokens = F.conv3d(xin.to(dev, torch.float32), _dequant(self.patch_embedding),
+                          self.patch_embedding.bias.float(), stride=cfg.patch_size)
+        grid = tuple(tokens.shape[2:])
+        layout = TokenLayout(*grid, shot_frames=self._token_shots(shot_frames, grid[0]))
+        h = tokens.flatten(2).transpose(1, 2)   # [B, N, dim] float32
+        del tokens
+        n = layout.num_tokens
+
+        t = torch.as_tensor(t, device=dev).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(b)
+        if t.numel() != b:
+            raise ValueError(f"t has {t.numel()} timesteps for a batch of {b}")
+        e, e0 = self.time_embed(t)
+        texts = self.embed_text(context, b, layout.num_shots, cdtype)
+        rope = self.rope(layout, dev)
+        start, end = 0, n
+        if parallel is not None:
+            start, end, n_local = shard_range(n, parallel.rank, parallel.world_size)
+            h = shard_tokens(h, start, end, n_local)
+            rope = shard_tokens(rope, start, end, n_local, dim=0, fill=1)
+        shots = local_shot_ranges(layout, start, end)
+
+        mcfg = moga or self.moga_config
+        dense_cfg = mcfg.replace(dense=True)
+        dense_layers = set(int(i) for i in dense_layers)
+        chunk = int(self.chunk_tokens)
+        for i, block in enumerate(self.blocks):
+            kv_cache: dict[int, tuple] = {}
+            context_kv = []
+            for c in texts:
+                if id(c) not in kv_cache:
+                    kv_cache[id(c)] = block.cross_attn.kv(c)
+                context_kv.append(kv_cache[id(c)])
+            args = (e0, rope, context_kv, layout, dense_cfg if i in dense_layers else mcfg, shots,
+                    chunk, cdtype, parallel)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(block, h, *args, use_reentrant=False)
+            else:
+                h = block(h, *args)
+
+        out = self.head(h, e)           # [B, n, out_dim * prod(patch)] float32
+        if parallel is not None:
+            out = parallel.all_gather_tokens(out, n)
+        return self.unpatchify(out, grid)[:, :, :f0, :h0, :w0].to(x.dtype)
+
+    def _token_shots(self, shot_frames, frames: int) -> tuple:
+        if shot_frames is None:
+            return ()
+        shots = tuple(int(s) for s in shot_frames)
+        pt = self.config.patch_size[0]
+        if pt != 1:
+            if any(s % pt for s in shots):
+                raise ValueError(f"shot lengths {shots} must be multiples of the temporal patch {pt}")
+            shots = tuple(s // pt for s in shots)
+        if sum(shots) != frames:
+            raise ValueError(f"shot_frames {tuple(shot_frames)} add up to {sum(shots)} latent frames "
+                             f"but the latent has {frames}: make them sum to the latent's frames")
+        return shots
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        c, (pt, ph, pw) = self.config.out_dim, self.config.patch_size
+        b = x.shape[0]
+        u = x[:, :math.prod(grid)].reshape(b, *grid, pt, ph, pw, c)
+        u = torch.einsum("bfhwpqrc->bcfphqwr", u)
+        return u.reshape(b, c, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+
+def _dequant(m: nn.Module) -> torch.Tensor:
+    """A layer's weight in float32 (fp8 upcast, times `scale_weight` when it has one)."""
+    w = m.weight.float()
+    scale = m._buffers.get("scale_weight")
+    return w * scale.float() if scale is not None else w
+
+
+__all__ = ["WanConfig", "WanModel", "WanBlock", "WanHead", "WanCrossAttention", "WanLinear",
+           "sinusoidal_embedding", "rope_axis", "rope_freqs", "modulate", "shard_range",
+           "shard_tokens", "local_shot_ranges"]
