@@ -64,15 +64,15 @@ def backend_problem(name: str, device: torch.device, dtype: torch.dtype) -> str 
         return f"unknown attention backend {name!r}; choose one of {('auto',) + BACKENDS}"
     if name in ("sdpa", "reference"):
         return None
+    got = _import(name)
+    if isinstance(got, Exception):
+        return f"attention backend {name!r} needs {_PACKAGE[name]}, which is not importable: {got}"
     if device.type != "cuda":
         return f"attention backend {name!r} runs on CUDA only (this tensor is on {device}); use 'sdpa'"
     if dtype not in _HALF:
         return f"attention backend {name!r} needs float16 or bfloat16 inputs, got {dtype}; use 'sdpa'"
     if name == "fa4" and torch.cuda.get_device_capability(device)[0] < 9:
         return "attention backend 'fa4' needs a Hopper or Blackwell GPU; use 'flash_attn' or 'torch'"
-    got = _import(name)
-    if isinstance(got, Exception):
-        return f"attention backend {name!r} needs {_PACKAGE[name]}, which is not importable: {got}"
     return None
 
 

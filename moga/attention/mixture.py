@@ -245,6 +245,8 @@ def moga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
         lses.append(lse)
     if use_lse:
         return _lse_merge(outs, lses, q.dtype)
+    if cfg.fusion == "lse":  # a single branch: its own softmax, no gate
+        return outs[0]
     return _mean_merge(outs, branches, routing, q.dtype)
 
 
