@@ -68,6 +68,24 @@ def _layer_check(ex, gen, num_groups):
     return _rel(full, ref)
 
 
+def _sampling_check(ex):
+    """A whole multi-shot denoising run (UniPC, guidance, MoGA layers, dense warm-up step) over the
+    exchange gives the single-process latent, same seed."""
+    from moga.sampling import sample
+    from moga.testing import tiny_model
+
+    model = tiny_model(seed=3, num_heads=HEADS, dim=HEADS * 16, num_groups=3)
+    g = torch.Generator().manual_seed(11)
+    pos = [torch.randn(1, 7, model.config.text_dim, generator=g) for _ in range(2)]
+    neg = torch.randn(1, 5, model.config.text_dim, generator=g)
+    # 5 x 4 x 5 = 100 tokens: 50 + 50 on 2 ranks, 34 + 34 + 32 on 3
+    kw = dict(shot_frames=(2, 3), latent_size=(5, 8, 10), steps=3, cfg=4.0, shift=5.0, solver="unipc",
+              seed=7, dense_steps=0.34)
+    ref = sample(model, pos, neg, **kw)
+    out = sample(model, pos, neg, parallel=ex, **kw)
+    return _rel(out, ref), tuple(out.shape)
+
+
 def _rank_checks(ex, seed):
     gen = torch.Generator().manual_seed(seed)  # same stream on every rank: same "full" tensors
     res = {"rank": ex.rank, "world_size": ex.world_size, "data": {}, "fallback": {}}
@@ -91,6 +109,13 @@ def _rank_checks(ex, seed):
         res["moga_layer_rel"] = None
     else:
         res["moga_layer_rel"] = _layer_check(ex, gen, 3)
+    try:
+        import moga.model  # noqa: F401
+        import moga.sampling  # noqa: F401
+    except ImportError:
+        res["sampling_rel"] = None
+    else:
+        res["sampling_rel"] = _sampling_check(ex)
     return res
 
 
@@ -143,6 +168,15 @@ def test_moga_layer_matches_one_process(ranks):
         pytest.skip("moga.attention.mixture / router not importable yet")
     for res in ranks:
         assert res["moga_layer_rel"] < 1e-5
+
+
+def test_denoising_matches_one_process(ranks):
+    if ranks[0]["sampling_rel"] is None:
+        pytest.skip("moga.model / moga.sampling not importable yet")
+    for res in ranks:
+        rel, shape = res["sampling_rel"]
+        assert shape == (1, 16, 5, 8, 10)
+        assert rel < 1e-5, f"rank {res['rank']} of {res['world_size']}: relative error {rel:.2e}"
 
 
 def test_valid_world_sizes():
