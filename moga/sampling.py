@@ -1,0 +1,302 @@
+"""Flow-matching sampling as Wan2.1 does it: shifted sigmas, classifier-free guidance, Euler or flow UniPC.
+
+The model predicts the velocity v = noise - data of the rectified flow x_s = (1 - s) * data + s * noise.
+
+Schedule (Wan2.1's FlowUniPCMultistepScheduler.set_timesteps, also used here for Euler):
+    base   = linspace(0.999, 0, steps + 1)[:-1]      # Wan's training sigmas run from 1 - 1/1000 to 0
+    sigma  = shift * base / (1 + (shift - 1) * base)  # the shift pushes steps towards high noise
+    t      = int(sigma * 1000)                        # the timestep the model sees (Wan truncates)
+    sigmas = sigma + [0]                              # the solver integrates down to 0
+Guidance: v = v_uncond + cfg * (v_cond - v_uncond); with cfg == 1 the unconditional pass is skipped.
+Solvers:
+    euler: x <- x + (sigma_next - sigma) * v
+    unipc: UniPC (Zhao et al. 2023) in data prediction (x0 = x - sigma * v), B(h) = e^h - 1 ("bh2"),
+           order 2 multistep predictor + corrector, first step order 1, last step order 1 (Wan's
+           `lower_order_final`), which makes the last step return the model's x0 prediction.
+
+Defaults are Wan2.1's for text-to-video (generate.py): 50 steps, shift 5.0, guidance 5.0, unipc, for
+both 1.3B and 14B at 480p and 720p (generate.py only lowers shift to 3.0 for 480p image-to-video; its
+README suggests guidance 6 and shift 8-12 as a tuning range for 1.3B).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_STEPS = 50
+DEFAULT_SHIFT = 5.0
+DEFAULT_CFG = 5.0
+DEFAULT_SOLVER = "unipc"
+SOLVERS = ("unipc", "euler")
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+class Cancelled(RuntimeError):
+    """Raised by `sample` when its `cancel()` hook returns True; the run stops before the next model call."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    sigmas: tuple[float, ...]     # steps + 1 values, from ~1 down to 0
+    timesteps: tuple[float, ...]  # steps values: what the model is given at each step
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+
+def shift_sigmas(sigmas, shift: float):
+    """sigma' = shift * sigma / (1 + (shift - 1) * sigma) (works on floats and tensors)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def make_schedule(steps: int, shift: float = DEFAULT_SHIFT,
+                  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Schedule:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not (shift > 0 and math.isfinite(shift)):
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    # float64 for the maths; the model still only sees integer timesteps, as in Wan.
+    sigma_max = 1.0 - 1.0 / num_train_timesteps
+    base = torch.linspace(sigma_max, 0.0, steps + 1, dtype=torch.float64)[:-1]
+    sigmas = shift_sigmas(base, shift)
+    timesteps = torch.floor(sigmas * num_train_timesteps)
+    return Schedule(tuple(sigmas.tolist()) + (0.0,), tuple(timesteps.tolist()))
+
+
+# ---- solvers ---------------------------------------------------------------------------------
+class EulerSolver:
+    def __init__(self, schedule: Schedule):
+        self.sigmas = schedule.sigmas
+
+    def step(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return x + (self.sigmas[i + 1] - self.sigmas[i]) * v
+
+
+def _lambda(sigma: float) -> float:
+    """log-SNR of the flow x_s = (1 - s) x0 + s eps: log(alpha / sigma); +inf at sigma = 0."""
+    if sigma <= 0:
+        return math.inf
+    return math.log(1.0 - sigma) - math.log(sigma)
+
+
+class UniPCSolver:
+    """Flow UniPC, data prediction, bh2, multistep order `order` (Wan: 2), with lower-order start/end.
+
+    Step i goes from sigmas[i] to sigmas[i+1] with the model's velocity `v` at (x, sigmas[i]). Before the
+    predictor, the corrector (UniC) refines x using this same model evaluation, so a step costs one call.
+    """
+
+    def __init__(self, schedule: Schedule, order: int = 2):
+        if order not in (1, 2, 3):
+            raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
+        self.sigmas = schedule.sigmas
+        self.order = order
+        self.x0s: list[torch.Tensor] = []   # data predictions, oldest first (at most `order`)
+        self.prev_x = None                  # the sample the last predictor started from
+        self.prev_order = 0
+
+    def _coefficients(self, h: float, order: int):
+        """(e^{-h} - 1, B(h), b) for UniPC with data prediction; b solves the order conditions."""
+        hh = -h
+        h_phi_1 = math.expm1(hh)
+        B_h = h_phi_1  # bh2
+        # b_k = k! * phi_{k+1}(hh) / B(h), via the phi recursion phi_{k+1} = (phi_k - 1/k!) / hh
+        b, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1
+        for k in range(1, order + 1):
+            b.append(h_phi_k * fact / B_h)
+            fact *= k + 1
+            h_phi_k = h_phi_k / hh - 1.0 / fact
+        return h_phi_1, B_h, b
+
+    def _base(self, x, x0, s0: float, t: float, h_phi_1: float):
+        # one exponential-integrator step with constant x0 (DDIM in flow form)
+        return (t / s0) * x - (1.0 - t) * h_phi_1 * x0
+
+    def step(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        sig = self.sigmas
+        x0 = x - sig[i] * v
+        if self.prev_x is not None:  # corrector: refit the step from sigmas[i-1] to sigmas[i]
+            x = self._correct(i, x0)
+        self.x0s = (self.x0s + [x0])[-self.order:]
+        remaining = len(sig) - 1 - i
+        order = min(self.order, remaining, len(self.x0s))
+        self.prev_x, self.prev_order = x, order
+        return self._predict(i, x, order)
+
+    def _predict(self, i: int, x, order: int):
+        sig = self.sigmas
+        s0, t = sig[i], sig[i + 1]
+        if t == 0.0:  # lambda = inf (always an order-1 step): it lands on the data prediction itself
+            return self.x0s[-1].clone()
+        lam0, h = _lambda(s0), _lambda(t) - _lambda(s0)
+        h_phi_1, B_h, b = self._coefficients(h, order)
+        m0 = self.x0s[-1]
+        out = self._base(x, m0, s0, t, h_phi_1)
+        if order >= 2:
+            rks, D = [], []
+            for k in range(1, order):
+                rk = (_lambda(sig[i - k]) - lam0) / h
+                rks.append(rk)
+                D.append((self.x0s[-(k + 1)] - m0) / rk)
+            if order == 2:
+                rhos = [0.5]  # Wan (after diffusers) fixes the order-2 predictor weight at 1/2
+            else:
+                rhos = _solve_vandermonde(rks, b[:-1])
+            out = out - (1.0 - t) * B_h * sum(r * d for r, d in zip(rhos, D))
+        return out
+
+    def _correct(self, i: int, x0_new: torch.Tensor):
+        sig = self.sigmas
+        order = self.prev_order
+        s0, t = sig[i - 1], sig[i]
+        lam0, h = _lambda(s0), _lambda(t) - _lambda(s0)
+        h_phi_1, B_h, b = self._coefficients(h, order)
+        m0 = self.x0s[-1]
+        out = self._base(self.prev_x, m0, s0, t, h_phi_1)
+        rks, D = [], []
+        for k in range(1, order):
+            rk = (_lambda(sig[i - 1 - k]) - lam0) / h
+            rks.append(rk)
+            D.append((self.x0s[-(k + 1)] - m0) / rk)
+        if order == 1:
+            rhos = [0.5]
+        else:
+            rhos = _solve_vandermonde(rks + [1.0], b)
+        corr = rhos[-1] * (x0_new - m0)
+        for r, d in zip(rhos[:-1], D):
+            corr = corr + r * d
+        return out - (1.0 - t) * B_h * corr
+
+
+def _solve_vandermonde(rks: list[float], b: list[float]) -> list[float]:
+    """rho with sum_j rho_j * rks[j]^(k-1) = b[k-1], k = 1..len(rks) (UniPC's order conditions)."""
+    n = len(rks)
+    R = torch.tensor([[r ** k for r in rks] for k in range(n)], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(b[:n], dtype=torch.float64)).tolist()
+
+
+def make_solver(name: str, schedule: Schedule):
+    if name == "euler":
+        return EulerSolver(schedule)
+    if name == "unipc":
+        return UniPCSolver(schedule, order=2)
+    raise ValueError(f"solver must be one of {SOLVERS}, got {name!r}")
+
+
+# ---- the sampling loop -----------------------------------------------------------------------
+@dataclass
+class SampleResult:
+    """`sample(..., return_result=True)`: the latent with its shot boundaries and timings."""
+    latent: torch.Tensor                       # [1, C, F, H, W] float32
+    shot_frames: tuple[int, ...]               # latent frames per shot
+    latent_ranges: tuple[tuple[int, int], ...]  # [start, end) latent frames of each shot
+    steps: int
+    seconds: float                             # wall time of the denoising loop
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(self.steps, 1)
+
+
+def initial_noise(shape, seed: int) -> torch.Tensor:
+    """The whole sequence's noise from one seeded CPU generator: the same on every device and GPU count."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+
+
+def dense_step_count(dense_steps: float, steps: int) -> int:
+    """`dense_steps` is a fraction in [0, 1] of the steps (the first ones) that run dense attention."""
+    if not (0.0 <= float(dense_steps) <= 1.0):
+        raise ValueError(f"dense_steps is a fraction of the steps in [0, 1], got {dense_steps!r}")
+    return int(math.floor(dense_steps * steps + 0.5))
+
+
+@torch.inference_mode()
+def sample(model, positive, negative, *, shot_frames, latent_size, steps: int = DEFAULT_STEPS,
+           cfg: float = DEFAULT_CFG, shift: float = DEFAULT_SHIFT, solver: str = DEFAULT_SOLVER,
+           seed: int = 0, moga=None, dense_steps: float = 0.0, dense_layers=(), callback=None, cancel=None,
+           device=None, dtype=None, parallel=None, channels: int | None = None, return_result: bool = False):
+    """Denoise the whole multi-shot latent as one sequence; returns the latent [1, C, F, H, W] (float32).
+
+    positive: one text embedding per shot ([1, L, text_dim] each; a single tensor is used for every shot).
+    negative: one embedding used for every shot (None or cfg == 1: no unconditional pass).
+    shot_frames: latent frames per shot (sums to F). latent_size: (F, H, W) in latent units.
+    moga: the MoGAConfig for this run (None: the model's own). The first `dense_steps` fraction of the
+        steps run with `moga.replace(dense=True)`; `dense_layers` run dense at every step.
+    callback(step, total, latent): after every step, step counted from 1. cancel(): checked before every
+        model call; True raises `Cancelled` (so a run stops within one model evaluation).
+    return_result: return a `SampleResult` (latent, shot boundaries, timings) instead of the tensor.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    F, H, W = (int(v) for v in latent_size)
+    shot_frames = tuple(int(f) for f in shot_frames)
+    if not shot_frames or any(f < 1 for f in shot_frames) or sum(shot_frames) != F:
+        raise ValueError(f"shot_frames {shot_frames} must be positive and sum to the latent frame count {F}")
+    if isinstance(positive, torch.Tensor):
+        positive = [positive] * len(shot_frames)
+    positive = list(positive)
+    if len(positive) != len(shot_frames):
+        raise ValueError(f"{len(positive)} positive embeddings for {len(shot_frames)} shots: give one per shot")
+    if cfg != 1.0 and negative is None:
+        raise ValueError("guidance (cfg != 1) needs a negative embedding; pass negative or set cfg=1")
+
+    first_param = next(iter(model.parameters()), None)
+    if device is None:
+        device = first_param.device if first_param is not None else torch.device("cpu")
+    device = torch.device(device)
+    if dtype is None:
+        dtype = first_param.dtype if first_param is not None else torch.float32
+    if channels is None:
+        config = getattr(model, "config", None)
+        channels = getattr(config, "in_dim", 16)
+    base_cfg = moga if moga is not None else getattr(model, "moga_config", None)
+    n_dense = dense_step_count(dense_steps, steps)
+    if n_dense and base_cfg is None:
+        raise ValueError("dense_steps needs a MoGA config: pass moga= or use a model with moga_config")
+    dense_cfg = base_cfg.replace(dense=True) if n_dense else None
+    dense_layers = tuple(dense_layers)
+
+    positive = [p.to(device=device, dtype=dtype) for p in positive]
+    neg = negative.to(device=device, dtype=dtype) if (negative is not None and cfg != 1.0) else None
+
+    schedule = make_schedule(steps, shift)
+    stepper = make_solver(solver, schedule)
+    x = initial_noise((1, channels, F, H, W), seed).to(device)
+
+    def check_cancel():
+        if cancel is not None and cancel():
+            raise Cancelled("sampling cancelled")
+
+    step_seconds = []
+    start = time.perf_counter()
+    for i in range(schedule.steps):
+        t0 = time.perf_counter()
+        check_cancel()
+        run_cfg = dense_cfg if i < n_dense else base_cfg
+        t = torch.full((1,), schedule.timesteps[i], device=device, dtype=torch.float32)
+        xin = x.to(dtype)
+        kwargs = dict(shot_frames=shot_frames, moga=run_cfg, dense_layers=dense_layers, parallel=parallel)
+        v = model(xin, t, positive, **kwargs).float()
+        if neg is not None:
+            check_cancel()
+            v_uncond = model(xin, t, neg, **kwargs).float()
+            v = v_uncond + cfg * (v - v_uncond)
+        x = stepper.step(i, x, v)
+        step_seconds.append(time.perf_counter() - t0)
+        if callback is not None:
+            callback(i + 1, schedule.steps, x)
+    total = time.perf_counter() - start
+    if not return_result:
+        return x
+    ranges, s = [], 0
+    for f in shot_frames:
+        ranges.append((s, s + f))
+        s += f
+    return SampleResult(x, shot_frames, tuple(ranges), schedule.steps, total, step_seconds)
