@@ -100,8 +100,10 @@ class Router(nn.Linear):
                 f"`moga patch --groups {target}` on the checkpoint (or choose num_groups <= {m})")
         if target < 1:
             raise ValueError(f"num_groups must be >= 1, got {target}")
-        # Logits in the input's dtype (fp32 accumulation in the matmul), softmax in float32.
-        logits = F.linear(x, self.weight.to(x.dtype)).float()
+        # Logits in the input's dtype (fp32 accumulation in the matmul), softmax in float32
+        # (float64 inputs stay float64: gradient checks).
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        logits = F.linear(x, self.weight.to(x.dtype)).to(work)
         probs = torch.softmax(logits, dim=-1)
         if target < m:
             assign = self.merge_map(target)

@@ -1,0 +1,113 @@
+"""The varlen dispatcher: CPU backends against a per-segment float64 softmax, lse merging."""
+import math
+
+import pytest
+import torch
+
+from moga.attention.kernels import resolve_backend, varlen_attention
+
+
+def _segment_softmax(q, k, v, lq, lk):
+    """Straightforward per-segment attention in float64: (out, lse)."""
+    outs, lses, a, b = [], [], 0, 0
+    for nq, nk in zip(lq, lk):
+        qs, ks, vs = q[a:a + nq].double(), k[b:b + nk].double(), v[b:b + nk].double()
+        s = torch.einsum("qhd,khd->hqk", qs, ks) / math.sqrt(q.shape[-1])
+        lse = torch.logsumexp(s, -1) if nk else torch.full(s.shape[:2], float("-inf"), dtype=s.dtype)
+        p = torch.softmax(s, -1) if nk else s.new_zeros(s.shape)
+        outs.append(torch.einsum("hqk,khd->qhd", p, vs))
+        lses.append(lse.T)
+        a, b = a + nq, b + nk
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _cu(lengths):
+    return torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+
+
+CASES = {
+    "equal": ([5, 5, 5], [5, 5, 5]),
+    "uneven": ([1, 7, 3, 9], [1, 7, 3, 9]),
+    "q_ne_k": ([4, 6, 2], [9, 6, 5]),
+    "empty_q_segment": ([3, 0, 4], [3, 2, 4]),
+    "no_keys": ([3, 2], [4, 0]),
+    "one": ([11], [11]),
+}
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_backends_match_segment_softmax(backend, case, dtype):
+    lq, lk = CASES[case]
+    gen = torch.Generator().manual_seed(len(case) * 7 + len(backend))
+    q = torch.randn(sum(lq), 3, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(sum(lk), 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    ref_out, ref_lse = _segment_softmax(q, k, v, lq, lk)
+    out, lse = varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), _cu(lq), _cu(lk), max(lq),
+                                max(lk), backend, return_lse=True)
+    plain = varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), _cu(lq), _cu(lk), max(lq),
+                             max(lk), backend)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert out.shape == q.shape and lse.shape == q.shape[:2] and out.dtype == dtype
+    assert torch.allclose(out.double(), ref_out, atol=tol)
+    assert torch.allclose(plain.double(), ref_out, atol=tol)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert torch.allclose(lse.double()[fin], ref_lse[fin], atol=tol)
+
+
+def test_lse_merge_of_disjoint_key_sets_is_attention_over_the_union():
+    """Split each segment's keys in two disjoint halves: merging the halves' outputs by their
+    log-sum-exps gives attention over all keys (what fusion 'lse' relies on)."""
+    gen = torch.Generator().manual_seed(9)
+    lq, lk = [6, 4], [10, 8]
+    q = torch.randn(10, 2, 4, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(18, 2, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    full, _ = _segment_softmax(q, k, v, lq, lk)
+    first = torch.cat([torch.arange(0, 3), torch.arange(10, 15)])
+    second = torch.cat([torch.arange(3, 10), torch.arange(15, 18)])
+    o1, l1 = varlen_attention(q, k[first], v[first], _cu(lq), _cu([3, 5]), 6, 5, "sdpa", True)
+    o2, l2 = varlen_attention(q, k[second], v[second], _cu(lq), _cu([7, 3]), 6, 7, "sdpa", True)
+    total = torch.logsumexp(torch.stack([l1, l2]), 0)
+    merged = o1 * torch.exp(l1 - total)[..., None] + o2 * torch.exp(l2 - total)[..., None]
+    assert torch.allclose(merged, full, atol=1e-12)
+
+
+def test_lse_gradcheck_sdpa():
+    gen = torch.Generator().manual_seed(5)
+    lq, lk = [2, 3], [3, 2]
+    q = torch.randn(5, 1, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(5, 1, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+
+    def f(a, b, c):
+        out, lse = varlen_attention(a, b, c, _cu(lq), _cu(lk), 3, 3, "sdpa", True)
+        return out, lse
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_backend_choice_and_errors():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, torch.bfloat16) == "sdpa"
+    with pytest.raises(ValueError, match="CUDA only"):
+        resolve_backend("torch", cpu, torch.bfloat16)
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception:
+        with pytest.raises(ValueError, match="flash-attn-4"):
+            resolve_backend("fa4", cpu, torch.bfloat16)
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        with pytest.raises(ValueError, match="flash-attn"):
+            resolve_backend("flash_attn", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("xformers", cpu, torch.float32)
+    q = torch.randn(6, 2, 4)
+    with pytest.raises(ValueError, match="rise from 0"):
+        varlen_attention(q, q, q, _cu([3, 2]), _cu([3, 2]), 3, 3, "sdpa")
+    with pytest.raises(ValueError, match="packed"):
+        varlen_attention(q[None], q[None], q[None], _cu([6]), _cu([6]), 6, 6, "sdpa")
+    with pytest.raises(ValueError, match="do not match"):
+        varlen_attention(q, q[:, :1], q[:, :1], _cu([6]), _cu([6]), 6, 6, "sdpa")
