@@ -1,0 +1,19 @@
+"""The MoGA node pack: five thin nodes over the moga library, registered with ComfyUI's extension API."""
+from comfy_api.latest import ComfyExtension, io
+
+from .decode import MoGADecode
+from .loader import MoGAModelLoader
+from .sampler import MoGASampler
+from .settings import MoGAAttentionSettings
+from .shots import MoGAShotPrompts
+
+NODES = [MoGAModelLoader, MoGAAttentionSettings, MoGAShotPrompts, MoGASampler, MoGADecode]
+
+
+class MoGAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> MoGAExtension:
+    return MoGAExtension()

@@ -1,0 +1,168 @@
+"""MoGA Model Loader: a Wan2.1-architecture checkpoint from ComfyUI's model folders -> MOGA_MODEL."""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+
+import folder_paths
+from comfy_api.latest import io
+
+from .common import CATEGORY, MoGAModelHandle, MogaModel, input_error
+
+NODE = "MoGA Model Loader"
+MOGA_FOLDER = "moga"
+WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32")
+# The choices a person picks from; moga.attention.config.BACKENDS is the library's full list (tests keep them
+# in step). "auto" takes the fastest kernel the machine has.
+ATTENTION_BACKENDS = ("auto", "fa4", "flash_attn", "sdpa", "torch")
+# Weights are safetensors only: pickle files can run code when loaded.
+EXTENSIONS = {".safetensors", ".sft"}
+CACHE_SIZE = 2
+
+
+def _library_demo_folder() -> str | None:
+    """The folder of the model files shipped inside the moga package (the demo model), if any."""
+    import importlib.util
+    spec = importlib.util.find_spec("moga")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "demo")
+
+
+def register_folders() -> None:
+    """models/moga/ (and the demo model inside the package) as ComfyUI's model folder type 'moga'."""
+    folder_paths.add_model_folder_path(MOGA_FOLDER, os.path.join(folder_paths.models_dir, MOGA_FOLDER))
+    demo = _library_demo_folder()
+    if demo is not None:
+        folder_paths.add_model_folder_path(MOGA_FOLDER, demo)
+    paths, extensions = folder_paths.folder_names_and_paths[MOGA_FOLDER]
+    extensions.update(EXTENSIONS)
+
+
+def checkpoint_names() -> list[str]:
+    """Every safetensors file under models/moga/ and models/diffusion_models/ (models/unet/), sorted."""
+    names = set()
+    for folder in (MOGA_FOLDER, "diffusion_models"):
+        names.update(n for n in folder_paths.get_filename_list(folder) if os.path.splitext(n)[1].lower() in EXTENSIONS)
+    return sorted(names)
+
+
+def resolve(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise input_error(NODE, "ckpt_name", "no checkpoint chosen",
+                          "put a .safetensors file in ComfyUI/models/diffusion_models/ or models/moga/, then press R "
+                          "to refresh the list")
+    if os.path.splitext(name)[1].lower() not in EXTENSIONS:
+        raise input_error(NODE, "ckpt_name", f"{name!r} is not a .safetensors file (pickle checkpoints can run "
+                          "code and are not loaded)", "convert it to safetensors or pick a .safetensors file")
+    for folder in (MOGA_FOLDER, "diffusion_models"):
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    raise input_error(NODE, "ckpt_name", f"{name!r} is in neither models/diffusion_models/ nor models/moga/",
+                      "put the file there and press R to refresh, or pick one from the list")
+
+
+def torch_dtype(name: str):
+    import torch
+    table = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in table:
+        raise input_error(NODE, "weight_dtype", f"unknown dtype {name!r}", f"pick one of {', '.join(table)}")
+    return table[name]
+
+
+class _ModelCache:
+    """The last few loaded models, keyed by file identity and dtype, so that a file is not loaded twice."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.models: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+        self.loads = 0  # how many times a file was actually read (tests check the cache with it)
+
+    @staticmethod
+    def key(path: str, dtype) -> tuple:
+        st = os.stat(path)
+        return (os.path.realpath(path), st.st_size, st.st_mtime_ns, str(dtype))
+
+    def get(self, path: str, dtype, load):
+        key = self.key(path, dtype)
+        with self.lock:
+            if key in self.models:
+                self.models.move_to_end(key)
+                return self.models[key]
+            # drop the oldest before loading, so two big models are not held at once for nothing
+            while len(self.models) >= self.size:
+                self.models.popitem(last=False)
+            model = load(path, dtype)
+            self.loads += 1
+            self.models[key] = model
+            return model
+
+    def clear(self):
+        with self.lock:
+            self.models.clear()
+
+
+CACHE = _ModelCache(CACHE_SIZE)
+
+
+def _load(path, dtype):
+    from moga.checkpoint import load_model
+    model = load_model(path, device="cpu", dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model
+
+
+class MoGAModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoGAModelLoader",
+            display_name=NODE,
+            category=CATEGORY,
+            description="Loads a Wan2.1-architecture video DiT whose self-attention runs as Mixture-of-Groups "
+                        "Attention. Accepts Wan-AI originals, ComfyUI repackaged files (fp8 scaled too), diffusers "
+                        "files and MoGA checkpoints. A file already loaded is reused, not read again.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=checkpoint_names(),
+                               tooltip="A .safetensors checkpoint from ComfyUI/models/diffusion_models/ or "
+                                       "ComfyUI/models/moga/ (the demo model is listed too)."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="default: the checkpoint's own dtype (fp8 files are upcast to bf16). bf16 "
+                                       "halves memory against fp32; fp32 is the slowest and most exact."),
+                io.Combo.Input("attention_backend", options=list(ATTENTION_BACKENDS), default="auto",
+                               tooltip="auto: the fastest variable-length attention kernel this machine has "
+                                       "(flash-attn 4 > flash-attn 2 > torch varlen > SDPA per group)."),
+            ],
+            outputs=[MogaModel.Output(display_name="model")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, ckpt_name, weight_dtype, attention_backend):
+        try:
+            path = resolve(ckpt_name)
+            return (path, os.path.getmtime(path), weight_dtype, attention_backend)
+        except (ValueError, OSError):
+            return float("nan")  # never equal: the error shows again on the next run
+
+    @classmethod
+    def execute(cls, ckpt_name, weight_dtype="default", attention_backend="auto") -> io.NodeOutput:
+        path = resolve(ckpt_name)
+        dtype = torch_dtype(weight_dtype)
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise input_error(NODE, "attention_backend", f"unknown backend {attention_backend!r}",
+                              f"pick one of {', '.join(ATTENTION_BACKENDS)}")
+        try:
+            model = CACHE.get(path, dtype, _load)
+        except ValueError as e:
+            raise input_error(NODE, "ckpt_name", f"{ckpt_name!r} could not be loaded: {e}",
+                              "pick a Wan2.1-architecture text-to-video checkpoint") from e
+        moga = model.moga_config.replace(backend=attention_backend)
+        param = next(iter(model.parameters()), None)
+        return io.NodeOutput(MoGAModelHandle(model=model, name=ckpt_name, path=path,
+                                             dtype=param.dtype if param is not None else dtype, moga=moga))
+
+
+register_folders()

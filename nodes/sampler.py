@@ -1,0 +1,209 @@
+"""MoGA Sampler: MOGA_MODEL + MOGA_SHOTS -> LATENT (the whole multi-shot video denoised as one sequence)."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from comfy_api.latest import io
+
+from .common import (CATEGORY, LATENT_FPS, LATENT_SHOT_FRAMES, MoGAModelHandle, MoGAShotsValue, MogaModel,
+                     MogaShots, input_error)
+
+NODE = "MoGA Sampler"
+SOLVERS = ("unipc", "euler")  # moga.sampling.SOLVERS (tests keep them in step)
+POOL_TIMEOUT_S = 24 * 3600.0   # a worker that says nothing for this long is treated as dead
+
+
+def parse_gpus(text: str, visible: int) -> list[int]:
+    """'auto' -> every visible GPU; '2' -> the first two; '0,2' or '1,' -> exactly those GPU indices."""
+    t = (text or "").strip().lower().replace(" ", "")
+    if t in ("", "auto"):
+        return list(range(visible))
+    fix = "write 'auto', a count like '2', or GPU indices like '0,2' (a single index: '1,')"
+    if "," in t:
+        try:
+            ids = [int(p) for p in t.split(",") if p]
+        except ValueError:
+            raise input_error(NODE, "gpus", f"{text!r} is not a list of GPU indices", fix) from None
+        if not ids or len(set(ids)) != len(ids):
+            raise input_error(NODE, "gpus", f"{text!r} names no GPU or one twice", fix)
+        bad = [i for i in ids if i < 0 or i >= visible]
+        if bad:
+            raise input_error(NODE, "gpus", f"GPU {bad[0]} is not visible ({visible} visible: 0-{visible - 1})"
+                              if visible else f"GPU {bad[0]} asked but this machine shows no CUDA GPU",
+                              "use the indices nvidia-smi lists, or 'auto'")
+        return ids
+    if not t.isdigit():
+        raise input_error(NODE, "gpus", f"{text!r} is neither 'auto', a count nor a list", fix)
+    n = int(t)
+    if n < 1 or n > visible:
+        raise input_error(NODE, "gpus", f"{n} GPUs asked but {visible} visible", "use 'auto' or a count from 1 to "
+                          f"{visible}" if visible else "use 'auto' (this machine shows no CUDA GPU)")
+    return list(range(n))
+
+
+def _visible_gpus() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _previewer(channels: int, device):
+    """ComfyUI's latent-to-RGB preview for Wan's 16-channel latents; None where the host has none."""
+    if channels != 16:
+        return None
+    try:
+        import comfy.latent_formats
+        import latent_preview
+    except ImportError:
+        return None
+    try:
+        return latent_preview.get_previewer(device, comfy.latent_formats.Wan21())
+    except Exception as e:  # a preview is a nicety: never fail a run for it
+        logging.debug("MoGA: no latent preview: %s", e)
+        return None
+
+
+# One persistent worker pool (per device set and checkpoint): workers keep the model loaded between runs.
+_POOL = {"key": None, "pool": None}
+_POOL_LOCK = threading.Lock()
+
+
+def _get_pool(devices, handle: MoGAModelHandle):
+    from moga.parallel import WorkerPool
+    key = (tuple(devices), handle.path, str(handle.dtype))
+    with _POOL_LOCK:
+        if _POOL["key"] != key:
+            if _POOL["pool"] is not None:
+                _POOL["pool"].close()
+            _POOL.update(key=None, pool=None)
+            _POOL.update(key=key, pool=WorkerPool([f"cuda:{i}" for i in devices], handle.path,
+                                                   {"dtype": handle.dtype}))
+        return _POOL["pool"]
+
+
+class MoGASampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoGASampler",
+            display_name=NODE,
+            category=CATEGORY,
+            description="Denoises all shots as one sequence with MoGA attention (flow matching, Wan2.1 schedule). "
+                        "Outputs a standard LATENT that remembers where each shot begins. Cancel works within one "
+                        "step; with several GPUs the sequence is split across them.",
+            inputs=[
+                MogaModel.Input("model"),
+                MogaShots.Input("shots"),
+                io.Int.Input("width", default=832, min=16, max=4096, step=16,
+                             tooltip="Video width in pixels, a multiple of 16 (Wan2.1 480p: 832)."),
+                io.Int.Input("height", default=480, min=16, max=4096, step=16,
+                             tooltip="Video height in pixels, a multiple of 16 (Wan2.1 480p: 480)."),
+                io.Int.Input("steps", default=30, min=1, max=1000,
+                             tooltip="Denoising steps. Cost grows linearly; Wan2.1 uses 50, 20-30 is usually enough."),
+                io.Float.Input("cfg", default=5.0, min=1.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Guidance strength. 1 skips the negative pass (twice as fast); Wan2.1: 5."),
+                io.Float.Input("shift", default=5.0, min=0.1, max=30.0, step=0.1, round=0.01,
+                               tooltip="Schedule shift: higher spends more steps at high noise (overall layout). "
+                                       "Wan2.1: 5."),
+                io.Combo.Input("solver", options=list(SOLVERS), default="unipc",
+                               tooltip="unipc: Wan2.1's solver, good in few steps. euler: simplest."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The noise of the whole video comes from this seed (the same on any device and "
+                                     "GPU count)."),
+                io.String.Input("gpus", default="auto",
+                                tooltip="'auto': every visible GPU (this machine's ComfyUI device if none); a count "
+                                        "like '2'; or GPU indices like '0,2' ('1,' for GPU 1 alone). More than one GPU "
+                                        "splits the sequence across them (persistent workers)."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, shots, width=832, height=480, steps=30, cfg=5.0, shift=5.0, solver="unipc", seed=0,
+                gpus="auto") -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        if not isinstance(model, MoGAModelHandle):
+            raise input_error(NODE, "model", "is not a MoGA model", "connect MoGA Model Loader (or Attention Settings)")
+        if not isinstance(shots, MoGAShotsValue):
+            raise input_error(NODE, "shots", "is not a shot list", "connect the output of MoGA Shot Prompts")
+        if solver not in SOLVERS:
+            raise input_error(NODE, "solver", f"unknown solver {solver!r}", f"pick one of {', '.join(SOLVERS)}")
+        if not isinstance(steps, int) or steps < 1:
+            raise input_error(NODE, "steps", f"{steps!r} steps", "use at least 1 step")
+        if not cfg >= 1.0:
+            raise input_error(NODE, "cfg", f"{cfg} is below 1", "use 1 (no guidance) or more")
+        if not shift > 0:
+            raise input_error(NODE, "shift", f"{shift} is not positive", "use a shift > 0 (Wan2.1: 5)")
+        plan = shots.plan
+        try:
+            latent_size = plan.latent_size(int(width), int(height))
+        except ValueError as e:
+            raise input_error(NODE, "width" if int(width) % 16 else "height", str(e),
+                              "use multiples of 16, e.g. 832 x 480") from e
+        shot_frames = plan.latent_shot_frames()
+        devices = parse_gpus(gpus, _visible_gpus())
+
+        pbar = comfy.utils.ProgressBar(steps)
+        channels = int(getattr(getattr(model.model, "config", None), "in_dim", 16))
+        previewer = _previewer(channels, mm.get_torch_device())
+
+        def on_step(step, total, latent):
+            preview = None
+            if previewer is not None:
+                try:
+                    preview = previewer.decode_latent_to_preview_image("JPEG", latent)
+                except Exception as e:  # never fail a run for a preview
+                    logging.debug("MoGA: preview failed: %s", e)
+            pbar.update_absolute(step, total, preview)
+
+        common = dict(shot_frames=shot_frames, latent_size=latent_size, steps=steps, cfg=float(cfg),
+                      shift=float(shift), solver=solver, seed=int(seed), moga=model.moga,
+                      dense_steps=model.dense_warmup, dense_layers=model.dense_layers)
+        if len(devices) > 1:
+            latent = cls._run_pool(devices, model, shots, common, on_step, mm)
+        else:
+            device = mm.get_torch_device() if not devices or gpus.strip().lower() in ("auto", "", "1") \
+                else f"cuda:{devices[0]}"
+            latent = cls._run_here(device, model, shots, common, on_step, mm)
+        out = {"samples": latent.to(mm.intermediate_device(), dtype=latent.dtype),
+               LATENT_SHOT_FRAMES: list(shot_frames), LATENT_FPS: float(plan.fps)}
+        return io.NodeOutput(out)
+
+    @staticmethod
+    def _run_here(device, model, shots, common, on_step, mm):
+        import torch
+        from moga.sampling import Cancelled, sample
+
+        device = torch.device(device)
+        if device.type != "cpu":
+            # the MoGA model is not managed by ComfyUI: make room for it first
+            mm.unload_all_models()
+            mm.soft_empty_cache()
+        net = model.model
+        try:
+            net.to(device)
+            with torch.inference_mode():
+                return sample(net, shots.positive, shots.negative, device=device, dtype=model.dtype,
+                              callback=on_step, cancel=mm.processing_interrupted, **common)
+        except Cancelled:
+            mm.throw_exception_if_processing_interrupted()
+            raise mm.InterruptProcessingException()
+        finally:
+            if device.type != "cpu":
+                net.to(mm.unet_offload_device())
+                mm.soft_empty_cache()
+
+    @staticmethod
+    def _run_pool(devices, model, shots, common, on_step, mm):
+        from moga.sampling import Cancelled
+
+        pool = _get_pool(devices, model)
+        job = dict(common, positive=[p.cpu() for p in shots.positive],
+                   negative=None if shots.negative is None else shots.negative.cpu())
+        try:
+            return pool.run(job, on_progress=on_step, cancel=mm.processing_interrupted, timeout=POOL_TIMEOUT_S)
+        except Cancelled:
+            mm.throw_exception_if_processing_interrupted()
+            raise mm.InterruptProcessingException()
