@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import zlib
 from pathlib import Path
 
 import torch
@@ -32,14 +33,11 @@ def tiny_config(num_layers: int = 2, dim: int = 64, num_heads: int = 4, ffn_dim:
 def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Fill every parameter with seeded random values of sensible scale (never zeros): linear and
     conv weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm weights ~ 1 + N(0, 0.1), Wan's
-    modulation ~ N(0, 1/dim). Works on any device (the generator lives there)."""
-    gens: dict = {}
+    modulation ~ N(0, 1/dim). Each tensor's stream is seeded by (seed, its name), so adding
+    routers leaves every other weight as it was. Works on any device (the generator lives there)."""
     for name, p in model.named_parameters():
-        dev = p.device
-        if dev not in gens:
-            gens[dev] = torch.Generator(device=dev).manual_seed(seed)
-        g = gens[dev]
-        work = torch.empty(p.shape, device=dev, dtype=torch.float32)
+        g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        work = torch.empty(p.shape, device=p.device, dtype=torch.float32)
         work.normal_(generator=g)
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "modulation":
