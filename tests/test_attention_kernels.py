@@ -111,3 +111,31 @@ def test_backend_choice_and_errors():
         varlen_attention(q[None], q[None], q[None], _cu([6]), _cu([6]), 6, 6, "sdpa")
     with pytest.raises(ValueError, match="do not match"):
         varlen_attention(q, q[:, :1], q[:, :1], _cu([6]), _cu([6]), 6, 6, "sdpa")
+
+
+def test_fused_merge_matches_torch_merge():
+    """The Triton merge (CUDA inference path) against the torch merge, through Triton's CPU
+    interpreter; skipped where Triton or its interpreter is absent (it must be on at import)."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 (and install triton) to run the Triton merge on a CPU")
+    pytest.importorskip("triton")
+    from moga.attention import MoGAConfig, TokenLayout, mixture
+    from moga.attention.router import Routing
+    gen = torch.Generator().manual_seed(12)
+    lay = TokenLayout(5, 3, 4, (2, 3))
+    q, k, v = (torch.randn(2, lay.num_tokens, 2, 8, generator=gen) for _ in range(3))
+    ids = torch.randint(0, 4, (2, lay.num_tokens), generator=gen)
+    probs = torch.softmax(torch.randn(2, lay.num_tokens, 4, generator=gen), -1)
+    routing = Routing(ids, probs.gather(-1, ids[..., None])[..., 0], probs)
+    for fusion in ("mean", "lse"):
+        for branches in ((1, 1, 1), (1, 0, 0), (0, 1, 1), (1, 0, 1)):
+            cfg = MoGAConfig(num_groups=4, fusion=fusion, routed=bool(branches[0]),
+                             windowed=bool(branches[1]), per_frame=bool(branches[2]), backend="sdpa")
+            plain = mixture.moga_attention(q, k, v, routing, lay, cfg)
+            try:
+                mixture.FUSE_ON_CPU = True
+                fused = mixture.moga_attention(q, k, v, routing, lay, cfg)
+            finally:
+                mixture.FUSE_ON_CPU = False
+            assert torch.allclose(fused, plain, atol=1e-6), (fusion, branches)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MoGAConfig
-from .kernels import LSE_HAS_GRAD, resolve_backend, varlen_attention
+from .kernels import LSE_HAS_GRAD, _triton_merge, fused_merge, resolve_backend, varlen_attention
 from .layout import TokenLayout
 from .router import Routing
 
@@ -44,6 +44,7 @@ class Segments:
     pairs: int                   # query-key pairs, summed over segments (for FLOP counts)
 
 
+FUSE_ON_CPU = False  # tests: the Triton merge on the CPU (needs TRITON_INTERPRET=1)
 _CACHE: dict = {}
 _CACHE_SIZE = 32
 
@@ -180,16 +181,15 @@ def _unpack(res, inv, b, n, return_lse):
     return (out, lse.reshape(b, n, -1)) if return_lse else out
 
 
-def _run_segments(q, k, v, seg: Segments, backend, return_lse):
+def _run_packed(q, k, v, q_idx, k_idx, cu_q, cu_k, max_q, max_k, backend, return_lse):
+    """Gather q (and k, v) rows into packed segment order (None: already packed) and attend."""
     b, n, h, d = q.shape
     flat = [t.reshape(b * n, h, d) for t in (q, k, v)]
-    qq = flat[0] if seg.q_idx is None else flat[0].index_select(0, seg.q_idx)
+    qq = flat[0] if q_idx is None else flat[0].index_select(0, q_idx)
     kk, vv = flat[1], flat[2]
-    if seg.k_idx is not None:
-        kk, vv = kk.index_select(0, seg.k_idx), vv.index_select(0, seg.k_idx)
-    res = varlen_attention(qq, kk, vv, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, backend,
-                           return_lse)
-    return _unpack(res, seg.inv_q, b, n, return_lse)
+    if k_idx is not None:
+        kk, vv = kk.index_select(0, k_idx), vv.index_select(0, k_idx)
+    return varlen_attention(qq, kk, vv, cu_q, cu_k, max_q, max_k, backend, return_lse)
 
 
 def _check_qkv(q, k, v):
@@ -228,21 +228,39 @@ def moga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
             and any(t.requires_grad for t in (q, k, v))):
         raise ValueError(f"fusion 'lse' needs the log-sum-exp's gradient, which backend {backend!r} "
                          f"does not give: train with backend 'fa4', 'sdpa' or 'reference'")
-    outs, lses = [], []
+    needs_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in (q, k, v)) or (cfg.routed and routing.gate.requires_grad))
+    # CUDA inference: branches stay packed and one Triton pass unsorts, gates and merges them.
+    fused = ((q.is_cuda or FUSE_ON_CPU) and not needs_grad and cfg.backend != "reference"
+             and _triton_merge() is not None)
+    outs, lses, invs = [], [], []
     for name in branches:
         if name == "routed":
             order, inv, cu, mx, _ = _routed_segments(routing.group_ids, routing.num_groups)
-            pack = lambda t: t.reshape(b * n, h, d).index_select(0, order)  # noqa: E731
-            res = varlen_attention(pack(q), pack(k), pack(v), cu, cu, mx, mx, backend, use_lse)
-            res = _unpack(res, inv, b, n, use_lse)
+            res = _run_packed(q, k, v, order, order, cu, cu, mx, mx, backend, use_lse)
         elif name == "window":
             seg = _window_segments(layout, cfg.window, cfg.context_frames, b, q.device)
-            res = _run_segments(q, k, v, seg, backend, use_lse)
+            inv = seg.inv_q
+            res = _run_packed(q, k, v, seg.q_idx, seg.k_idx, seg.cu_q, seg.cu_k, seg.max_q,
+                              seg.max_k, backend, use_lse)
         else:
-            res = _run_segments(q, k, v, _frame_segments(layout, b, q.device), backend, use_lse)
+            seg = _frame_segments(layout, b, q.device)
+            inv = None
+            res = _run_packed(q, k, v, None, None, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k,
+                              backend, use_lse)
         out, lse = res if use_lse else (res, None)
+        if not fused:
+            out, lse = (t if t is None or inv is None else t.index_select(0, inv) for t in (out, lse))
+            out = out.reshape(b, n, h, d)
+            lse = None if lse is None else lse.reshape(b, n, h)
         outs.append(out)
         lses.append(lse)
+        invs.append(inv)
+    if fused:
+        gate = routing.gate.reshape(-1) if cfg.routed and cfg.fusion == "mean" else None
+        merged = fused_merge(outs, invs, b * n, gate=gate, lses=lses if use_lse else None,
+                             dtype=q.dtype)
+        return merged.view(b, n, h, d)
     if use_lse:
         return _lse_merge(outs, lses, q.dtype)
     if cfg.fusion == "lse":  # a single branch: its own softmax, no gate
