@@ -19,7 +19,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-_NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class WorkerError(RuntimeError):
@@ -71,7 +71,7 @@ def watch_parent(parent_pid: int, interval: float = 1.0) -> None:
 
 def spawn_env() -> None:
     """Environment every rank inherits: NVLink multicast stays off (see the device notes)."""
-    for k, v in _NVLS_OFF.items():
+    for k, v in NVLS_OFF.items():
         os.environ.setdefault(k, v)
 
 

@@ -1,0 +1,444 @@
+"""Persistent sequence-parallel workers for a long-lived host process (ComfyUI).
+
+    pool = WorkerPool(["cuda:0", "cuda:1"], "wan-moga.safetensors", {"dtype": "bfloat16"})
+    latent = pool.run(job, on_progress=lambda step, total, latent: ..., cancel=lambda: False)
+    pool.close()
+
+One child process per device (`python -m moga.parallel.worker`, see there why not multiprocessing),
+talking to the host over two private pipes. Each joins a torch.distributed group (NCCL on CUDA, gloo
+on the CPU) through a TCPStore that the host serves on a free loopback port, loads the checkpoint
+itself (memory-mapped, `moga.checkpoint.load_model`), then waits for jobs. A job holds the keyword
+arguments of `moga.sampling.sample` (embeddings, shot frames, latent size, steps, cfg, shift, solver,
+seed, MoGA settings...); every rank runs the whole sampler on the full latent with the Ulysses
+exchange, rank 0 sends one progress event per step and the final latent.
+
+Cancel: the host sends every rank a cancel message; before every model call each rank reads its
+pipe without blocking and the ranks all-reduce (max) what they read, so they all stop at the same
+step (a skipped collective would hang the others). POSIX only (pipes passed by descriptor; NCCL is
+Linux-only anyway). Failure: the host polls the workers' liveness while it waits, so a crashed or killed
+worker is an error within a second or so; any worker error closes the pool and the next job starts
+a fresh one. Every wait has a timeout. Workers exit by themselves when the host process dies.
+
+One device needs no pool: run `moga.sampling.sample` in the calling process (WorkerPool refuses).
+`get_pool(devices, checkpoint, settings)` keeps one pool per process: reused while the devices,
+checkpoint file and settings stay the same, replaced when they change.
+"""
+from __future__ import annotations
+
+import atexit
+import inspect
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import torch
+
+from .group import NVLS_OFF, HostStore, WorkerError
+
+SETTINGS = {"dtype": None, "threads": None}  # what a worker's model load takes (see _load_model)
+_NOT_JOB_KEYS = {"model", "callback", "cancel", "device", "dtype", "parallel", "return_result"}
+_POLL = 0.25  # seconds between liveness checks while waiting
+
+
+# ---- tensors across the process boundary ------------------------------------------------------
+# Tensors travel as raw bytes, never through torch's shared-memory handles: those need the sending
+# process alive until the receiver has opened them, and a worker may be killed at any time.
+def _pack(obj):
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        return ("__tensor__", str(t.dtype).removeprefix("torch."), tuple(t.shape),
+                t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_pack(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _pack(v) for k, v in obj.items()}
+    return obj
+
+
+def _unpack(obj):
+    if isinstance(obj, tuple) and len(obj) == 4 and obj[0] == "__tensor__":
+        _, dtype, shape, data = obj
+        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return flat.view(getattr(torch, dtype)).reshape(shape)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unpack(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _unpack(v) for k, v in obj.items()}
+    return obj
+
+
+def _canonical_settings(settings) -> dict:
+    settings = dict(settings or {})
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown worker settings {sorted(unknown)}: known are {sorted(SETTINGS)} "
+                         f"(per-run options such as MoGA settings belong in the job)")
+    out = dict(SETTINGS, **settings)
+    if out["dtype"] is not None:
+        out["dtype"] = str(out["dtype"]).removeprefix("torch.")
+        if not isinstance(getattr(torch, out["dtype"], None), torch.dtype):
+            raise ValueError(f"settings['dtype'] {settings['dtype']!r} is not a torch dtype name")
+    return out
+
+
+def check_job(job: dict) -> dict:
+    """The job's keys are `moga.sampling.sample` keyword arguments; catch mistakes in the host, where
+    they cost nothing, rather than in every worker."""
+    from moga.sampling import sample
+
+    if not isinstance(job, dict):
+        raise ValueError(f"a job is a dict of moga.sampling.sample keyword arguments, got {type(job).__name__}")
+    params = inspect.signature(sample).parameters
+    allowed = {k for k, p in params.items() if p.kind == p.KEYWORD_ONLY or k in ("positive", "negative")}
+    allowed -= _NOT_JOB_KEYS
+    bad = set(job) - allowed
+    if bad:
+        raise ValueError(f"job keys {sorted(bad)} are not sample() options; allowed: {sorted(allowed)} "
+                         f"(the pool supplies model, device, dtype, callback, cancel and parallel)")
+    missing = {k for k in ("positive", "shot_frames", "latent_size") if k not in job}
+    if missing:
+        raise ValueError(f"the job lacks {sorted(missing)}")
+    frames, shots = int(job["latent_size"][0]), tuple(int(f) for f in job["shot_frames"])
+    if not shots or sum(shots) != frames or min(shots) < 1:
+        raise ValueError(f"shot_frames {shots} must be positive and sum to the latent frame count {frames}")
+    return job
+
+
+# ---- the worker process ----------------------------------------------------------------------
+def _load_model(checkpoint: str, device: str, settings: dict):
+    from moga.checkpoint import load_model
+
+    dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+# ---- the host side ---------------------------------------------------------------------------
+class _Worker:
+    """A worker process and the host's ends of its two pipes."""
+
+    def __init__(self, rank: int, device: str, env: dict):
+        from multiprocessing.connection import Connection
+
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moga.parallel.worker", str(os.getpid()), str(to_child_r),
+                 str(from_child_w)], pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        self.rank, self.device = rank, device
+        self.inbox = Connection(to_child_w, readable=False)      # host -> worker
+        self.outbox = Connection(from_child_r, writable=False)   # worker -> host
+        self.eof = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None and not self.eof
+
+    def send(self, msg) -> None:
+        try:
+            self.inbox.send(msg)
+        except (OSError, ValueError):
+            pass  # a dead worker: the liveness check reports it
+
+    def close(self) -> None:
+        for c in (self.inbox, self.outbox):
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+class WorkerPool:
+    """Persistent per-device workers running `moga.sampling.sample` with sequence parallelism.
+
+    devices: two or more device strings ("cuda:0", "cuda:1"; "cpu" repeated for CPU/gloo tests).
+    checkpoint: a safetensors path every worker loads itself (memory-mapped).
+    settings: model-load options {"dtype": "bfloat16" | None, "threads": CPU threads per worker}.
+    start_timeout: seconds for all workers to start and load the model.
+    stall_timeout: seconds without any event from the workers during a job (a step, or the first
+        step with its warm-up, must finish within it).
+    """
+
+    def __init__(self, devices, checkpoint, settings=None, *, start_timeout: float = 600.0,
+                 stall_timeout: float = 1800.0):
+        if os.name != "posix":
+            raise ValueError("WorkerPool needs a POSIX system (Linux): on this system run one GPU in-process")
+        devices = [str(torch.device(d)) for d in devices]
+        if len(devices) < 2:
+            raise ValueError(f"a WorkerPool needs two or more devices, got {devices}: with one device "
+                             f"run moga.sampling.sample in this process (no pool, no copies)")
+        kinds = {torch.device(d).type for d in devices}
+        if len(kinds) != 1:
+            raise ValueError(f"all pool devices must be of one kind (all CUDA or all CPU), got {devices}")
+        cuda = [d for d in devices if d.startswith("cuda")]
+        if len(set(cuda)) != len(cuda):
+            raise ValueError(f"each GPU can hold one worker, got {devices}")
+        path = Path(checkpoint).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"checkpoint {str(checkpoint)!r} does not exist: pass the path of a "
+                             f".safetensors file")
+        self.devices = devices
+        self.checkpoint = str(path)
+        self.settings = _canonical_settings(settings)
+        self.start_timeout = float(start_timeout)
+        self.stall_timeout = float(stall_timeout)
+        self.key = pool_key(devices, path, self.settings)
+        self.starts = 0  # how many times workers were (re)started: tests and logs read it
+        self._workers: list[_Worker] = []
+        self._lock = threading.RLock()
+        self._job_id = 0
+        self._store = None
+        self._last_event = time.monotonic()
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().close())
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._workers) and all(w.is_alive() for w in self._workers)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._workers]
+
+    def matches(self, devices, checkpoint, settings=None) -> bool:
+        try:
+            return self.key == pool_key([str(torch.device(d)) for d in devices],
+                                        Path(checkpoint).expanduser().resolve(),
+                                        _canonical_settings(settings))
+        except (OSError, ValueError):
+            return False
+
+    def start(self) -> None:
+        """Start the workers (if not running) and wait until every one has loaded the model."""
+        with self._lock:
+            if self.alive:
+                return
+            self._shutdown()
+            self._store = HostStore(self.start_timeout)
+            env = dict(NVLS_OFF, **os.environ)  # multicast off unless the user says otherwise
+            root = str(Path(__file__).resolve().parents[2])  # the folder holding the moga package
+            env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+            self.starts += 1
+            try:
+                for r, dev in enumerate(self.devices):
+                    w = _Worker(r, dev, env)
+                    self._workers.append(w)
+                    w.send(dict(rank=r, world_size=self.world_size, device=dev, port=self._store.port,
+                                checkpoint=self.checkpoint, settings=self.settings,
+                                timeout=self.start_timeout))
+                ready, deadline = set(), time.monotonic() + self.start_timeout
+                self._last_event = time.monotonic()
+                while len(ready) < self.world_size:
+                    msg = self._next_event(deadline, "start and load the checkpoint")
+                    if msg[0] == "ready":
+                        ready.add(msg[1])
+                    elif msg[0] in ("fatal", "invalid", "error"):
+                        self._raise_worker_failure(msg, "while starting")
+            except BaseException:
+                self._shutdown()
+                raise
+
+    def close(self) -> None:
+        """Stop the workers (politely, then by force) and free their devices."""
+        with self._lock:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        workers, self._workers = self._workers, []
+        for w in workers:
+            w.send(None)
+        deadline = time.monotonic() + 5
+        for w in workers:
+            try:
+                w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait(timeout=10)
+            w.close()
+        self._store = None
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def run(self, job: dict, on_progress=None, cancel=None, timeout: float | None = None,
+            preview: bool = False) -> torch.Tensor:
+        """Run one sampling job on all workers; returns the latent [1, C, F, H, W] (float32, CPU).
+
+        on_progress(step, total, latent_or_None): called in this thread after every step (the latent
+            only with preview=True). If it raises, the workers are cancelled and the error re-raised.
+        cancel(): polled while waiting; True stops every rank at its next step boundary and raises
+            moga.sampling.Cancelled. timeout: seconds for the whole job (None: no limit, but the
+            stall timeout still applies). Raises WorkerError if a worker fails or dies, ValueError
+            for a request the workers reject.
+        """
+        from moga.sampling import Cancelled
+
+        check_job(job)
+        with self._lock:
+            self.start()  # no-op when running; a fresh pool after a failure
+            self._job_id += 1
+            job_id, packed = self._job_id, _pack(job)
+            for w in self._workers:
+                w.send((job_id, packed, bool(preview)))
+            deadline = time.monotonic() + timeout if timeout else None
+            self._last_event = time.monotonic()
+            cancelling = False
+            try:
+                while True:
+                    if not cancelling and cancel is not None and cancel():
+                        self._send_cancel(job_id)
+                        cancelling = True
+                    msg = self._next_event(deadline, "finish the job", poll_only=True)
+                    if msg is None:
+                        continue
+                    kind = msg[0]
+                    if kind in ("error", "invalid", "fatal"):
+                        self._raise_worker_failure(msg, "during a job")
+                    if msg[1] != job_id:
+                        continue  # a late event of an earlier job
+                    if kind == "progress":
+                        if on_progress is not None:
+                            _, _, step, total, latent = msg
+                            on_progress(step, total, _unpack(latent) if latent is not None else None)
+                    elif kind == "done":
+                        return _unpack(msg[2])
+                    elif kind == "cancelled":
+                        raise Cancelled("sampling cancelled: every worker stopped at the same step")
+            except Cancelled:
+                raise
+            except BaseException:
+                # our caller failed (a progress hook raised, KeyboardInterrupt...): stop the workers
+                # at their next step so they stay in step for the next job, or else end them
+                if self.alive:
+                    self._drain_after_cancel(job_id)
+                raise
+
+    def _send_cancel(self, job_id: int) -> None:
+        for w in self._workers:
+            w.send(("cancel", job_id))
+
+    def _drain_after_cancel(self, job_id: int) -> None:
+        self._send_cancel(job_id)
+        deadline = time.monotonic() + min(self.stall_timeout, 120.0)
+        try:
+            while True:
+                msg = self._next_event(deadline, "stop after a cancel", poll_only=True)
+                if msg is not None and msg[0] in ("done", "cancelled") and msg[1] == job_id:
+                    return
+                if msg is not None and msg[0] in ("error", "invalid", "fatal"):
+                    break
+        except (WorkerError, TimeoutError):
+            pass
+        self._shutdown()
+
+    # -- waiting -------------------------------------------------------------------------------
+    def _next_event(self, deadline, what: str, poll_only: bool = False):
+        """The next worker event. Raises WorkerError at once if a worker died, TimeoutError past
+        `deadline` or after stall_timeout without any event. poll_only: None after one poll."""
+        from multiprocessing.connection import wait
+
+        while True:
+            by_conn = {w.outbox: w for w in self._workers if not w.eof}
+            for conn in wait(list(by_conn), timeout=_POLL):
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    by_conn[conn].eof = True  # its process is ending: reported below
+                    continue
+                self._last_event = time.monotonic()
+                return msg
+            dead = [w for w in self._workers if not w.is_alive()]
+            if dead:
+                w = dead[0]
+                try:
+                    code = w.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    code = None
+                report = self._drain_failure()
+                self._shutdown()
+                detail = f"; its last report:\n{report[2]}" if report else ""
+                raise WorkerError(
+                    f"worker rank {w.rank} on {w.device} (pid {w.pid}) died with exit code {code} "
+                    f"while the workers were to {what}; the pool was shut down and the next job "
+                    f"starts a fresh one{detail}")
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
+                self._shutdown()
+                raise TimeoutError(f"the workers did not {what} within the time limit; pool shut down")
+            if now - self._last_event > self.stall_timeout:
+                self._shutdown()
+                raise TimeoutError(f"no word from the workers for {self.stall_timeout:.0f} s while they "
+                                   f"were to {what}; pool shut down")
+            if poll_only:
+                return None
+
+    def _drain_failure(self):
+        """A worker's own error report, if one is waiting in a pipe."""
+        from multiprocessing.connection import wait
+
+        conns = [w.outbox for w in self._workers if not w.eof]
+        try:
+            for conn in wait(conns, timeout=0.2):
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    continue
+                if msg[0] in ("error", "invalid", "fatal"):
+                    return msg
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def _raise_worker_failure(self, msg, when: str):
+        kind, rank, tb = msg
+        self._shutdown()
+        last = tb.strip().splitlines()[-1] if tb.strip() else ""
+        if kind == "invalid":  # a bad request or setting: the worker's ValueError, as a ValueError
+            raise ValueError(f"{last.removeprefix('ValueError: ')} (worker rank {rank}, {when})")
+        raise WorkerError(f"worker rank {rank} on {self.devices[rank]} failed {when}; the pool was "
+                          f"shut down and the next job starts a fresh one:\n{tb}")
+
+
+def pool_key(devices, path: Path, settings: dict) -> tuple:
+    st = path.stat()
+    return (tuple(devices), str(path), st.st_size, st.st_mtime_ns, tuple(sorted(settings.items())))
+
+
+# ---- one pool per process (what ComfyUI nodes use) ---------------------------------------------
+_current: WorkerPool | None = None
+_current_lock = threading.Lock()
+
+
+def get_pool(devices, checkpoint, settings=None, **kwargs) -> WorkerPool:
+    """The process's pool for these devices, checkpoint and settings: the running one when they
+    match, else a new one (the old one is closed first, freeing its GPUs). Workers start lazily, on
+    the first job (or `pool.start()`)."""
+    global _current
+    with _current_lock:
+        if _current is not None and _current.matches(devices, checkpoint, settings):
+            return _current
+        release_pool()
+        _current = WorkerPool(devices, checkpoint, settings, **kwargs)
+        return _current
+
+
+def release_pool() -> None:
+    """Close the process's pool (a model unload): workers exit and free their devices."""
+    global _current
+    pool, _current = _current, None
+    if pool is not None:
+        pool.close()
