@@ -110,6 +110,10 @@ CACHE = _ModelCache(CACHE_SIZE)
 
 def _load(path, dtype):
     from moga.checkpoint import load_model
+    try:  # registers the loader of the demo model's own text encoder and decoder
+        import moga.demo  # noqa: F401
+    except ImportError:
+        pass
     model = load_model(path, device="cpu", dtype=dtype)
     model.eval().requires_grad_(False)
     return model
@@ -130,8 +134,8 @@ class MoGAModelLoader(io.ComfyNode):
                                tooltip="A .safetensors checkpoint from ComfyUI/models/diffusion_models/ or "
                                        "ComfyUI/models/moga/ (the demo model is listed too)."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip="default: the checkpoint's own dtype (fp8 files are upcast to bf16). bf16 "
-                                       "halves memory against fp32; fp32 is the slowest and most exact."),
+                               tooltip="default: the checkpoint's own dtype (fp8 weights stay fp8 and compute in bf16). "
+                                       "bf16 halves memory against fp32; fp32 is the slowest and most exact."),
                 io.Combo.Input("attention_backend", options=list(ATTENTION_BACKENDS), default="auto",
                                tooltip="auto: the fastest variable-length attention kernel this machine has "
                                        "(flash-attn 4 > flash-attn 2 > torch varlen > SDPA per group)."),
@@ -160,9 +164,10 @@ class MoGAModelLoader(io.ComfyNode):
             raise input_error(NODE, "ckpt_name", f"{ckpt_name!r} could not be loaded: {e}",
                               "pick a Wan2.1-architecture text-to-video checkpoint") from e
         moga = model.moga_config.replace(backend=attention_backend)
-        param = next(iter(model.parameters()), None)
-        return io.NodeOutput(MoGAModelHandle(model=model, name=ckpt_name, path=path,
-                                             dtype=param.dtype if param is not None else dtype, moga=moga))
+        # None lets the sampler compute in the checkpoint's dtype (fp8 files: bf16)
+        compute = dtype if dtype is not None else getattr(model, "compute_dtype", None)
+        return io.NodeOutput(MoGAModelHandle(model=model, name=ckpt_name, path=path, dtype=compute, moga=moga,
+                                             dense_warmup=float(getattr(model, "dense_warmup", 0.0) or 0.0)))
 
 
 register_folders()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 from comfy_api.latest import io
 
@@ -63,24 +62,6 @@ def _previewer(channels: int, device):
         return None
 
 
-# One persistent worker pool (per device set and checkpoint): workers keep the model loaded between runs.
-_POOL = {"key": None, "pool": None}
-_POOL_LOCK = threading.Lock()
-
-
-def _get_pool(devices, handle: MoGAModelHandle):
-    from moga.parallel import WorkerPool
-    key = (tuple(devices), handle.path, str(handle.dtype))
-    with _POOL_LOCK:
-        if _POOL["key"] != key:
-            if _POOL["pool"] is not None:
-                _POOL["pool"].close()
-            _POOL.update(key=None, pool=None)
-            _POOL.update(key=key, pool=WorkerPool([f"cuda:{i}" for i in devices], handle.path,
-                                                   {"dtype": handle.dtype}))
-        return _POOL["pool"]
-
-
 class MoGASampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -92,8 +73,8 @@ class MoGASampler(io.ComfyNode):
                         "Outputs a standard LATENT that remembers where each shot begins. Cancel works within one "
                         "step; with several GPUs the sequence is split across them.",
             inputs=[
-                MogaModel.Input("model"),
-                MogaShots.Input("shots"),
+                MogaModel.Input("model", tooltip="From MoGA Model Loader or MoGA Attention Settings."),
+                MogaShots.Input("shots", tooltip="From MoGA Shot Prompts: the shots, their lengths and prompts."),
                 io.Int.Input("width", default=832, min=16, max=4096, step=16,
                              tooltip="Video width in pixels, a multiple of 16 (Wan2.1 480p: 832)."),
                 io.Int.Input("height", default=480, min=16, max=4096, step=16,
@@ -151,7 +132,7 @@ class MoGASampler(io.ComfyNode):
 
         def on_step(step, total, latent):
             preview = None
-            if previewer is not None:
+            if previewer is not None and latent is not None:
                 try:
                     preview = previewer.decode_latent_to_preview_image("JPEG", latent)
                 except Exception as e:  # never fail a run for a preview
@@ -162,7 +143,7 @@ class MoGASampler(io.ComfyNode):
                       shift=float(shift), solver=solver, seed=int(seed), moga=model.moga,
                       dense_steps=model.dense_warmup, dense_layers=model.dense_layers)
         if len(devices) > 1:
-            latent = cls._run_pool(devices, model, shots, common, on_step, mm)
+            latent = cls._run_pool(devices, model, shots, common, on_step, mm, previewer is not None)
         else:
             device = mm.get_torch_device() if not devices or gpus.strip().lower() in ("auto", "", "1") \
                 else f"cuda:{devices[0]}"
@@ -196,14 +177,19 @@ class MoGASampler(io.ComfyNode):
                 mm.soft_empty_cache()
 
     @staticmethod
-    def _run_pool(devices, model, shots, common, on_step, mm):
+    def _run_pool(devices, model, shots, common, on_step, mm, preview):
         from moga.sampling import Cancelled
 
-        pool = _get_pool(devices, model)
+        from moga.parallel.pool import get_pool
+
+        # one persistent pool per process: workers keep the model loaded while devices and file stay the same
+        dtype = None if model.dtype is None else str(model.dtype).removeprefix("torch.")
+        pool = get_pool([f"cuda:{i}" for i in devices], model.path, {"dtype": dtype})
         job = dict(common, positive=[p.cpu() for p in shots.positive],
                    negative=None if shots.negative is None else shots.negative.cpu())
         try:
-            return pool.run(job, on_progress=on_step, cancel=mm.processing_interrupted, timeout=POOL_TIMEOUT_S)
+            return pool.run(job, on_progress=on_step, cancel=mm.processing_interrupted, timeout=POOL_TIMEOUT_S,
+                            preview=preview)
         except Cancelled:
             mm.throw_exception_if_processing_interrupted()
             raise mm.InterruptProcessingException()

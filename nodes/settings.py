@@ -16,23 +16,20 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
         return tuple(range(num_layers))
     if text == "none":
         return ()
-    picked = set()
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = (int(p) for p in part.split("-", 1))
-            else:
-                a = b = int(part)
-        except ValueError:
-            raise input_error(NODE, "route_layers", f"{part!r} is not a layer number or range",
-                              "write 'all', 'none' or layer numbers and ranges like '0-9,20'") from None
-        if a > b or a < 0 or b >= num_layers:
-            raise input_error(NODE, "route_layers", f"{part!r} is outside layers 0-{num_layers - 1}",
-                              f"use numbers from 0 to {num_layers - 1}")
-        picked.update(range(a, b + 1))
-    return tuple(sorted(picked))
+    from moga.checkpoint import parse_layers as parse
+    try:
+        picked = parse(text)
+    except ValueError:
+        raise input_error(NODE, "route_layers", f"{text!r} is not a list of layers",
+                          "write 'all', 'none' or layer numbers and ranges like '0-9,20'") from None
+    if not picked:
+        raise input_error(NODE, "route_layers", f"{text!r} names no layer", "write 'none' for no MoGA layers, "
+                          "or layer numbers and ranges like '0-9,20'")
+    outside = [i for i in picked if not 0 <= i < num_layers]
+    if outside:
+        raise input_error(NODE, "route_layers", f"layer {outside[0]} does not exist (the model has layers "
+                          f"0-{num_layers - 1})", f"use numbers from 0 to {num_layers - 1}")
+    return picked
 
 
 class MoGAAttentionSettings(io.ComfyNode):
@@ -45,9 +42,9 @@ class MoGAAttentionSettings(io.ComfyNode):
             description="Changes how MoGA attention runs for this model: group count, window grid, which layers "
                         "route, fusion and dense warm-up. Returns a changed copy; the loaded model is not modified.",
             inputs=[
-                MogaModel.Input("model"),
-                io.Int.Input("num_groups", default=5, min=1, max=64,
-                             tooltip="M, the routed groups. Each token attends only to its group, so more groups "
+                MogaModel.Input("model", tooltip="The MoGA model from MoGA Model Loader."),
+                io.Int.Input("num_groups", default=0, min=0, max=64,
+                             tooltip="M, the routed groups; 0 = the checkpoint's own M. Each token attends only to its group, so more groups "
                                      "cost less (routed attention ~ tokens^2 / M) but each token sees less of the "
                                      "video. The paper: 5 for Wan2.1 up to 30 s, 20 at ~580k tokens; quality "
                                      "peaked at 4-8. Fewer than the checkpoint's groups merges router rows; more "
@@ -84,13 +81,16 @@ class MoGAAttentionSettings(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model: MoGAModelHandle, num_groups=5, window_frames=0, window_rows=2, window_cols=2,
+    def execute(cls, model: MoGAModelHandle, num_groups=0, window_frames=0, window_rows=2, window_cols=2,
                 context_frames=1, route_layers="all", fusion="checkpoint", dense_warmup=0.0) -> io.NodeOutput:
         if not isinstance(model, MoGAModelHandle):
             raise input_error(NODE, "model", "is not a MoGA model", "connect the output of MoGA Model Loader")
         config = getattr(model.model, "config", None)
         num_layers = int(getattr(config, "num_layers", 0))
         groups_available = int(getattr(config, "num_groups", 0) or 0)
+        base = model.moga if model.moga is not None else model.model.moga_config
+        if num_groups == 0:
+            num_groups = base.num_groups
         if groups_available and num_groups > groups_available:
             raise input_error(NODE, "num_groups", f"{num_groups} groups but the checkpoint's routers have "
                               f"{groups_available}", f"use at most {groups_available}, or make a checkpoint with "
@@ -106,7 +106,6 @@ class MoGAAttentionSettings(io.ComfyNode):
             if fusion not in FUSIONS:
                 raise input_error(NODE, "fusion", f"unknown fusion {fusion!r}", f"pick one of {', '.join(FUSIONS)}")
             changes["fusion"] = fusion
-        base = model.moga if model.moga is not None else model.model.moga_config
         try:
             moga = base.replace(**changes)
         except ValueError as e:

@@ -1,0 +1,357 @@
+"""Each MoGA node's function on tiny random checkpoints and real tensors, without ComfyUI (tests/comfy_fakes.py
+stands in for the few ComfyUI modules the nodes import)."""
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_fakes  # noqa: E402
+from comfy_fakes import FakeClip, FakeVAE  # noqa: E402
+
+from moga.checkpoint import load_model  # noqa: E402
+from moga.sampling import sample  # noqa: E402
+from moga.shots import ShotPlan  # noqa: E402
+from moga.testing import write_tiny_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_DIM = 32
+SHOTS = "a cat walks [5]\na cat sleeps [9]\na cat walks [5]"   # 2 + 3 + 2 latent frames, one prompt twice
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    with comfy_fakes.installed(str(base), str(ROOT)) as env:
+        models = Path(env.folder_paths.models_dir)
+        for sub in ("diffusion_models", "moga"):
+            (models / sub).mkdir(parents=True, exist_ok=True)
+        write_tiny_checkpoint(models / "diffusion_models" / "tiny_moga.safetensors", layout="comfyui",
+                              num_groups=4, text_dim=TEXT_DIM)
+        write_tiny_checkpoint(models / "moga" / "tiny_wan.safetensors", layout="wan", num_groups=0,
+                              text_dim=TEXT_DIM, seed=1)
+        (models / "diffusion_models" / "old.ckpt").write_bytes(b"not loaded")
+        env.nodes.loader.CACHE.clear()
+        yield env
+
+
+@pytest.fixture(autouse=True)
+def clean_state(env):
+    env.mm.state["interrupt"] = False
+    env.utils.updates.clear()
+    env.mm.calls.clear()
+    yield
+    env.mm.state["interrupt"] = False
+
+
+def run(node, **kw):
+    return node.execute(**kw).args
+
+
+def load(env, name="tiny_moga.safetensors", dtype="default", backend="auto"):
+    return run(env.nodes.MoGAModelLoader, ckpt_name=name, weight_dtype=dtype, attention_backend=backend)[0]
+
+
+def shots(env, model=None, clip=None, text=SHOTS, **kw):
+    return run(env.nodes.MoGAShotPrompts, shots=text, story=kw.pop("story", "home video"),
+               negative=kw.pop("negative", "blurry"), default_seconds=kw.pop("default_seconds", 1.0),
+               fps=kw.pop("fps", 16), clip=clip, model=model, **kw)[0]
+
+
+SAMPLER = dict(width=32, height=32, steps=2, cfg=3.0, shift=5.0, solver="euler", seed=7, gpus="auto")
+
+
+# ---- registration and schemas ---------------------------------------------------------------------------------
+def test_entrypoint_lists_the_five_nodes(env):
+    ext = asyncio.run(env.nodes.comfy_entrypoint())
+    assert isinstance(ext, env.ComfyExtension)
+    ids = [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())]
+    assert ids == ["MoGAModelLoader", "MoGAAttentionSettings", "MoGAShotPrompts", "MoGASampler", "MoGADecode"]
+
+
+def test_every_widget_input_has_a_tooltip_and_options_match_the_library(env):
+    from moga.attention.config import BACKENDS, FUSIONS
+    from moga.sampling import SOLVERS
+    for node in env.nodes.NODES:
+        info = env.io.object_info(node)
+        for kind in info["input"].values():
+            for name, (t, opts) in kind.items():
+                assert opts.get("tooltip"), f"{info['name']}.{name} has no tooltip"
+    assert set(env.nodes.loader.ATTENTION_BACKENDS) <= set(BACKENDS)
+    assert set(env.nodes.settings.FUSIONS) - {"checkpoint"} == set(FUSIONS)
+    assert tuple(env.nodes.sampler.SOLVERS) == tuple(SOLVERS)
+
+
+def test_pack_entry_imports_nothing_heavy(env):
+    """The root __init__ inside (fake) ComfyUI: registers the nodes without loading models or kernels."""
+    import importlib.util
+    before = set(sys.modules)
+    name = "comfyui_moga_entry_under_test"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        assert [n.__name__ for n in mod.NODES] == [n.__name__ for n in env.nodes.NODES]
+        new = set(sys.modules) - before
+        assert not {m for m in new if m.startswith(("moga.model", "moga.checkpoint", "moga.sampling"))}
+    finally:
+        for m in set(sys.modules) - before:
+            if m.startswith(name):
+                del sys.modules[m]
+
+
+# ---- MoGA Model Loader ----------------------------------------------------------------------------------------
+def test_loader_lists_safetensors_from_both_folders(env):
+    names = env.nodes.loader.checkpoint_names()
+    assert "tiny_moga.safetensors" in names and "tiny_wan.safetensors" in names
+    assert "old.ckpt" not in names
+    paths = env.folder_paths.folder_names_and_paths["moga"][0]
+    assert any(p.endswith(str(Path("moga") / "demo")) for p in paths), paths
+
+
+def test_loader_caches_by_file_and_dtype(env):
+    cache = env.nodes.loader.CACHE
+    cache.clear()
+    loads = cache.loads
+    a, b = load(env), load(env)
+    assert a.model is b.model and cache.loads == loads + 1
+    c = load(env, dtype="bf16")
+    assert c.model is not a.model and cache.loads == loads + 2
+    assert next(c.model.blocks[0].self_attn.q.parameters()).dtype == torch.bfloat16 and c.dtype == torch.bfloat16
+    ref = load_model(a.path)
+    for (k, p), q in zip(a.model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(p, q), k
+    assert a.moga.num_groups == 4 and a.moga.backend == "auto"
+    assert load(env, backend="sdpa").moga.backend == "sdpa"
+
+
+def test_loader_messages_name_the_input(env):
+    with pytest.raises(ValueError, match="ckpt_name.*not a .safetensors"):
+        load(env, "old.ckpt")
+    with pytest.raises(ValueError, match="ckpt_name.*neither"):
+        load(env, "nope.safetensors")
+    with pytest.raises(ValueError, match="weight_dtype"):
+        load(env, dtype="fp4")
+    with pytest.raises(ValueError, match="attention_backend"):
+        load(env, backend="magic")
+
+
+# ---- MoGA Attention Settings ----------------------------------------------------------------------------------
+def test_settings_return_a_changed_copy(env):
+    base = load(env)
+    before = (base.moga, base.model.moga_config, base.dense_layers)
+    out = run(env.nodes.MoGAAttentionSettings, model=base, num_groups=2, window_frames=1, window_rows=1,
+              window_cols=2, context_frames=0, route_layers="1", fusion="lse", dense_warmup=0.25)[0]
+    assert out is not base and out.model is base.model
+    assert (base.moga, base.model.moga_config, base.dense_layers) == before
+    assert out.moga.num_groups == 2 and out.moga.window == (1, 1, 2) and out.moga.context_frames == 0
+    assert out.moga.fusion == "lse" and out.moga.backend == base.moga.backend
+    assert out.dense_layers == (0,) and out.dense_warmup == 0.25
+    keep = run(env.nodes.MoGAAttentionSettings, model=base, num_groups=0, route_layers="all", fusion="checkpoint")[0]
+    assert keep.moga.fusion == base.model.moga_config.fusion and keep.dense_layers == ()
+    assert keep.moga.num_groups == base.model.moga_config.num_groups == 4
+    none = run(env.nodes.MoGAAttentionSettings, model=base, route_layers="none")[0]
+    assert none.dense_layers == (0, 1)
+
+
+def test_settings_messages_name_the_input(env):
+    base = load(env)
+    with pytest.raises(ValueError, match="num_groups.*moga patch --groups 8"):
+        run(env.nodes.MoGAAttentionSettings, model=base, num_groups=8)
+    with pytest.raises(ValueError, match="route_layers.*layer 5 does not exist"):
+        run(env.nodes.MoGAAttentionSettings, model=base, route_layers="0,5")
+    with pytest.raises(ValueError, match="route_layers"):
+        run(env.nodes.MoGAAttentionSettings, model=base, route_layers="first two")
+    with pytest.raises(ValueError, match="model"):
+        run(env.nodes.MoGAAttentionSettings, model="not a model")
+
+
+# ---- MoGA Shot Prompts ----------------------------------------------------------------------------------------
+def test_shot_prompts_encode_each_distinct_prompt_once(env):
+    clip = FakeClip(TEXT_DIM)
+    out = shots(env, model=load(env), clip=clip)
+    assert out.plan.shot_frames == (5, 9, 5) and out.plan.latent_shot_frames() == (2, 3, 2)
+    assert out.encoder == "clip"
+    assert sorted(clip.encoded) == sorted(["home video a cat walks", "home video a cat sleeps", "blurry"])
+    assert len(out.positive) == 3 and out.positive[0] is out.positive[2]
+    assert torch.equal(out.positive[1], FakeClip(TEXT_DIM).encode_from_tokens({"text": "home video a cat sleeps"}))
+    assert out.negative.shape[-1] == TEXT_DIM
+
+
+def test_shot_prompts_use_seconds_and_fps(env):
+    out = shots(env, clip=FakeClip(TEXT_DIM), text="one\ntwo [0.5s]", default_seconds=1.0, fps=8)
+    assert out.plan.shot_frames == (9, 5) and out.plan.fps == 8
+
+
+def test_shot_prompts_use_the_models_own_encoder(env):
+    class OwnEncoder:
+        def __init__(self):
+            self.calls = []
+
+        def encode(self, texts):
+            self.calls.append(list(texts))
+            return [torch.full((1, 2, TEXT_DIM), float(len(t))) for t in texts]
+
+    handle = load(env)
+    own = OwnEncoder()
+    with_own = handle.with_settings(model=_with_attr(handle.model, text_encoder=own))
+    out = shots(env, model=with_own)
+    assert out.encoder == "model" and len(own.calls) == 1 and len(own.calls[0]) == 3
+    assert float(out.positive[1][0, 0, 0]) == len("home video a cat sleeps")
+
+
+def _with_attr(model, **attrs):
+    """The same model object seen through a proxy with extra attributes (the cached model stays as it is)."""
+    class Proxy:
+        def __getattr__(self, name):
+            return attrs[name] if name in attrs else getattr(model, name)
+    return Proxy()
+
+
+def test_shot_prompts_messages_name_the_input(env):
+    with pytest.raises(ValueError, match="'clip'.*no text encoder"):
+        shots(env, model=load(env))
+    with pytest.raises(ValueError, match="'clip'.*64-wide.*expects 32"):
+        shots(env, model=load(env), clip=FakeClip(64))
+    with pytest.raises(ValueError, match="'shots'.*line 2.*4n\\+1"):
+        shots(env, clip=FakeClip(TEXT_DIM), text="ok [5]\nbad [6]")
+    with pytest.raises(ValueError, match="'shots'.*empty"):
+        shots(env, clip=FakeClip(TEXT_DIM), text="  \n")
+
+
+# ---- MoGA Sampler ---------------------------------------------------------------------------------------------
+def test_sampler_is_the_library_call(env):
+    model = load(env)
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    latent = run(env.nodes.MoGASampler, model=model, shots=sh, **SAMPLER)[0]
+    assert latent["samples"].shape == (1, 16, 7, 4, 4)
+    assert latent["moga_shot_frames"] == [2, 3, 2] and latent["moga_fps"] == 16.0
+    ref = sample(model.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
+                 cfg=3.0, shift=5.0, solver="euler", seed=7, moga=model.moga)
+    assert torch.equal(latent["samples"], ref)
+    assert [u[:2] for u in env.utils.updates] == [(1, 2), (2, 2)]
+    assert env.mm.calls == []  # CPU: no VRAM to free, ComfyUI's models stay loaded
+
+
+def test_sampler_settings_reach_the_model(env):
+    model = load(env)
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    dense = run(env.nodes.MoGAAttentionSettings, model=model, route_layers="none")[0]
+    a = run(env.nodes.MoGASampler, model=dense, shots=sh, **SAMPLER)[0]["samples"]
+    ref = sample(model.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
+                 cfg=3.0, shift=5.0, solver="euler", seed=7, moga=model.moga.replace(dense=True))
+    assert torch.allclose(a, ref, atol=1e-5)
+    b = run(env.nodes.MoGASampler, model=model, shots=sh, **SAMPLER)[0]["samples"]
+    assert not torch.allclose(a, b, atol=1e-4)  # routing changes the result: the setting did something
+
+
+def test_sampler_interrupt_stops_within_one_step_and_next_run_works(env):
+    model = load(env)
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    calls, fire = [], [True]
+    original = model.model.forward
+
+    def counting(*a, **k):
+        calls.append(1)
+        if len(calls) == 3 and fire:  # second step, first model call: the user presses cancel
+            fire.pop()
+            env.mm.interrupt_current_processing()
+        return original(*a, **k)
+
+    model.model.forward = counting
+    try:
+        with pytest.raises(env.mm.InterruptProcessingException):
+            run(env.nodes.MoGASampler, model=model, shots=sh, **dict(SAMPLER, steps=10))
+        assert len(calls) == 3          # stopped before the next model call
+        assert not env.mm.processing_interrupted()  # the flag is consumed: the host is ready again
+        calls.clear()
+        latent = run(env.nodes.MoGASampler, model=model, shots=sh, **SAMPLER)[0]
+        assert latent["samples"].shape == (1, 16, 7, 4, 4) and len(calls) == 4
+    finally:
+        del model.model.forward
+
+
+def test_sampler_messages_name_the_input(env):
+    model = load(env)
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    with pytest.raises(ValueError, match="'width'.*multiple of 16"):
+        run(env.nodes.MoGASampler, model=model, shots=sh, **dict(SAMPLER, width=40))
+    with pytest.raises(ValueError, match="'gpus'.*2 GPUs asked but 0 visible"):
+        run(env.nodes.MoGASampler, model=model, shots=sh, **dict(SAMPLER, gpus="2"))
+    with pytest.raises(ValueError, match="'shots'"):
+        run(env.nodes.MoGASampler, model=model, shots="a cat", **SAMPLER)
+    with pytest.raises(ValueError, match="'solver'"):
+        run(env.nodes.MoGASampler, model=model, shots=sh, **dict(SAMPLER, solver="ddim"))
+
+
+def test_parse_gpus(env):
+    parse = env.nodes.sampler.parse_gpus
+    assert parse("auto", 0) == [] and parse("auto", 4) == [0, 1, 2, 3]
+    assert parse("2", 4) == [0, 1] and parse("0,2", 4) == [0, 2] and parse("3,", 4) == [3]
+    for bad in ("5", "0,4", "0,0", "two", "0", "-1,"):
+        with pytest.raises(ValueError, match="'gpus'"):
+            parse(bad, 4)
+
+
+# ---- MoGA Decode ----------------------------------------------------------------------------------------------
+def _latent(frames=(2, 3, 2), seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(1, 16, sum(frames), 4, 4, generator=g), "moga_shot_frames": list(frames),
+            "moga_fps": 12.0}
+
+
+def test_decode_shot_by_shot_with_the_host_vae(env):
+    vae, lat = FakeVAE(), _latent()
+    images, fps = run(env.nodes.MoGADecode, samples=lat, vae=vae)
+    assert vae.calls == [(1, 16, 2, 4, 4), (1, 16, 3, 4, 4), (1, 16, 2, 4, 4)]  # one call per shot
+    assert images.shape == (5 + 9 + 5, 32, 32, 3) and fps == 12.0
+    assert 0 <= images.min() and images.max() <= 1
+    # each shot decoded alone: the frames equal a decode of that shot's slice
+    assert torch.equal(images[5:14], FakeVAE().decode(lat["samples"][:, :, 2:5])[0])
+    assert [u[:2] for u in env.utils.updates] == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_decode_with_the_models_own_decoder(env):
+    class OwnVAE:
+        def decode(self, z):  # [B, C, F, H, W] -> [B, 3, 4(F-1)+1, 8H, 8W] in -1..1
+            b, c, f, h, w = z.shape
+            x = torch.tanh(z[:, :3]).repeat_interleave(8, -1).repeat_interleave(8, -2)
+            return torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(4, 2)], 2)
+
+    handle = load(env)
+    own = handle.with_settings(model=_with_attr(handle.model, vae=OwnVAE()))
+    lat = _latent()
+    images, fps = run(env.nodes.MoGADecode, samples=lat, model=own)
+    assert images.shape == (19, 32, 32, 3)
+    z = lat["samples"][0, :3, 0, 0, 0]
+    assert torch.allclose(images[0, 0, 0], (torch.tanh(z) + 1) / 2)
+
+
+def test_decode_messages_name_the_input(env):
+    with pytest.raises(ValueError, match="'vae'.*no decoder"):
+        run(env.nodes.MoGADecode, samples=_latent())
+    bad = _latent()
+    bad["moga_shot_frames"] = [2, 2]
+    with pytest.raises(ValueError, match="'samples'.*do not add up"):
+        run(env.nodes.MoGADecode, samples=bad, vae=FakeVAE())
+    with pytest.raises(ValueError, match="'samples'"):
+        run(env.nodes.MoGADecode, samples={"samples": torch.zeros(1, 16, 4, 4)}, vae=FakeVAE())
+
+
+def test_decode_interrupt_between_shots(env):
+    env.mm.interrupt_current_processing()
+    with pytest.raises(env.mm.InterruptProcessingException):
+        run(env.nodes.MoGADecode, samples=_latent(), vae=FakeVAE())
+
+
+# ---- the whole chain ------------------------------------------------------------------------------------------
+def test_chain_gives_the_planned_frame_count(env):
+    model = run(env.nodes.MoGAAttentionSettings, model=load(env), num_groups=3)[0]
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    latent = run(env.nodes.MoGASampler, model=model, shots=sh, **SAMPLER)[0]
+    images, fps = run(env.nodes.MoGADecode, samples=latent, vae=FakeVAE())
+    assert images.shape[0] == sh.plan.total_frames == ShotPlan.parse_text(SHOTS).total_frames
+    assert fps == 16.0
