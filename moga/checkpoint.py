@@ -598,9 +598,14 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, num_heads: 
         if tuple(t.shape) != tuple(expected[canon].shape):
             raise CheckpointError(f"{src.path}: {key} has shape {tuple(t.shape)}, the model expects "
                                   f"{tuple(expected[canon].shape)}")
+        read = t
         if dtype is not None and t.is_floating_point() and t.dtype not in FP8_DTYPES \
                 and not canon.endswith("router.weight"):
             t = t.to(dtype)
+        if t is read and t.device.type == "cpu":
+            # safetensors hands out views of the memory map: own the tensor (writable, and aligned,
+            # so the kernels, hence the outputs, do not depend on where the tensor sat in the file)
+            t = t.clone()
         _assign(model, canon, t)
     for canon, key in plan.names.items():
         if canon.endswith(".scale_weight"):
@@ -609,7 +614,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, num_heads: 
                 module = model.get_submodule(owner)
             except AttributeError:
                 raise CheckpointError(f"{src.path}: {key} scales a weight the model does not have") from None
-            module.register_buffer("scale_weight", src.get(key, device).float().reshape(()))
+            module.register_buffer("scale_weight", src.get(key, device).float().reshape(()).clone())
     if plan.ignored:
         unknown = [k for k in plan.ignored if not k.endswith(".scale_input")]
         if unknown and not plan.extras:
