@@ -216,9 +216,10 @@ class ShotPlan:
         return cls(tuple(shots), story, negative, fps)
 
     @classmethod
-    def from_json(cls, obj, default_seconds: float = DEFAULT_SECONDS, fps: float | None = None) -> "ShotPlan":
-        """A dict {"shots": [...], "story", "negative", "fps"} or a bare list of shots; each shot a
-        string or {"prompt", "frames" | "seconds"}. `obj` may also be JSON text or a file path."""
+    def from_json(cls, obj, default_seconds: float | None = None, fps: float | None = None) -> "ShotPlan":
+        """A dict {"shots": [...], "story", "negative", "fps", "seconds"} or a bare list of shots; each shot
+        a string or {"prompt", "frames" | "seconds"}. `obj` may also be JSON text or a file path.
+        `fps` / `default_seconds` given here win over the file's; None: the file's, else 16 fps / 5 s."""
         if isinstance(obj, (str, os.PathLike)):
             text = str(obj)
             if not text.lstrip().startswith(("{", "[")):
@@ -232,8 +233,9 @@ class ShotPlan:
         if not isinstance(obj, dict) or "shots" not in obj:
             raise ValueError('a JSON shot plan is {"shots": [...], "story": ..., "negative": ..., "fps": ...} '
                              "or a list of shots")
-        fps = obj.get("fps", fps if fps is not None else DEFAULT_FPS)
-        default_seconds = obj.get("seconds", default_seconds)
+        fps = fps if fps is not None else obj.get("fps", DEFAULT_FPS)
+        if default_seconds is None:
+            default_seconds = obj.get("seconds", DEFAULT_SECONDS)
         shots = []
         for i, item in enumerate(obj["shots"]):
             try:
@@ -255,8 +257,9 @@ class ShotPlan:
         return cls(tuple(shots), obj.get("story", ""), obj.get("negative", ""), fps)
 
     @classmethod
-    def load(cls, path, default_seconds: float = DEFAULT_SECONDS, fps: float = DEFAULT_FPS) -> "ShotPlan":
-        """A file: JSON if it ends in .json (or starts with '{'/'['), the text form otherwise."""
+    def load(cls, path, default_seconds: float | None = None, fps: float | None = None) -> "ShotPlan":
+        """A file: JSON if it ends in .json (or starts with '{'/'['), the text form otherwise. None: the
+        file's values (JSON), else 5 s per shot at 16 fps."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"shot list {str(path)!r} does not exist: write one prompt per line in a "
@@ -264,7 +267,8 @@ class ShotPlan:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".json" or text.lstrip().startswith(("{", "[")):
             return cls.from_json(json.loads(text) if text.strip() else {"shots": []}, default_seconds, fps)
-        return cls.parse_text(text, default_seconds, fps)
+        return cls.parse_text(text, DEFAULT_SECONDS if default_seconds is None else default_seconds,
+                              DEFAULT_FPS if fps is None else fps)
 
     def to_json(self) -> dict:
         return {"story": self.story, "negative": self.negative, "fps": self.fps,

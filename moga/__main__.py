@@ -1,0 +1,6 @@
+"""`python -m moga ...`: see moga/cli.py and docs/cli.md."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,470 @@
+"""`python -m moga` (or `moga`): generate, info, patch, demo (+ train / inspect where those modules exist).
+
+Imports are lazy: `moga --help` loads neither torch nor a model. Every error a person can act on is
+printed as one line (`moga: error: ...`) with exit status 2; see docs/cli.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import time
+
+EXIT_USAGE, EXIT_CANCELLED = 2, 130
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class CliError(ValueError):
+    """A problem with the command line's input; the message says what to do."""
+
+
+# ---- argument parsing --------------------------------------------------------------------------
+def parse_size(text: str) -> tuple[int, int]:
+    """'832x480' -> (832, 480), multiples of 16 (the error names the nearest valid sizes)."""
+    from .shots import check_size
+    m = re.fullmatch(r"\s*(\d+)\s*[x*X]\s*(\d+)\s*", str(text))
+    if not m:
+        raise CliError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 832x480")
+    width, height = int(m.group(1)), int(m.group(2))
+    check_size(width, height)
+    return width, height
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="render a multi-shot video from a shot list",
+                       description="Denoise every shot of a story as one sequence and write an mp4.")
+    p.add_argument("--model", required=True, help="DiT checkpoint (.safetensors file or folder)")
+    p.add_argument("--shots", help="shot list: a .txt (one shot per line, optional [frames] or [2.5s]) or .json")
+    p.add_argument("--prompt", action="append", default=[], help="a shot prompt (repeat for more shots); "
+                   "instead of --shots")
+    p.add_argument("--story", help="story prompt put before every shot's prompt (overrides the file's)")
+    p.add_argument("--negative", help="negative prompt (overrides the file's; default: Wan's for umT5 models)")
+    p.add_argument("--seconds", type=float, default=None, help="default seconds per shot (default 5)")
+    p.add_argument("--size", default="832x480", help="WIDTHxHEIGHT in pixels, multiples of 16 (default 832x480)")
+    p.add_argument("--fps", type=float, default=None, help="frames per second (default 16, or the plan's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="story.mp4", help="output video (default story.mp4)")
+    p.add_argument("--save-latent", help="also save the final latent and shot boundaries (.safetensors)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50, Wan2.1's)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 5.0)")
+    p.add_argument("--shift", type=float, default=None, help="sigma shift (default 5.0)")
+    p.add_argument("--solver", choices=("unipc", "euler"), default=None, help="default unipc")
+    p.add_argument("--groups", type=int, default=None, help="MoGA groups M at run time (<= the routers' M)")
+    p.add_argument("--window", help="window grid: 'frames,rows,cols' or 'rowsxcols' (default: the checkpoint's)")
+    p.add_argument("--fusion", choices=("mean", "lse"), help="branch fusion (default: the checkpoint's)")
+    p.add_argument("--attention-backend", default=None,
+                   choices=("auto", "fa4", "flash_attn", "torch", "sdpa", "reference"))
+    p.add_argument("--dense", action="store_true", help="run dense attention everywhere (baseline)")
+    p.add_argument("--dense-steps", type=float, default=None,
+                   help="fraction of the first steps that run dense attention (default: the checkpoint's)")
+    p.add_argument("--dense-layers", default="", help="layers that always run dense, e.g. '0,1' or '0-3'")
+    p.add_argument("--text-encoder", help="umT5 encoder folder (with its tokenizer); default: the model's own")
+    p.add_argument("--vae", help="Wan VAE folder or .safetensors; default: the model's own")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=_DTYPES, default="auto", help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="what a checkpoint is (architecture, size, MoGA settings, dtype, keys)")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--num-heads", type=int, default=None, help="heads, when the file cannot say")
+    p.set_defaults(func=cmd_info)
+
+
+def _add_patch(sub):
+    p = sub.add_parser("patch", help="add MoGA routers to a plain Wan2.1 checkpoint (new file)",
+                       description="Write a MoGA checkpoint: routers from a file, or calibrated (k-means).")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--groups", type=int, default=None, help="group count M (needed to calibrate)")
+    p.add_argument("--window", default="0,2,2")
+    p.add_argument("--routers", help="router weights (.safetensors) from training; else calibrate")
+    p.add_argument("--layers", help="layers that get routers, e.g. '0-29' (default: all)")
+    p.add_argument("--fusion", choices=("mean", "lse"))
+    p.add_argument("--dense-warmup", type=float, default=None)
+    p.add_argument("--calibration-size", default="9,30,52",
+                   help="latent frames,height,width of the calibration pass (default 9,30,52: 480p, 33 frames)")
+    p.add_argument("--calibration-steps", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=_DTYPES, default="auto")
+    p.set_defaults(func=cmd_patch)
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="render a 4-shot story with the bundled demo model "
+                       "(or, without it, the MoGA-vs-dense attention demo)")
+    p.add_argument("--out", default="demo.mp4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _add_forward(sub, name: str, module: str, help_text: str):
+    """`moga NAME ARGS...` runs `module` with ARGS (its own parser); registered only if it exists."""
+    if not _has_module(module):
+        return
+    p = sub.add_parser(name, help=help_text, add_help=False)
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: _run_module(module, args.argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moga", description="MoGA: minute-long multi-shot video with Wan2.1 DiTs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_generate(sub)
+    _add_info(sub)
+    _add_patch(sub)
+    _add_demo(sub)
+    _add_forward(sub, "train", "moga.train", "train a MoGA model (moga.train)")
+    _add_forward(sub, "inspect", "moga.inspect", "inspect routing and groups (moga.inspect)")
+    return parser
+
+
+def _run_module(module: str, argv) -> int:
+    mod = importlib.import_module(module)
+    main = getattr(mod, "main", None)
+    if main is None:
+        import runpy
+        saved = sys.argv
+        sys.argv = [module] + list(argv)
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        finally:
+            sys.argv = saved
+        return 0
+    return int(main(list(argv)) or 0)
+
+
+# ---- shared pieces (also for moga.parallel's torchrun entry) ------------------------------------
+def resolve_device_dtype(device, dtype_name: str):
+    import torch
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"device {device} asked for but CUDA is not available: use --device cpu")
+    if dtype_name in (None, "auto"):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, dtype_name)
+    return device, dtype
+
+
+def load_plan(args):
+    """The ShotPlan from --shots / --prompt, with --story/--negative/--seconds/--fps applied (flags win
+    over the file's values)."""
+    from .shots import DEFAULT_FPS, DEFAULT_SECONDS, ShotPlan
+    if args.shots and args.prompt:
+        raise CliError("give the shots with --shots FILE or with --prompt (repeated), not both")
+    if args.shots:
+        if not os.path.isfile(args.shots):
+            raise CliError(f"shot list {args.shots!r} does not exist: write one prompt per line in a text file")
+        plan = ShotPlan.load(args.shots, default_seconds=args.seconds, fps=args.fps)
+    elif args.prompt:
+        plan = ShotPlan.parse_text("\n".join(args.prompt), default_seconds=args.seconds or DEFAULT_SECONDS,
+                                   fps=args.fps or DEFAULT_FPS)
+    else:
+        raise CliError("no shots: pass --shots FILE (one prompt per line) or --prompt TEXT (once per shot)")
+    if args.story is not None or args.negative is not None:
+        plan = type(plan)(plan.shots, plan.story if args.story is None else args.story,
+                          plan.negative if args.negative is None else args.negative, plan.fps)
+    return plan
+
+
+def _check_exists(path, what: str):
+    if path and not os.path.exists(path):
+        raise CliError(f"{what} {path!r} does not exist")
+
+
+def moga_settings(args, info):
+    """The run's MoGAConfig from the checkpoint's settings and the flags; checks --groups against the
+    routers before any weight is read."""
+    from .attention import MoGAConfig
+    routers = info.moga
+    if args.groups is not None:
+        if args.groups < 1:
+            raise CliError(f"--groups must be >= 1, got {args.groups}")
+        if routers is None:
+            raise CliError(f"{args.model} has no MoGA routers, so --groups {args.groups} cannot be used: add "
+                           f"them with `moga patch {args.model} OUT.safetensors --groups {args.groups}` "
+                           f"(or drop --groups to run dense)")
+        if args.groups > routers["num_groups"]:
+            raise CliError(f"--groups {args.groups} is more than the checkpoint's {routers['num_groups']} router "
+                           f"groups: use --groups <= {routers['num_groups']} or re-patch with "
+                           f"`moga patch ... --groups {args.groups}`")
+    if routers is None:
+        base = MoGAConfig()
+    else:
+        base = MoGAConfig(num_groups=routers["num_groups"], window=MoGAConfig.parse_window(routers["window"]),
+                          context_frames=routers["context_frames"], fusion=routers["fusion"])
+    changes = {}
+    if args.groups is not None:
+        changes["num_groups"] = args.groups
+    if args.window:
+        changes["window"] = MoGAConfig.parse_window(args.window)
+    if args.fusion:
+        changes["fusion"] = args.fusion
+    if args.attention_backend:
+        changes["backend"] = args.attention_backend
+    if args.dense:
+        changes["dense"] = True
+    return base.replace(**changes)
+
+
+def load_encoders(args, model, device, dtype):
+    """(text encoder, vae, uses_umt5): --text-encoder / --vae, else what the model brings itself."""
+    te, vae, umt5 = getattr(model, "text_encoder", None), getattr(model, "vae", None), False
+    if args.text_encoder or args.vae:
+        _quiet_hf()
+    if args.text_encoder:
+        from .wan_io import TextEncoder
+        te, umt5 = TextEncoder.load(args.text_encoder, text_len=model.config.text_len, device=device,
+                                    dtype=dtype), True
+    if args.vae:
+        from .wan_io import WanVAE
+        vae = WanVAE.load(args.vae, device=device)  # float32, as Wan decodes
+    if te is None:
+        raise CliError(f"{args.model} brings no text encoder: pass --text-encoder DIR (a umT5 encoder folder "
+                       f"with its tokenizer, e.g. a Wan2.1 diffusers folder)")
+    if vae is None:
+        raise CliError(f"{args.model} brings no VAE: pass --vae PATH (a Wan2.1 VAE folder or .safetensors)")
+    return te, vae, umt5
+
+
+def _quiet_hf():
+    """transformers/diffusers print load bars and advice; the command line has its own progress."""
+    for name in ("transformers", "diffusers"):
+        try:
+            logging_mod = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        logging_mod.set_verbosity_error()
+        getattr(logging_mod, "disable_progress_bar", lambda: None)()
+
+
+def encode_plan(te, plan, use_wan_negative: bool):
+    """Per-shot embeddings (each distinct prompt once) and the negative embedding."""
+    negative = plan.negative
+    if not negative and use_wan_negative:
+        from .wan_io import WAN_NEGATIVE
+        negative = WAN_NEGATIVE
+    prompts = plan.prompts()
+    distinct = list(dict.fromkeys(prompts + [negative]))
+    table = dict(zip(distinct, te.encode(distinct)))
+    return [table[p] for p in prompts], table[negative]
+
+
+def effective_groups(model) -> float | None:
+    """M_eff = N^2 / sum |g|^2 of the routed branch, averaged over the MoGA layers' last call."""
+    vals = []
+    for m in model.modules():
+        routing = getattr(m, "last_routing", None)
+        if routing is None:
+            continue
+        ids = routing.group_ids.reshape(-1)
+        counts = ids.bincount().double()
+        vals.append(float(ids.numel() ** 2 / (counts ** 2).sum()))
+    return sum(vals) / len(vals) if vals else None
+
+
+def _record_routing(model, on: bool):
+    for m in model.modules():
+        if hasattr(m, "record_routing"):
+            m.record_routing = on
+            if not on:
+                m.last_routing = None
+
+
+def cmd_generate(args) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        try:
+            from .parallel.launch import run_distributed_generate
+        except ImportError as e:
+            raise CliError(f"this is a torchrun launch (WORLD_SIZE={os.environ['WORLD_SIZE']}) but the "
+                           f"sequence-parallel entry moga.parallel.launch is not available ({e}); run "
+                           f"without torchrun for one device") from None
+        return int(run_distributed_generate(args) or 0)
+
+    width, height = parse_size(args.size)
+    plan = load_plan(args)
+    _check_exists(args.model, "model checkpoint")
+    _check_exists(args.text_encoder, "text encoder")
+    _check_exists(args.vae, "VAE")
+    if args.steps is not None and args.steps < 1:
+        raise CliError(f"--steps must be >= 1, got {args.steps}")
+    if args.dense_steps is not None and not 0.0 <= args.dense_steps <= 1.0:
+        raise CliError(f"--dense-steps is a fraction of the steps in [0, 1], got {args.dense_steps}")
+
+    import torch
+
+    from . import checkpoint as ckpt
+    from .sampling import DEFAULT_CFG, DEFAULT_SHIFT, DEFAULT_SOLVER, DEFAULT_STEPS, sample
+    from .video import video_to_frames, write_video
+    from .wan_io import decode_shots
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    info = ckpt.inspect_checkpoint(args.model)
+    moga = moga_settings(args, info)
+    dense_layers = ckpt.parse_layers(args.dense_layers) if args.dense_layers else ()
+    if any(i >= info.config["num_layers"] for i in dense_layers):
+        raise CliError(f"--dense-layers {args.dense_layers}: the model has {info.config['num_layers']} layers "
+                       f"(0..{info.config['num_layers'] - 1})")
+    if not info.extras and not (args.text_encoder and args.vae):
+        missing = " and ".join(n for n, v in (("--text-encoder DIR", args.text_encoder), ("--vae PATH", args.vae))
+                               if not v)
+        raise CliError(f"{args.model} brings no text encoder/VAE of its own: pass {missing} (Wan2.1's umT5 "
+                       f"encoder folder with its tokenizer; the Wan VAE folder or .safetensors)")
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    if info.extras:
+        _import_extras(info.extras)
+    say(plan.describe())
+    t_load = time.perf_counter()
+    model = ckpt.load_model(args.model, device=device, dtype=dtype)
+    te, vae, umt5 = load_encoders(args, model, device, dtype)
+    say(f"loaded {info.architecture} in {time.perf_counter() - t_load:.1f} s")
+
+    positive, negative = encode_plan(te, plan, use_wan_negative=umt5)
+    latent_size = plan.latent_size(width, height)
+    shot_frames = plan.latent_shot_frames()
+    layout = plan.token_layout(width, height)
+    steps = args.steps or DEFAULT_STEPS
+    dense_steps = getattr(model, "dense_warmup", 0.0) if args.dense_steps is None else args.dense_steps
+    if model.config.num_groups == 0:
+        dense_steps = 0.0  # no routers: every step is dense anyway
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr)
+
+    def progress(step, total, latent):
+        if bar is not None:
+            bar.update(1)
+
+    _record_routing(model, True)
+    try:
+        result = sample(model, positive, negative, shot_frames=shot_frames, latent_size=latent_size, steps=steps,
+                        cfg=DEFAULT_CFG if args.cfg is None else args.cfg,
+                        shift=DEFAULT_SHIFT if args.shift is None else args.shift,
+                        solver=args.solver or DEFAULT_SOLVER, seed=args.seed, moga=moga, dense_steps=dense_steps,
+                        dense_layers=dense_layers, callback=progress, device=device, dtype=dtype,
+                        return_result=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    m_eff = effective_groups(model)
+    _record_routing(model, False)
+
+    t_dec = time.perf_counter()
+    video = decode_shots(vae, result.latent, shot_frames)
+    frames = video_to_frames(video)
+    if frames.shape[0] != plan.total_frames or frames.shape[1:3] != (height, width):
+        raise RuntimeError(f"the VAE returned {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}, "
+                           f"the plan asks for {plan.total_frames} of {width}x{height}")
+    out = write_video(args.out, frames, fps=plan.fps)
+    if args.save_latent:
+        from safetensors.torch import save_file
+        save_file({"latent": result.latent.contiguous().cpu(),
+                   "shot_frames": torch.tensor(shot_frames, dtype=torch.int64)}, args.save_latent,
+                  metadata={"fps": str(plan.fps), "size": f"{width}x{height}"})
+    decode_s = time.perf_counter() - t_dec
+
+    sparsity = "dense" if m_eff is None else f"{m_eff:.2f}"
+    print(f"wrote {out}: {plan.num_shots} shots, {plan.total_frames} frames {width}x{height} at {plan.fps:g} fps "
+          f"({plan.seconds:.1f} s)")
+    print(f"tokens {layout.num_tokens:,} ({layout.frames} latent frames x {layout.height}x{layout.width}), "
+          f"M_eff {sparsity}, {result.steps} steps at {result.seconds_per_step:.2f} s/step, "
+          f"decode {decode_s:.1f} s")
+    return 0
+
+
+def _import_extras(name: str):
+    """A checkpoint that brings its own text encoder/VAE names the module that loads them (moga.demo)."""
+    from . import checkpoint as ckpt
+    if name in ckpt.EXTRA_LOADERS:
+        return
+    for module in ("moga.demo",):
+        if _has_module(module):
+            importlib.import_module(module)
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from .checkpoint import inspect_checkpoint
+    _check_exists(args.checkpoint, "checkpoint")
+    info = inspect_checkpoint(args.checkpoint, num_heads=args.num_heads)
+    print(json.dumps(info.to_dict(), indent=2, default=str) if args.json else str(info))
+    return 0
+
+
+def cmd_patch(args) -> int:
+    from .checkpoint import parse_layers, patch_checkpoint
+    _check_exists(args.src, "checkpoint")
+    _check_exists(args.routers, "router file")
+    if args.routers is None and not args.groups:
+        raise CliError("calibrating routers needs --groups M (e.g. --groups 5), or pass --routers FILE")
+    try:
+        size = tuple(int(v) for v in args.calibration_size.split(","))
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise CliError(f"--calibration-size {args.calibration_size!r} is not 'frames,height,width' in latent units")
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    info = patch_checkpoint(args.src, args.dst, args.groups, window=args.window, routers=args.routers,
+                            calibrate=args.routers is None,
+                            layers=parse_layers(args.layers) if args.layers else None, fusion=args.fusion,
+                            dense_warmup=args.dense_warmup, calibration_size=size,
+                            calibration_steps=args.calibration_steps, seed=args.seed, device=device,
+                            dtype=None if args.dtype == "auto" else dtype,
+                            progress=lambda msg: print(msg, file=sys.stderr))
+    print(str(info))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    if _has_module("moga.demo"):
+        demo = importlib.import_module("moga.demo")
+        run_demo = getattr(demo, "run_demo", None)
+        if run_demo is not None:
+            return int(run_demo(args) or 0)
+    if _has_module("moga.attention.demo"):
+        return int(importlib.import_module("moga.attention.demo").main() or 0)
+    raise CliError("no demo is installed in this copy of moga (moga.demo.run_demo / moga.attention.demo)")
+
+
+# ---- entry -------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .sampling import Cancelled  # after parsing: `--help` never imports torch
+    from .wan_io import MissingExtra
+    try:
+        return args.func(args)
+    except (Cancelled, KeyboardInterrupt):
+        print("moga: cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    except (CliError, ValueError, FileNotFoundError, MissingExtra) as e:
+        print(f"moga: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
