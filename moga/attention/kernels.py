@@ -138,6 +138,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     return out, lse
 
 
+def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[idx] along dim 0 as one 2-D row gather (3-D index_select is ~100x slower on the CPU)."""
+    return t.reshape(t.shape[0], -1).index_select(0, idx).view(idx.shape[0], *t.shape[1:])
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -177,7 +182,7 @@ def _sdpa(q, k, v, lq, lk, return_lse, scale):
             qidx = None
         else:
             qidx = (sq[:, None] + torch.arange(nq, device=dev)).flatten()
-            qb = q.index_select(0, qidx).view(len(segs), nq, h, d)
+            qb = take_rows(q, qidx).view(len(segs), nq, h, d)
         if nk == 0:
             ob = q.new_zeros(len(segs), nq, h, d)
             lb = torch.full((len(segs), nq, h), float("-inf"), dtype=_lse_dtype(q.dtype), device=dev)
@@ -187,8 +192,8 @@ def _sdpa(q, k, v, lq, lk, return_lse, scale):
             else:
                 sk = torch.tensor([starts_k[i] for i in segs], device=dev)
                 kidx = (sk[:, None] + torch.arange(nk, device=dev)).flatten()
-                kb = k.index_select(0, kidx).view(len(segs), nk, h, d)
-                vb = v.index_select(0, kidx).view(len(segs), nk, h, d)
+                kb = take_rows(k, kidx).view(len(segs), nk, h, d)
+                vb = take_rows(v, kidx).view(len(segs), nk, h, d)
             qt, kt, vt = (t.transpose(1, 2) for t in (qb, kb, vb))  # [S, H, L, D]
             if return_lse:
                 ob, lb = _chunked_softmax(qt, kt, vt, scale)
@@ -204,8 +209,8 @@ def _sdpa(q, k, v, lq, lk, return_lse, scale):
         if return_lse:
             lses.append(lb.reshape(-1, h))
     order = torch.argsort(torch.cat(places))  # rows back to packed order
-    out = torch.cat(pieces).index_select(0, order)
-    return (out, torch.cat(lses).index_select(0, order)) if return_lse else out
+    out = take_rows(torch.cat(pieces), order)
+    return (out, take_rows(torch.cat(lses), order)) if return_lse else out
 
 
 def _chunked_softmax(q, k, v, scale, budget=1 << 26):

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import MoGAConfig
-from .kernels import LSE_HAS_GRAD, _triton_merge, fused_merge, resolve_backend, varlen_attention
+from .kernels import (LSE_HAS_GRAD, _triton_merge, fused_merge, resolve_backend, take_rows,
+                      varlen_attention)
 from .layout import TokenLayout
 from .router import Routing
 
@@ -167,7 +168,7 @@ def group_attention(q, k, v, group_ids, num_groups: int | None = None, backend: 
     if num_groups is None:
         num_groups = int(group_ids.max()) + 1 if group_ids.numel() else 1
     order, inv, cu, mx, _ = _routed_segments(group_ids, num_groups)
-    pack = lambda t: t.reshape(b * n, h, d).index_select(0, order)  # noqa: E731
+    pack = lambda t: take_rows(t.reshape(b * n, h, d), order)  # noqa: E731
     res = varlen_attention(pack(q), pack(k), pack(v), cu, cu, mx, mx, backend, return_lse)
     return _unpack(res, inv, b, n, return_lse)
 
@@ -175,8 +176,8 @@ def group_attention(q, k, v, group_ids, num_groups: int | None = None, backend: 
 def _unpack(res, inv, b, n, return_lse):
     out, lse = (res if return_lse else (res, None))
     if inv is not None:
-        out = out.index_select(0, inv)
-        lse = None if lse is None else lse.index_select(0, inv)
+        out = take_rows(out, inv)
+        lse = None if lse is None else take_rows(lse, inv)
     out = out.reshape(b, n, *out.shape[1:])
     return (out, lse.reshape(b, n, -1)) if return_lse else out
 
@@ -185,10 +186,10 @@ def _run_packed(q, k, v, q_idx, k_idx, cu_q, cu_k, max_q, max_k, backend, return
     """Gather q (and k, v) rows into packed segment order (None: already packed) and attend."""
     b, n, h, d = q.shape
     flat = [t.reshape(b * n, h, d) for t in (q, k, v)]
-    qq = flat[0] if q_idx is None else flat[0].index_select(0, q_idx)
+    qq = flat[0] if q_idx is None else take_rows(flat[0], q_idx)
     kk, vv = flat[1], flat[2]
     if k_idx is not None:
-        kk, vv = kk.index_select(0, k_idx), vv.index_select(0, k_idx)
+        kk, vv = take_rows(kk, k_idx), take_rows(vv, k_idx)
     return varlen_attention(qq, kk, vv, cu_q, cu_k, max_q, max_k, backend, return_lse)
 
 
@@ -250,7 +251,7 @@ def moga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
                               backend, use_lse)
         out, lse = res if use_lse else (res, None)
         if not fused:
-            out, lse = (t if t is None or inv is None else t.index_select(0, inv) for t in (out, lse))
+            out, lse = (t if t is None or inv is None else take_rows(t, inv) for t in (out, lse))
             out = out.reshape(b, n, h, d)
             lse = None if lse is None else lse.reshape(b, n, h)
         outs.append(out)
