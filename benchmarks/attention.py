@@ -244,6 +244,28 @@ def check_backends(device, dtype, backends):
     return out
 
 
+def check_fused_merge(device, dtype):
+    """The Triton merge against the torch merge on this device (off for the run if it fails)."""
+    lay = TokenLayout(6, 5, 7, (2, 4))
+    gen = torch.Generator(device=device).manual_seed(2)
+    q, k, v = (torch.randn(2, lay.num_tokens, 2, 128, device=device, generator=gen).to(dtype)
+               for _ in range(3))
+    routing = Router(32, 4).to(device)(torch.randn(2, lay.num_tokens, 32, device=device, generator=gen))
+    try:
+        errs = []
+        with torch.no_grad():
+            for fusion in ("mean", "lse"):
+                cfg = MoGAConfig(num_groups=4, fusion=fusion, backend="sdpa")
+                mixture.FUSED_MERGE = False
+                plain = mixture.moga_attention(q, k, v, routing, lay, cfg).float()
+                mixture.FUSED_MERGE = True
+                fused = mixture.moga_attention(q, k, v, routing, lay, cfg).float()
+                errs.append(((fused - plain).norm() / plain.norm()).item())
+        return dict(check="fused_merge", rel_err=max(errs), ok=max(errs) < 1e-2)
+    except Exception as e:
+        return dict(check="fused_merge", error=str(e)[:300], ok=False)
+
+
 SHAPES = {
     "cuda": [  # Wan: 30x52 tokens a latent frame, head dim 128, shots of 20 latent frames
         dict(frames=120, height=30, width=52, shot=20, heads=40, head_dim=128, groups=(5, 20)),
@@ -289,6 +311,11 @@ def main(argv=None):
                 backends=backends, warmup=warmup, reps=reps)
     print(f"# {meta}", flush=True)
     checks = [] if args.no_check else check_backends(device, dtype, backends)
+    if device.type == "cuda":
+        checks.append(check_fused_merge(device, dtype))
+        if not checks[-1]["ok"]:
+            mixture.FUSED_MERGE = False
+        meta["fused_merge"] = mixture.FUSED_MERGE
     for c in checks:
         print(f"# check {c}", flush=True)
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

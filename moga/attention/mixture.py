@@ -46,6 +46,7 @@ class Segments:
 
 
 FUSE_ON_CPU = False  # tests: the Triton merge on the CPU (needs TRITON_INTERPRET=1)
+FUSED_MERGE = True   # False: always merge with plain torch ops (benchmarks compare both)
 _CACHE: dict = {}
 _CACHE_SIZE = 32
 
@@ -232,7 +233,7 @@ def moga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in (q, k, v)) or (cfg.routed and routing.gate.requires_grad))
     # CUDA inference: branches stay packed and one Triton pass unsorts, gates and merges them.
-    fused = ((q.is_cuda or FUSE_ON_CPU) and not needs_grad and cfg.backend != "reference"
+    fused = (FUSED_MERGE and (q.is_cuda or FUSE_ON_CPU) and not needs_grad and cfg.backend != "reference"
              and _triton_merge() is not None)
     outs, lses, invs = [], [], []
     for name in branches:
