@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_patch(sub)
     _add_demo(sub)
     _add_forward(sub, "train", "moga.train", "train a MoGA model (moga.train)")
-    _add_forward(sub, "inspect", "moga.inspect", "inspect routing and groups (moga.inspect)")
+    _add_forward(sub, "inspect", "moga.diagnostics",
+                 "one model call, per layer: attention recall, error vs dense, group sizes (moga.diagnostics)")
     return parser
 
 

@@ -99,7 +99,7 @@ def test_help_imports_no_torch():
 def test_train_and_inspect_only_when_their_modules_exist():
     import importlib.util
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    for name, module in (("train", "moga.train"), ("inspect", "moga.inspect")):
+    for name, module in (("train", "moga.train"), ("inspect", "moga.diagnostics")):
         assert (name in sub.choices) == (importlib.util.find_spec(module) is not None)
 
 

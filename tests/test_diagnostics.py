@@ -258,10 +258,11 @@ def test_bad_input(model, inputs):
 
 
 def test_inspect_command(tmp_path, capsys):
+    from moga.cli import main as cli_main
     from moga.diagnostics import main
     ckpt = write_tiny_checkpoint(tmp_path / "tiny.safetensors", num_groups=4, fusion="lse")
     out = tmp_path / "report.json"
-    rc = main([str(ckpt), "--prompt", "one", "--prompt", "two", "--seconds", "0.3", "--width", "64",
+    rc = cli_main(["inspect", str(ckpt), "--prompt", "one", "--prompt", "two", "--seconds", "0.3", "--width", "64",
                "--height", "48", "--steps", "3", "--at", "1", "--groups", "2", "--queries", "16",
                "--device", "cpu", "--dense-layers", "1", "--json", str(out)])
     assert rc == 0
