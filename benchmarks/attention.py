@@ -165,6 +165,13 @@ def bench_shape(spec, device, dtype, backends, warmup, reps, dense_reps, run_den
                 finally:
                     mixture.varlen_attention = real
                 rows.append(dict(extra, variant="permutation", backend="-", ms=ms, flops=0.0))
+                if device.type == "cuda" and mixture.FUSED_MERGE:  # the same without the fused merge
+                    mixture.FUSED_MERGE = False
+                    try:
+                        ms = tm(layer)
+                    finally:
+                        mixture.FUSED_MERGE = True
+                    rows.append(dict(extra, variant="moga_torchmerge", backend=b, ms=ms, flops=moga_flops))
         for r in rows:
             if r.get("groups") == m and r["variant"] == "moga":
                 r.setdefault("dense_flops", dense_flops)
