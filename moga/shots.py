@@ -258,15 +258,22 @@ class ShotPlan:
 
     @classmethod
     def load(cls, path, default_seconds: float | None = None, fps: float | None = None) -> "ShotPlan":
-        """A file: JSON if it ends in .json (or starts with '{'/'['), the text form otherwise. None: the
+        """A file: JSON if it ends in .json (or parses as JSON), the text form otherwise. None: the
         file's values (JSON), else 5 s per shot at 16 fps."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"shot list {str(path)!r} does not exist: write one prompt per line in a "
                              ".txt file, or a JSON plan")
         text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".json" or text.lstrip().startswith(("{", "[")):
-            return cls.from_json(json.loads(text) if text.strip() else {"shots": []}, default_seconds, fps)
+        if path.suffix.lower() == ".json":
+            return cls.from_json(text if text.strip() else {"shots": []}, default_seconds, fps)
+        if text.lstrip().startswith(("{", "[")):  # JSON without the suffix; '[41] a shot' is the text form
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                obj = None
+            if obj is not None:
+                return cls.from_json(obj, default_seconds, fps)
         return cls.parse_text(text, DEFAULT_SECONDS if default_seconds is None else default_seconds,
                               DEFAULT_FPS if fps is None else fps)
 

@@ -121,6 +121,14 @@ def test_load_text_file_and_missing(tmp_path):
     path = tmp_path / "shots.txt"
     path.write_text("one [5]\ntwo [9]\n")
     assert ShotPlan.load(path).shot_frames == (5, 9)
+    path.write_text("[5] one\n[9] two\n")  # starts like JSON, is the text form
+    assert ShotPlan.load(path).shot_frames == (5, 9)
+    path.write_text('["one", "two"]')  # JSON without the suffix
+    assert ShotPlan.load(path, default_seconds=0.25).shot_frames == (5, 5)
+    bad = tmp_path / "plan.json"
+    bad.write_text("[5] not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ShotPlan.load(bad)
     with pytest.raises(ValueError, match="does not exist"):
         ShotPlan.load(tmp_path / "nope.txt")
 
