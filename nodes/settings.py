@@ -72,17 +72,18 @@ class MoGAAttentionSettings(io.ComfyNode):
                                        "checkpoint says. mean: the paper's average (for trained routers). lse: one "
                                        "softmax over all branches' keys (for calibrated routers on a plain Wan "
                                        "checkpoint; closer to dense attention)."),
-                io.Float.Input("dense_warmup", default=0.0, min=0.0, max=1.0, step=0.05,
+                io.Float.Input("dense_warmup", default=-1.0, min=-1.0, max=1.0, step=0.05,
                                tooltip="Fraction of the sampling steps that run dense attention first, while the "
                                        "layout of the video forms. Those steps cost what dense attention costs; "
-                                       "useful with calibrated (untrained) routers, 0 for trained ones."),
+                                       "useful with calibrated (untrained) routers, 0 for trained ones. -1 = the "
+                                       "checkpoint's own (docs/training-free.md)."),
             ],
             outputs=[MogaModel.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, model: MoGAModelHandle, num_groups=0, window_frames=0, window_rows=2, window_cols=2,
-                context_frames=1, route_layers="all", fusion="checkpoint", dense_warmup=0.0) -> io.NodeOutput:
+                context_frames=1, route_layers="all", fusion="checkpoint", dense_warmup=-1.0) -> io.NodeOutput:
         if not isinstance(model, MoGAModelHandle):
             raise input_error(NODE, "model", "is not a MoGA model", "connect the output of MoGA Model Loader")
         config = getattr(model.model, "config", None)
@@ -95,9 +96,11 @@ class MoGAAttentionSettings(io.ComfyNode):
             raise input_error(NODE, "num_groups", f"{num_groups} groups but the checkpoint's routers have "
                               f"{groups_available}", f"use at most {groups_available}, or make a checkpoint with "
                               f"more: `python -m moga patch --groups {num_groups}`")
+        if float(dense_warmup) == -1.0:  # the checkpoint's (the loader put it on the handle)
+            dense_warmup = model.dense_warmup
         if not 0.0 <= float(dense_warmup) <= 1.0:
             raise input_error(NODE, "dense_warmup", f"{dense_warmup} is not a fraction",
-                              "use a value from 0 (no dense steps) to 1 (all steps dense)")
+                              "use -1 (the checkpoint's), or a value from 0 (no dense steps) to 1 (all steps dense)")
         routed = parse_layers(route_layers, num_layers)
         dense_layers = tuple(i for i in range(num_layers) if i not in routed)
         changes = dict(num_groups=int(num_groups), window=(int(window_frames), int(window_rows), int(window_cols)),
