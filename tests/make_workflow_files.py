@@ -3,9 +3,12 @@
     python tests/make_workflow_files.py            # every workflow with a layout below
     python tests/make_workflow_files.py --check    # exit 1 if a UI file differs from what would be written
 
+    python tests/make_workflow_files.py --thumbnail moga_demo_cpu=demo.mp4       # a frame strip of a render
+    python tests/make_workflow_files.py --thumbnail moga_multishot_t2v=graph.png # a picture (e.g. a screenshot)
+
 The API file is the source of truth for the graph; this lays it out for the editor (positions, sizes, titles).
-Thumbnails: a strip of frames from a render when workflows/<name>.frames.png... is not kept; instead a frame strip
-is drawn from a video given with --video NAME=PATH, else a diagram of the graph.
+Thumbnails: a frame strip of a video, or a given picture (the multi-shot one is a screenshot of the workflow in the
+real frontend, made by tests/integration/browser_check.py); a missing thumbnail is drawn as a diagram of the graph.
 """
 from __future__ import annotations
 
@@ -102,12 +105,29 @@ def frame_strip(video: str, size=(640, 360), count: int = 4) -> np.ndarray:
     return out
 
 
+def fit(picture, size=(640, 360), crop=None) -> np.ndarray:
+    """A picture cropped (left, top, right, bottom), letterboxed onto size with the editor's background."""
+    from PIL import Image
+    img = Image.open(picture).convert("RGB")
+    if crop:
+        img = img.crop(crop)
+    W, H = size
+    scale = min(W / img.width, H / img.height)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    canvas = Image.new("RGB", size, (32, 33, 38))
+    canvas.paste(img, ((W - img.width) // 2, (H - img.height) // 2))
+    return np.asarray(canvas)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--video", action="append", default=[], help="NAME=PATH: thumbnail from frames of PATH")
+    ap.add_argument("--thumbnail", action="append", default=[],
+                    help="NAME=PATH: thumbnail from a video (frame strip) or a picture")
+    ap.add_argument("--crop", help="left,top,right,bottom crop of a picture thumbnail")
     args = ap.parse_args(argv)
-    videos = dict(v.split("=", 1) for v in args.video)
+    sources = dict(v.split("=", 1) for v in args.thumbnail)
+    crop = tuple(int(v) for v in args.crop.split(",")) if args.crop else None
     info = all_object_info()
     status = 0
     for name in LAYOUTS:
@@ -122,10 +142,20 @@ def main(argv=None) -> int:
                 status = 1
             continue
         target.write_text(text)
+        print(f"wrote {target}")
+        thumb = WORKFLOWS / f"{name}.jpg"
+        src = sources.get(name)
+        if src is None and thumb.exists():
+            continue
         import imageio.v3 as iio
-        picture = frame_strip(videos[name]) if name in videos else diagram(dict(ui, _name=name), info)
-        iio.imwrite(WORKFLOWS / f"{name}.jpg", picture, quality=90)
-        print(f"wrote {target} and {name}.jpg")
+        if src is None:
+            picture = diagram(dict(ui, _name=name), info)
+        elif Path(src).suffix.lower() in (".png", ".jpg", ".jpeg"):
+            picture = fit(src, crop=crop)
+        else:
+            picture = frame_strip(src)
+        iio.imwrite(thumb, picture, quality=90)
+        print(f"wrote {thumb}")
     return status
 
 

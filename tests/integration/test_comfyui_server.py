@@ -70,3 +70,30 @@ def test_template_browser_serves_the_workflows(comfy_server):
         body = comfy_server.get(f"/api/workflow_templates/ComfyUI-MoGA/{stem}.json")
         assert (json.loads(body) if isinstance(body, bytes) else body)["nodes"]
         assert comfy_server.get(f"/api/workflow_templates/ComfyUI-MoGA/{stem}.jpg")[:3] == b"\xff\xd8\xff"
+
+
+def _chromium():
+    import os
+    import shutil
+    return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") \
+        or shutil.which("google-chrome")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.name)
+def test_frontend_loads_the_ui_workflow_without_missing_nodes(comfy_server, path, tmp_path):
+    """The real frontend (headless Chromium) loads the UI file and turns it into exactly the API file."""
+    import subprocess
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no chromium: `apt-get install chromium` (or set CHROMIUM) for the headless frontend check")
+    out = tmp_path / "frontend.json"
+    res = subprocess.run([str(comfy_server.python), str(Path(__file__).parent / "browser_check.py"), chromium,
+                          str(comfy_server.port), str(path), str(out), str(tmp_path / "screen.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    assert "error" not in seen, seen.get("error")
+    assert seen["missing"] == []
+    assert not [d for d in seen["dialogs"] if "missing" in d.lower()], seen["dialogs"]
+    api = json.loads((REPO / "workflows" / "api" / f"{path.stem}_api.json").read_text())
+    assert seen["output"] == api  # the frontend maps the positional widget values as we meant them
