@@ -78,6 +78,28 @@ def _rank(ex, opts):
     out = dict(rank=rank, device=torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu"),
                varlen_backend=resolve_backend("auto", device, dtype), dtype=str(dtype), sizes=[])
 
+    # the fused Triton merge is the CUDA default; if it fails on this device, both ranks fall back
+    # to plain torch ops (agreed, so they run the same code)
+    from moga.attention import mixture
+
+    def probe():
+        frames, shots = layout_for(4 * frame[0] * frame[1], frame)
+        xs = torch.randn(1, model.config.in_dim, frames, frame[0] * 2, frame[1] * 2, device=device)
+        cs = [torch.randn(1, 16, model.config.text_dim, device=device) for _ in shots]
+        with torch.inference_mode():
+            model(xs.to(dtype), torch.tensor([500.0], device=device), cs, shot_frames=shots, moga=moga)
+        sync()
+
+    try:
+        probe()
+        ok = 1.0
+    except Exception as err:  # noqa: BLE001 - recorded, then the fallback
+        ok, out["fused_merge_error"] = 0.0, str(err)[:300]
+    if ex.all_reduce_max(1.0 - ok) > 0:
+        mixture.FUSED_MERGE = False
+        probe()
+    out["fused_merge"] = bool(mixture.FUSED_MERGE and cuda)
+
     def step(x, t, ctx, shots, parallel):
         with torch.inference_mode():
             v = model(x.to(dtype), t, ctx, shot_frames=shots, moga=moga, parallel=parallel)
@@ -141,13 +163,17 @@ def _rank(ex, opts):
                 rec["out_rms"] = float(v1.pow(2).mean().sqrt())
                 del v1
             del vp
-        except torch.cuda.OutOfMemoryError as err:  # recorded; the ranks may be out of step after it
-            rec["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        except Exception as err:  # noqa: BLE001 - recorded; the ranks may be out of step after it
+            rec["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             out["sizes"].append(rec)
+            print(f"rank {rank}: {rec['error']}", flush=True)
             break
         out["sizes"].append(rec)
         if rank == 0:
             print(_row(rec, p), flush=True)
+            if opts.get("partial"):
+                with open(opts["partial"], "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
         del x, ctx
         peak_reset()
     return out
@@ -169,11 +195,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=540, help="seconds for the whole run")
     ap.add_argument("--json", default="benchmarks/results/parallel-h200x2.json")
+    ap.add_argument("--partial", default=None, help="append each size's record here as it completes (JSON lines)")
     ap.add_argument("--smoke", action="store_true", help="tiny config on 2 CPU ranks (gloo)")
     args = ap.parse_args()
 
     opts = dict(model="1.3B", tokens=[int(t) for t in args.tokens.split(",")], groups=args.groups,
-                repeats=args.repeats, frame=FRAME, smoke=args.smoke)
+                repeats=args.repeats, frame=FRAME, smoke=args.smoke, partial=args.partial)
     devices = [f"cuda:{i}" for i in range(args.gpus)]
     if args.smoke:
         opts.update(model="tiny", tokens=[60, 250], frame=(5, 6))
@@ -190,6 +217,7 @@ def main():
                 device=r0["device"], gpus=args.gpus, torch=torch.__version__,
                 nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
                 model=opts["model"], dtype=r0["dtype"], varlen_backend=r0["varlen_backend"],
+                fused_merge=r0["fused_merge"], fused_merge_error=r0.get("fused_merge_error"),
                 moga=dict(num_groups=args.groups, window=[0, 2, 2], fusion="mean"), frame_tokens=list(opts["frame"]),
                 shot_frames=SHOT, step="one model forward (one CFG branch) + Euler update", repeats=args.repeats,
                 command=" ".join(sys.argv), wall_s=time.perf_counter() - started, results=r0["sizes"])
