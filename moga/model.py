@@ -186,7 +186,7 @@ def rope_freqs(layout: TokenLayout, head_dim: int, device=None, dtype=torch.comp
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without affine (float32), then x * (1 + scale) + shift."""
     xf = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return xf * (1 + scale) + shift
+    return torch.addcmul(shift, xf, 1 + scale)
 
 
 def shard_range(num_tokens: int, rank: int, world_size: int) -> tuple[int, int, int]:
@@ -289,31 +289,41 @@ class WanBlock(nn.Module):
         return F.layer_norm(x.float(), (x.shape[-1],), w, b, self.eps)
 
     def forward(self, x, e, rope, context_kv, layout, cfg, shot_ranges, chunk, cdtype, parallel=None):
-        """x [B, n, dim] float32 residual; e [B, 6, dim] float32; context_kv: per shot (k, v)."""
+        """x [B, n, dim] float32 residual; e [B, 6, dim] float32; context_kv: per shot (k, v).
+        With gradients off (inference) x is updated in place, chunk by chunk: no full-size temporaries."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).chunk(6, dim=1)
+        inplace = not torch.is_grad_enabled()
         y = self.self_attn(modulate(x, shift1, scale1, self.eps).to(cdtype), layout, rope=rope,
                            config=cfg, parallel=parallel)
-        x = x + y.float() * gate1
+        x = x.addcmul_(y, gate1) if inplace else torch.addcmul(x, y.float(), gate1)
         del y
 
-        # cross-attention: each shot's tokens attend to that shot's text only; uncovered (padding)
-        # tokens get zero
-        cross = x.new_zeros(x.shape)
+        # cross-attention: each shot's tokens attend to that shot's text only; tokens outside every
+        # shot (sequence-parallel padding) get nothing. Chunks only read and write their own rows.
+        cross = None if inplace else x.new_zeros(x.shape)
         for s, a, b in shot_ranges:
             k, v = context_kv[s]
             for lo in range(a, b, chunk):
                 hi = min(lo + chunk, b)
-                cross[:, lo:hi] = self.cross_attn(self._norm3(x[:, lo:hi]).to(cdtype), k, v).float()
-        x = x + cross
-        del cross
+                out = self.cross_attn(self._norm3(x[:, lo:hi]).to(cdtype), k, v)
+                if inplace:
+                    x[:, lo:hi] += out
+                else:
+                    cross[:, lo:hi] = out.float()
+        if not inplace:
+            x = x + cross
+            del cross
 
         # FFN, chunked over tokens: the [n, ffn_dim] activation exists one chunk at a time
-        y = x.new_empty(x.shape)
+        y = None if inplace else x.new_empty(x.shape)
         for lo in range(0, x.shape[1], chunk):
             hi = min(lo + chunk, x.shape[1])
-            h = modulate(x[:, lo:hi], shift2, scale2, self.eps).to(cdtype)
-            y[:, lo:hi] = self.ffn(h).float()
-        return x + y * gate2
+            out = self.ffn(modulate(x[:, lo:hi], shift2, scale2, self.eps).to(cdtype))
+            if inplace:
+                x[:, lo:hi].addcmul_(out, gate2)
+            else:
+                y[:, lo:hi] = out.float()
+        return x if inplace else torch.addcmul(x, y, gate2)
 
 
 class WanHead(nn.Module):
@@ -457,7 +467,7 @@ class WanModel(nn.Module):
                           self.patch_embedding.bias.float(), stride=cfg.patch_size)
         grid = tuple(tokens.shape[2:])
         layout = TokenLayout(*grid, shot_frames=self._token_shots(shot_frames, grid[0]))
-        h = tokens.flatten(2).transpose(1, 2)   # [B, N, dim] float32
+        h = tokens.flatten(2).transpose(1, 2).contiguous()   # [B, N, dim] float32
         del tokens
         n = layout.num_tokens
 
@@ -472,7 +482,7 @@ class WanModel(nn.Module):
         start, end = 0, n
         if parallel is not None:
             start, end, n_local = shard_range(n, parallel.rank, parallel.world_size)
-            h = shard_tokens(h, start, end, n_local)
+            h = shard_tokens(h, start, end, n_local).contiguous()
             rope = shard_tokens(rope, start, end, n_local, dim=0, fill=1)
         shots = local_shot_ranges(layout, start, end)
 

@@ -290,6 +290,17 @@ def test_bfloat16_model_runs_and_stays_close():
     assert got.dtype == torch.float32 and rel(got, want) < 0.05
 
 
+def test_inference_in_place_path_equals_autograd_path():
+    model = tiny_model(seed=23)
+    model.chunk_tokens = 7
+    x, t, ctx = random_inputs(model.config, frames=3, height=6, width=6, shots=2, batch=2, seed=24)
+    with torch.inference_mode():
+        fast = model(x, t, ctx, shot_frames=(1, 2))
+    with torch.enable_grad():
+        slow = model(x, t, ctx, shot_frames=(1, 2))
+    assert rel(fast, slow) < 1e-6
+
+
 def test_training_backward_reaches_every_parameter():
     model = tiny_model(seed=19, num_groups=3).train().requires_grad_(True)
     model.gradient_checkpointing = True
