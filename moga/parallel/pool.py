@@ -110,8 +110,13 @@ def check_job(job: dict) -> dict:
 
 # ---- the worker process ----------------------------------------------------------------------
 def _load_model(checkpoint: str, device: str, settings: dict):
-    from moga.checkpoint import load_model
+    import importlib.util
 
+    from moga.checkpoint import EXTRA_LOADERS, inspect_checkpoint, load_model
+
+    extras = inspect_checkpoint(checkpoint).extras
+    if extras and extras not in EXTRA_LOADERS and importlib.util.find_spec("moga.demo") is not None:
+        importlib.import_module("moga.demo")  # a model that brings its own encoders (the demo) registers here
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
     model = load_model(checkpoint, device=device, dtype=dtype)
     return model.eval().requires_grad_(False)
