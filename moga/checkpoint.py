@@ -745,6 +745,10 @@ def save_checkpoint(model_or_state, path, metadata: Mapping[str, str] | None = N
 
 # ---- patching: adding routers ---------------------------------------------------------------------
 
+# Dense warm-up written into calibrated checkpoints (fraction of the first sampling steps that run dense
+# attention); chosen from the measurements in docs/training-free.md. Trained routers get 0.
+CALIBRATED_DENSE_WARMUP = 0.25
+
 
 def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=None, calibrate: bool = True,
                      *, layers=None, context_frames: int = 1, fusion: str | None = None,
@@ -763,7 +767,7 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
     the self-attention input tokens into M groups; the unit centroids are the router rows.
     Every other tensor of `src` is written with the same name, dtype and bytes; existing routers
     are replaced. fusion defaults to "mean" for a router file (trained) and "lse" for calibration;
-    dense_warmup (the fraction of early sampling steps to run dense) to 0.0 and 0.25.
+    dense_warmup (the fraction of early sampling steps to run dense) to 0.0 and CALIBRATED_DENSE_WARMUP.
     """
     say = progress or (lambda msg: None)
     dst = Path(dst)
@@ -796,7 +800,7 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
                                     context=calibration_context, max_tokens=calibration_tokens, seed=seed,
                                     device=device, dtype=dtype, num_heads=num_heads)
         fusion = fusion or "lse"
-        warmup = 0.25 if dense_warmup is None else dense_warmup
+        warmup = CALIBRATED_DENSE_WARMUP if dense_warmup is None else dense_warmup
     else:
         raise ValueError("give routers (a router file from training) or calibrate=True")
     settings = MoGAConfig(num_groups=int(num_groups), window=window, context_frames=context_frames, fusion=fusion)
@@ -875,7 +879,7 @@ def calibrate_routers(path, num_groups: int, layers: Iterable[int], size=(9, 30,
             if rows.shape[0] > per_step:
                 sel = torch.randperm(rows.shape[0], generator=pick_gen)[:per_step].to(rows.device)
                 rows = rows[sel]
-            feats[index].append(torch.nn.functional.normalize(rows, dim=-1).cpu())
+            feats[index].append(torch.nn.functional.normalize(rows, dim=-1))
         return grab
 
     handles = [model.blocks[i].self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
@@ -892,7 +896,7 @@ def calibrate_routers(path, num_groups: int, layers: Iterable[int], size=(9, 30,
     finally:
         for hd in handles:
             hd.remove()
-    return {i: spherical_kmeans(torch.cat(feats[i]), num_groups, seed=seed + i) for i in layers}
+    return {i: spherical_kmeans(torch.cat(feats.pop(i)), num_groups, seed=seed + i).cpu() for i in layers}
 
 
 def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
@@ -902,11 +906,11 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) ->
     n = x.shape[0]
     if n < k:
         raise ValueError(f"{n} tokens cannot form {k} groups")
-    g = torch.Generator().manual_seed(seed)
-    cent = [x[torch.randint(n, (1,), generator=g)].squeeze(0)]
+    g = torch.Generator().manual_seed(seed)   # seeding draws on the CPU: same picks on any device
+    cent = [x[int(torch.randint(n, (1,), generator=g))]]
     best = (x @ cent[0]).clamp(max=1.0)
     for _ in range(1, k):
-        dist = (1.0 - best).clamp(min=0)
+        dist = (1.0 - best).clamp(min=0).double().cpu()
         if float(dist.sum()) <= 0:
             idx = int(torch.randint(n, (1,), generator=g))
         else:
@@ -935,4 +939,4 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) ->
 __all__ = ["load_model", "inspect_checkpoint", "save_checkpoint", "patch_checkpoint", "CheckpointInfo",
            "CheckpointError", "EXTRA_LOADERS", "register_extras", "TensorSource", "to_layout",
            "detect_layout", "canonical_key", "moga_metadata", "calibrate_routers", "spherical_kmeans",
-           "write_safetensors", "read_header", "plan_checkpoint", "FORMAT_VERSION"]
+           "write_safetensors", "read_header", "plan_checkpoint", "FORMAT_VERSION", "CALIBRATED_DENSE_WARMUP"]
