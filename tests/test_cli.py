@@ -25,6 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = "test-cli-own-encoders"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine the thread sync costs 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class HashTextEncoder:
     """Deterministic per-prompt embeddings [1, L, text_dim] (seeded by the prompt's crc32)."""
 

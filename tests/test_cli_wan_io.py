@@ -15,6 +15,15 @@ needs_wan = pytest.mark.skipif(not wan_io.wan_extra_available(),
                                reason="optional 'wan' extra (transformers, diffusers) not installed")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine the thread sync costs 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_missing_extra_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "tokenizer.json").write_text("{}")
