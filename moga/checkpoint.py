@@ -808,7 +808,9 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
     old_routers = {k for c, k in plan.names.items() if c.endswith(".self_attn.router.weight")}
     copy = {k: source for k in source.keys() if k not in old_routers}
     new = {router_key(i, plan.layout): w.detach().float().cpu().contiguous() for i, w in sorted(weights.items())}
-    meta = {k: v for k, v in source.metadata.items() if not k.startswith("moga.") or k in ("moga.num_heads", "moga.extras")}
+    # keep every other metadata key (a demo model's `moga.demo`, `moga.text_len`...); the MoGA settings are rewritten
+    written = set(moga_metadata(settings, ()))
+    meta = {k: v for k, v in source.metadata.items() if k not in written}
     if num_heads is not None:
         meta["moga.num_heads"] = str(num_heads)
     elif cfg.dim % 128 or cfg.num_heads != cfg.dim // 128:

@@ -113,7 +113,7 @@ def files(tmp_path_factory):
     ckpt.register_extras(EXTRAS, lambda source, meta, device, dtype: {"text_encoder": _Text(), "vae": _VAE()})
     d = tmp_path_factory.mktemp("tf")
     plain = write_tiny_checkpoint(d / "plain.safetensors", num_layers=LAYERS, seed=4,
-                                  metadata={"moga.extras": EXTRAS})
+                                  metadata={"moga.extras": EXTRAS, "moga.demo": '{"kept": 1}'})
     small = dict(calibration_size=(2, 8, 8), calibration_steps=1, calibration_tokens=64)
     cal = d / "calibrated.safetensors"
     ckpt.patch_checkpoint(plain, cal, num_groups=3, **small)
@@ -138,6 +138,9 @@ def test_checkpoint_defaults(files):
         assert torch.equal(b0.self_attn.router.weight, b1.self_attn.router.weight)
     custom = ckpt.load_model(files["custom"])
     assert (custom.moga_config.fusion, custom.dense_warmup) == ("mean", 0.5)
+    for name in ("calibrated", "trained"):   # a model's own metadata (the demo model's settings) survives patching
+        meta = ckpt.TensorSource(files[name]).metadata
+        assert meta["moga.demo"] == '{"kept": 1}' and meta["moga.extras"] == EXTRAS
 
 
 # ---- the command line --------------------------------------------------------------------------------
