@@ -269,6 +269,30 @@ def test_text_encoder_and_vae_files_are_named(tmp_path):
         load_model(_write_raw(tmp_path / "other.safetensors", {"foo.weight": torch.ones(3)}))
 
 
+@pytest.mark.parametrize("extra,match", [
+    ({"vace_blocks.0.before_proj.weight": torch.ones(2, 2)}, "VACE"),
+    ({"control_adapter.conv.weight": torch.ones(2, 2)}, "camera-control"),
+    ({"img_emb.proj.0.weight": torch.ones(2), "img_emb.emb_pos": torch.ones(1, 2, 2)}, "first-last-frame"),
+])
+def test_other_wan_variants_are_named(tmp_path, extra, match):
+    sd = dict(tiny_model(seed=18).dit_state_dict(), **extra)
+    with pytest.raises(CheckpointError, match=match):
+        inspect_checkpoint(_write_raw(tmp_path / "v.safetensors", sd, {"moga.num_heads": "4"}))
+
+
+def test_lora_and_clip_files_are_named(tmp_path):
+    lora = {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.ones(4, 64),
+            "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.ones(64, 4)}
+    with pytest.raises(CheckpointError, match="a LoRA"):
+        load_model(_write_raw(tmp_path / "lora.safetensors", lora))
+    wan_lora = {"blocks.0.self_attn.q.lora_down.weight": torch.ones(4, 64)}
+    with pytest.raises(CheckpointError, match="a LoRA"):
+        load_model(_write_raw(tmp_path / "lora2.safetensors", wan_lora))
+    clip = {"visual.conv1.weight": torch.ones(4, 3, 2, 2), "log_scale": torch.ones(())}
+    with pytest.raises(CheckpointError, match="CLIP"):
+        load_model(_write_raw(tmp_path / "clip.safetensors", clip))
+
+
 def test_router_disagreements(tmp_path):
     sd = tiny_model(seed=16, num_groups=4).dit_state_dict()
     meta = {"moga.num_heads": "4"}
