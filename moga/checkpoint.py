@@ -472,6 +472,8 @@ def plan_checkpoint(path, num_heads: int | None = None) -> Plan:
         num_heads = _num_heads(meta, src.folder_config)
     try:
         cfg = WanConfig.from_state_dict(shapes, num_heads=num_heads)
+        if meta.get("moga.text_len"):  # a model trained with another text padding length (the demo: 16)
+            cfg = cfg.replace(text_len=int(meta["moga.text_len"]))
     except ValueError as exc:
         raise CheckpointError(f"{src.path}: {exc}") from exc
     moga, warmup = _moga_settings(meta, cfg, src.path)
