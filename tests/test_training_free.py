@@ -223,3 +223,28 @@ def test_settings_node_keeps_or_overrides_the_warmup(files, tmp_path):
             node.execute(model=handle, dense_warmup=-0.5)
         env.nodes.loader.CACHE.clear()
 
+
+
+# ---- the measurement script ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_measurement_script_smoke(tmp_path):
+    """benchmarks/training_free.py end to end on a tiny random dense demo-format model: calibration, patching,
+    rendering, scoring, FLOP counts and per-layer diagnostics all run and land in the JSON."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("training_free_bench", ROOT / "benchmarks" / "training_free.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "tf.json"
+    result = bench.main(["--smoke", "--groups", "2", "--fusions", "lse", "--warmups", "0,0.5", "--steps", "2",
+                         "--out", str(out), "--markdown", str(tmp_path / "tf.md")])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"dense", "M=2 lse warm-up 0", "M=2 lse warm-up 0.5"}
+    assert rows["dense"]["flops_ratio"] == 1.0
+    assert 0 < rows["M=2 lse warm-up 0"]["flops_ratio"] < rows["M=2 lse warm-up 0.5"]["flops_ratio"] < 1
+    layers = result["diagnostics"]["M=2 lse"]["layers"]
+    assert len(layers) == 2 and all(0 < v["recall"] < 1 for v in layers.values())
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert "| dense |" in (tmp_path / "tf.md").read_text()
