@@ -128,7 +128,8 @@ class MoGASampler(io.ComfyNode):
 
         pbar = comfy.utils.ProgressBar(steps)
         channels = int(getattr(getattr(model.model, "config", None), "in_dim", 16))
-        previewer = _previewer(channels, mm.get_torch_device())
+        # Wan's latent-to-RGB factors only mean something for Wan's VAE latents, not a model's own codec
+        previewer = None if model.vae is not None else _previewer(channels, mm.get_torch_device())
 
         def on_step(step, total, latent):
             preview = None

@@ -97,3 +97,111 @@ def test_frontend_loads_the_ui_workflow_without_missing_nodes(comfy_server, path
     assert not [d for d in seen["dialogs"] if "missing" in d.lower()], seen["dialogs"]
     api = json.loads((REPO / "workflows" / "api" / f"{path.stem}_api.json").read_text())
     assert seen["output"] == api  # the frontend maps the positional widget values as we meant them
+
+
+# ---- runs --------------------------------------------------------------------------------------------------------
+RUN_SHOTS = "a red ball moves right [5]\na blue box moves left [9]"   # 5 + 9 = 14 frames, 2 + 3 latent frames
+RUN_FRAMES = 14
+
+
+def _write_run_model(path):
+    """A small checkpoint that brings its own text encoder and decoder, as the demo model does."""
+    from .run_model import write_run_model
+    return write_run_model(path)
+
+
+@pytest.fixture(scope="session")
+def run_model(comfy_server):
+    return comfy_server.place("moga", f"{comfy_server.tag}.safetensors", _write_run_model)
+
+
+def _run_graph(server, model_name, steps=3, seed=1, size=64, prefix=None):
+    """The CPU demo workflow pointed at the test model, with small sizes."""
+    graph = json.loads((REPO / "workflows" / "api" / "moga_demo_cpu_api.json").read_text())
+    by_class = {n["class_type"]: n for n in graph.values()}
+    by_class["MoGAModelLoader"]["inputs"]["ckpt_name"] = model_name
+    by_class["MoGAShotPrompts"]["inputs"]["shots"] = RUN_SHOTS
+    sampler = by_class["MoGASampler"]["inputs"]
+    sampler.update(steps=steps, seed=seed, width=size, height=size)
+    by_class["SaveVideo"]["inputs"]["filename_prefix"] = prefix or f"{server.tag}/run"
+    return graph
+
+
+def _saved_video(server, entry):
+    items = [i for out in entry["outputs"].values() for i in out.get("images", []) if i.get("type") == "output"]
+    assert len(items) == 1, entry["outputs"]
+    path = server.comfy / "output" / items[0]["subfolder"] / items[0]["filename"]
+    server.cleanup.append(path.parent if items[0]["subfolder"].startswith(server.tag) else path)
+    return path
+
+
+def test_api_workflow_runs_to_a_video_with_the_planned_frames(comfy_server, run_model):
+    import imageio.v3 as iio
+    graph = _run_graph(comfy_server, run_model.name)
+    fps = next(n for n in graph.values() if n["class_type"] == "MoGAShotPrompts")["inputs"]["fps"]
+    entry = comfy_server.wait(comfy_server.queue(graph), timeout=180)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:3000]
+    path = _saved_video(comfy_server, entry)
+    frames = iio.imread(path)
+    assert frames.shape == (RUN_FRAMES, 64, 64, 3)
+    assert frames.std() > 1.0  # a picture, not a blank
+    meta = iio.immeta(path)
+    assert abs(float(meta.get("fps", 0)) - fps) < 0.01, meta  # the shot plan's fps reached Save Video
+
+
+def test_interrupt_stops_within_one_step_and_the_next_run_works(comfy_server, run_model):
+    import time
+    import uuid
+    client = uuid.uuid4().hex
+    messages, proc = comfy_server.listen(client, seconds=240)
+    try:
+        long_run = _run_graph(comfy_server, run_model.name, steps=400, seed=2, size=128)
+        pid = comfy_server.queue(long_run, client_id=client)
+
+        def progress(times=False):
+            return [(m["data"]["value"], m["_t"]) if times else m["data"]["value"] for m in list(messages)
+                    if m.get("type") == "progress" and m["data"].get("prompt_id") == pid
+                    and m["data"].get("max") == 400]
+        end = time.monotonic() + 120
+        while len(progress()) < 3:
+            assert time.monotonic() < end, f"no sampler progress within 120 s: {messages[-5:]}"
+            time.sleep(0.05)
+        seen_at_interrupt = max(progress())
+        t0 = time.monotonic()
+        comfy_server.post("/interrupt", {})
+        entry = comfy_server.wait(pid, timeout=60)
+        stopped_after = time.monotonic() - t0
+        statuses = [m[0] for m in entry["status"]["messages"]]
+        assert "execution_interrupted" in statuses, statuses
+        done = max(progress())
+        # the step that was running may finish; no further step starts
+        assert done <= seen_at_interrupt + 1, (seen_at_interrupt, done)
+        assert done < 400
+        stamps = [t for _, t in progress(times=True)]
+        step_s = sorted(b - a for a, b in zip(stamps, stamps[1:]))[len(stamps) // 2 - 1]
+        print(f"interrupt: saw step {seen_at_interrupt}, stopped at {done}, {stopped_after:.2f} s after; step {step_s:.2f} s")
+        assert stopped_after < 2 * step_s + 2.0, (stopped_after, step_s)
+    finally:
+        proc.kill()
+    entry = comfy_server.wait(comfy_server.queue(_run_graph(comfy_server, run_model.name, seed=3)), timeout=180)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:3000]
+    assert _saved_video(comfy_server, entry).exists()
+
+
+def test_demo_workflow_runs_unchanged_on_a_cpu_server(comfy_server):
+    """The shipped CPU demo workflow with the shipped demo model (listed by the loader from the package)."""
+    import imageio.v3 as iio
+    from moga.shots import ShotPlan
+    demo = REPO / "moga" / "demo" / "moga-demo.safetensors"
+    if not demo.exists():
+        pytest.skip(f"{demo} is not in this checkout (the trained demo model ships with the package)")
+    graph = json.loads((REPO / "workflows" / "api" / "moga_demo_cpu_api.json").read_text())
+    by_class = {n["class_type"]: n for n in graph.values()}
+    by_class["SaveVideo"]["inputs"]["filename_prefix"] = f"{comfy_server.tag}/demo"
+    shots = by_class["MoGAShotPrompts"]["inputs"]
+    plan = ShotPlan.parse_text(shots["shots"], shots["default_seconds"], shots["fps"])
+    entry = comfy_server.wait(comfy_server.queue(graph), timeout=240)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:3000]
+    frames = iio.imread(_saved_video(comfy_server, entry))
+    size = by_class["MoGASampler"]["inputs"]
+    assert frames.shape == (plan.total_frames, size["height"], size["width"], 3)
