@@ -46,6 +46,10 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _pool_devices(ids) -> list[str]:
+    return [f"cuda:{i}" for i in ids]
+
+
 def _previewer(channels: int, device):
     """ComfyUI's latent-to-RGB preview for Wan's 16-channel latents; None where the host has none."""
     if channels != 16:
@@ -185,7 +189,7 @@ class MoGASampler(io.ComfyNode):
 
         # one persistent pool per process: workers keep the model loaded while devices and file stay the same
         dtype = None if model.dtype is None else str(model.dtype).removeprefix("torch.")
-        pool = get_pool([f"cuda:{i}" for i in devices], model.path, {"dtype": dtype})
+        pool = get_pool(_pool_devices(devices), model.path, {"dtype": dtype})
         job = dict(common, positive=[p.cpu() for p in shots.positive],
                    negative=None if shots.negative is None else shots.negative.cpu())
         try:

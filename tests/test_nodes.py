@@ -355,3 +355,23 @@ def test_chain_gives_the_planned_frame_count(env):
     images, fps = run(env.nodes.MoGADecode, samples=latent, vae=FakeVAE())
     assert images.shape[0] == sh.plan.total_frames == ShotPlan.parse_text(SHOTS).total_frames
     assert fps == 16.0
+
+
+@pytest.mark.slow
+def test_sampler_with_two_devices_drives_the_worker_pool(env, monkeypatch):
+    """gpus='2' goes through moga.parallel's persistent workers (two CPU ranks over gloo stand in for GPUs) and
+    gives the single-process result."""
+    from moga.parallel.pool import release_pool
+    model = load(env)
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    single = run(env.nodes.MoGASampler, model=model, shots=sh, **SAMPLER)[0]["samples"]
+    monkeypatch.setattr(env.nodes.sampler, "_visible_gpus", lambda: 2)
+    monkeypatch.setattr(env.nodes.sampler, "_pool_devices", lambda ids: ["cpu"] * len(ids))
+    env.utils.updates.clear()
+    try:
+        pooled = run(env.nodes.MoGASampler, model=model, shots=sh, **dict(SAMPLER, gpus="2"))[0]
+    finally:
+        release_pool()
+    assert pooled["moga_shot_frames"] == [2, 3, 2]
+    assert torch.allclose(pooled["samples"], single, atol=1e-5), (pooled["samples"] - single).abs().max()
+    assert [u[:2] for u in env.utils.updates] == [(1, 2), (2, 2)]
