@@ -286,8 +286,8 @@ def test_inference_keeps_no_autograd_state():
 
 def test_lse_gradients_through_sdpa():
     gen = torch.Generator().manual_seed(8)
-    lay = TokenLayout(3, 2, 2, (1, 2))
-    q, k, v = (t.requires_grad_() for t in _qkv((1, lay.num_tokens, 1, 3), gen))
+    lay = TokenLayout(3, 1, 2, (1, 2))
+    q, k, v = (t.requires_grad_() for t in _qkv((1, lay.num_tokens, 1, 2), gen))
     ids, m = _ids("many", 1, lay.num_tokens, gen)
     routing = _routing(ids, m, gen)
     cfg = MoGAConfig(num_groups=m, window=(0, 1, 2), fusion="lse", backend="sdpa")

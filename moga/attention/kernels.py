@@ -64,6 +64,8 @@ def backend_problem(name: str, device: torch.device, dtype: torch.dtype) -> str 
         return f"unknown attention backend {name!r}; choose one of {('auto',) + BACKENDS}"
     if name in ("sdpa", "reference"):
         return None
+    if name == "torch" and device.type != "cuda":  # (importing torch's varlen module takes seconds)
+        return f"attention backend 'torch' runs on CUDA only (this tensor is on {device}); use 'sdpa'"
     got = _import(name)
     if isinstance(got, Exception):
         return f"attention backend {name!r} needs {_PACKAGE[name]}, which is not importable: {got}"
