@@ -18,7 +18,7 @@ WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32")
 ATTENTION_BACKENDS = ("auto", "fa4", "flash_attn", "sdpa", "torch")
 # Weights are safetensors only: pickle files can run code when loaded.
 EXTENSIONS = {".safetensors", ".sft"}
-CACHE_SIZE = 2
+CACHE_SIZE = 1  # a Wan 14B is ~28 GB: keep one model, so switching files frees the old one
 
 
 def _library_demo_folder() -> str | None:

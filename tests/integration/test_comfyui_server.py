@@ -100,7 +100,7 @@ def test_frontend_loads_the_ui_workflow_without_missing_nodes(comfy_server, path
 
 
 # ---- runs --------------------------------------------------------------------------------------------------------
-RUN_SHOTS = "a red ball moves right [5]\na blue box moves left [9]"   # 5 + 9 = 14 frames, 2 + 3 latent frames
+RUN_SHOTS = "a small red circle moves right on a black background [5]\nit moves left on a black background [9]"  # 14 frames
 RUN_FRAMES = 14
 
 
