@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -165,6 +166,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/training_free[-smoke].json)")
     p.add_argument("--markdown", default=None, help="also write the tables here")
+    p.add_argument("--resume", action="store_true", help="keep the variants already in --out (same settings) and "
+                                                          "measure only the missing ones")
     args = p.parse_args(argv)
     if not args.dense and not args.smoke:
         p.error("give --dense MODEL (the dense-trained demo model) or --smoke")
@@ -197,42 +200,77 @@ def measure(args, tmp: Path, argv) -> dict:
     fusions = args.fusions.split(",")
     warmups = [float(w) for w in args.warmups.split(",")]
 
-    rows, diags = [], {}
+    out = Path(args.out or f"benchmarks/results/training_free{'-smoke' if args.smoke else ''}.json")
+    settings = {"dense_model": "tiny random (smoke)" if args.smoke else str(dense_path), "stories": args.stories, "shots": args.shots, "sampling": sampling,
+                "calibration_steps": args.calibration_steps, "queries": args.queries, "diag_stories": args.diag_stories,
+                "seed": args.seed, "smoke": args.smoke}
+    old = json.loads(out.read_text()) if (args.resume and out.exists()) else {}
+    if old and old.get("settings") != json.loads(json.dumps(settings)):
+        raise SystemExit(f"--resume: {out} was measured with other settings ({old.get('settings')}); "
+                         f"use another --out or the same settings")
+    rows = {r["variant"]: r for r in old.get("rows", [])}
+    diags = dict(old.get("diagnostics", {}))
+    commands = old.get("commands", []) + [
+        "python benchmarks/training_free.py " + " ".join(argv if argv is not None else sys.argv[1:])]
     say = lambda msg: print(msg, flush=True)  # noqa: E731
-    base, ref_latents = run_variant(dense, stories, sampling, evaluate, seed=args.seed)
-    rows.append({"variant": "dense", "groups": None, "fusion": None, "warmup": None, **base})
-    say(f"dense: {rows[-1]}")
+
+    def save():
+        result = {"date": datetime.date.today().isoformat(), "device": "cpu: " + (platform.processor() or
+                  platform.machine()), "threads": torch.get_num_threads(), "settings": settings,
+                  "tokens": _tokens(dense, stories[0]), "rows": list(rows.values()), "diagnostics": diags,
+                  "commands": commands}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        return result
+
+    # the dense run's latents are the reference for every variant's latent error; kept between resumed runs
+    cache = Path(tempfile.gettempdir()) / f"moga-training-free-{zlib.crc32(str(out.resolve()).encode()):08x}.safetensors"
+    if "dense" in rows and cache.exists():
+        from safetensors.torch import load_file
+        saved = load_file(str(cache))
+        ref_latents = [saved[str(i)] for i in range(len(stories))]
+    else:
+        base, ref_latents = run_variant(dense, stories, sampling, evaluate, seed=args.seed)
+        rows["dense"] = {"variant": "dense", "groups": None, "fusion": None, "warmup": None, **base}
+        from safetensors.torch import save_file
+        save_file({str(i): t.contiguous() for i, t in enumerate(ref_latents)}, str(cache))
+        save()
+    base = rows["dense"]
+    say(f"dense: {base}")
     if args.trained:
         trained = demo_model.load_demo(args.trained)
-        res, _ = run_variant(trained, stories, sampling, evaluate, ref_latents, seed=args.seed)
-        rows.append({"variant": f"trained MoGA M={trained.config.num_groups} mean", "groups": trained.config.num_groups,
-                     "fusion": trained.moga_config.fusion, "warmup": 0.0, **res})
-        say(f"{rows[-1]['variant']}: {rows[-1]}")
+        name = f"trained MoGA M={trained.config.num_groups} {trained.moga_config.fusion}"
+        if name not in rows:
+            res, _ = run_variant(trained, stories, sampling, evaluate, ref_latents, seed=args.seed)
+            rows[name] = {"variant": name, "groups": trained.config.num_groups,
+                          "fusion": trained.moga_config.fusion, "warmup": 0.0, **res}
+            save()
+        say(f"{name}: {rows[name]}")
     for m in groups:
+        todo = [(f, w) for f in fusions for w in warmups if f"M={m} {f} warm-up {w:g}" not in rows]
+        if not todo and all(f"M={m} {f}" in diags for f in fusions):
+            continue
         t0 = time.perf_counter()
         model = calibrated(dense, dense_path, m, tmp, stories, world, args.seed, args.calibration_steps)
         say(f"calibrated M={m} in {time.perf_counter() - t0:.1f} s")
         for fusion in fusions:
-            diags[f"M={m} {fusion}"] = layer_diagnostics(model, stories[:args.diag_stories], sampling, fusion,
-                                                        args.seed, args.queries)
+            if f"M={m} {fusion}" not in diags:
+                diags[f"M={m} {fusion}"] = layer_diagnostics(model, stories[:args.diag_stories], sampling, fusion,
+                                                            args.seed, args.queries)
+                save()
             for w in warmups:
+                name = f"M={m} {fusion} warm-up {w:g}"
+                if name in rows:
+                    continue
                 res, _ = run_variant(model, stories, sampling, evaluate, ref_latents,
                                      moga=model.moga_config.replace(fusion=fusion), dense_steps=w, seed=args.seed)
-                rows.append({"variant": f"M={m} {fusion} warm-up {w:g}", "groups": m, "fusion": fusion, "warmup": w,
-                             **res})
-                say(f"{rows[-1]['variant']}: score {res['score']} (dense {base['score']}), FLOPs x{res['flops_ratio']:.3f}, "
+                rows[name] = {"variant": name, "groups": m, "fusion": fusion, "warmup": w, **res}
+                save()
+                say(f"{name}: score {res['score']} (dense {base['score']}), FLOPs x{res['flops_ratio']:.3f}, "
                     f"latent error {res['latent_error']}, {res['seconds']} s")
-    device = "cpu: " + (platform.processor() or platform.machine())
-    result = {"date": datetime.date.today().isoformat(), "device": device, "threads": torch.get_num_threads(),
-              "dense_model": str(dense_path), "stories": args.stories, "shots": args.shots, "sampling": sampling,
-              "calibration_steps": args.calibration_steps, "queries": args.queries, "smoke": args.smoke,
-              "tokens": _tokens(dense, stories[0]), "rows": rows, "diagnostics": diags,
-              "command": "python benchmarks/training_free.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    result = save()
     text = tables(result)
     print(text)
-    out = Path(args.out or f"benchmarks/results/training_free{'-smoke' if args.smoke else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
     return result
@@ -245,11 +283,13 @@ def _tokens(model, story) -> int:
 
 
 def tables(result: dict) -> str:
-    dense = result["rows"][0]
+    dense = next(r for r in result["rows"] if r["variant"] == "dense")
     head = ("| variant | score | % of dense | colour | shape | size | direction | background | consistency | "
             "smoothness | latent error | attention GFLOP/video | FLOPs vs dense |")
     lines = [head, "|" + "---|" * 13]
-    for r in result["rows"]:
+    order = lambda r: (r["groups"] is not None, r["variant"].startswith("M="), r["groups"] or 0,  # noqa: E731
+                       r["fusion"] or "", r["warmup"] or 0.0)
+    for r in sorted(result["rows"], key=order):
         rel = 100.0 * r["score"] / dense["score"] if dense["score"] else float("nan")
         cons = "-" if r["consistency"] is None else f"{r['consistency']:.1f}"
         lines.append(f"| {r['variant']} | {r['score']:.1f} | {rel:.0f}% | {r['colour']:.1f} | {r['shape']:.1f} | "

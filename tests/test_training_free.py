@@ -248,3 +248,11 @@ def test_measurement_script_smoke(tmp_path):
     assert len(layers) == 2 and all(0 < v["recall"] < 1 for v in layers.values())
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert "| dense |" in (tmp_path / "tf.md").read_text()
+    # --resume measures only what is missing: here a warm-up over every step, which is the dense model
+    again = bench.main(["--smoke", "--groups", "2", "--fusions", "lse", "--warmups", "0,1", "--steps", "2",
+                        "--out", str(out), "--resume"])
+    rows2 = {r["variant"]: r for r in again["rows"]}
+    assert set(rows2) == set(rows) | {"M=2 lse warm-up 1"}
+    assert rows2["M=2 lse warm-up 0"] == rows["M=2 lse warm-up 0"]
+    assert rows2["M=2 lse warm-up 1"]["flops_ratio"] == 1.0 and rows2["M=2 lse warm-up 1"]["latent_error"] == 0.0
+    assert len(again["commands"]) == 2
