@@ -105,6 +105,12 @@ def _add_demo(sub):
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
+    # the demo model's own options (moga.demo.add_arguments lists the same; kept here so --help needs no torch)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a shot's caption (repeat per shot; the demo world's grammar); default: the 4-shot demo story")
+    p.add_argument("--checkpoint", default=None, help="a demo model file (default: the shipped one)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--dense", action="store_true", help="run with dense attention (routers off)")
     p.set_defaults(func=cmd_demo)
 
 

@@ -319,11 +319,32 @@ def render_story(story: Story, device="cpu") -> torch.Tensor:
 
 
 def render_batch(stories: list[Story], device="cpu") -> torch.Tensor:
-    """[B, 3, T, S, S] for stories of equal frame counts and size."""
-    lengths = {(s.num_frames, s.size) for s in stories}
-    if len(lengths) != 1:
-        raise ValueError(f"render_batch needs stories of one length and size, got {sorted(lengths)}")
-    return torch.stack([render_story(s, device) for s in stories])
+    """[B, 3, T, S, S] for stories of equal shot lengths and size, all shots drawn at once (one set
+    of tensor ops for the whole batch: the trainer renders every step on its device)."""
+    kinds = {(tuple(s.shot_frames), s.size) for s in stories}
+    if len(kinds) != 1:
+        raise ValueError(f"render_batch needs stories of one length and size, got {sorted(kinds)}")
+    (shot_frames, size), = kinds
+    if len(set(shot_frames)) != 1:  # shots of unequal length: draw story by story
+        return torch.stack([render_story(s, device) for s in stories])
+    shots = [sh for s in stories for sh in s.shots]
+    t = shot_frames[0]
+    centres = torch.stack([sh.centres() for sh in shots]).float() * size        # [n, T, 2]
+    cx = centres[:, :, 0].to(device).view(-1, t, 1, 1)
+    cy = centres[:, :, 1].to(device).view(-1, t, 1, 1)
+    r = torch.tensor([SIZES[sh.thing.size] * size for sh in shots], device=device).view(-1, 1, 1, 1)
+    kind = torch.tensor([SHAPES.index(sh.thing.shape) for sh in shots], device=device).view(-1, 1, 1, 1)
+    axis = torch.arange(size, device=device, dtype=torch.float32) + 0.5
+    dx, dy = axis.view(1, 1, 1, size) - cx, axis.view(1, 1, size, 1) - cy            # [n, T, S, S]
+    d = torch.where(kind == 0, torch.sqrt(dx * dx + dy * dy) - r,
+                    torch.where(kind == 1, torch.maximum(dx.abs(), dy.abs()) - r,
+                                torch.maximum(dy - r, (2.0 * dx.abs() - (dy + r)) / 5 ** 0.5)))
+    cov = (0.5 - d).clamp(0.0, 1.0).unsqueeze(1)                                       # [n, 1, T, S, S]
+    bg = torch.stack([_rgb(BACKGROUNDS, sh.background) for sh in shots]).to(device).view(-1, 3, 1, 1, 1)
+    fg = torch.stack([_rgb(COLOURS, sh.thing.colour) for sh in shots]).to(device).view(-1, 3, 1, 1, 1)
+    video = bg + (fg - bg) * cov                                                        # [n, 3, T, S, S]
+    n = len(stories[0].shots)
+    return video.view(len(stories), n, 3, t, size, size).transpose(1, 2).reshape(len(stories), 3, n * t, size, size)
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,294 @@
+"""Training the demo model: the codec first (frozen afterwards), then the DiT and its text encoder
+together with flow matching + the group-balancing loss (`moga.train.Trainer`).
+
+    python -m moga.train demo --out runs/demo --device cuda --steps 3000 --batch 32
+    python -m moga.train demo --out runs/smoke --tiny --steps 3 --codec-steps 3   # CPU smoke test
+
+The run folder holds codec.safetensors, ckpt/ (resumable: weights, EMA, optimizer moments as
+safetensors + state.json), log.jsonl and, at the end, model.safetensors (the shippable file).
+Run the same command again with --resume to continue where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..train.state import load_tensors, save_tensors
+from ..train.trainer import Trainer, TrainConfig
+from .codec import DemoCodec
+from .data import WorldData
+from .model import CODEC, build_demo, save_demo
+from .world import render_batch, sample_story
+
+# ---- codec ---------------------------------------------------------------------------------------
+
+
+def codec_batch(step: int, size: int, seed: int, device) -> torch.Tensor:
+    """[B, 3, 17, S, S] single-shot clips (the codec codes shots alone)."""
+    base = (seed * 1_000_003 + step) * 4096 + 7
+    return render_batch([sample_story(base + i, 1) for i in range(size)], device)
+
+
+def object_weight(video: torch.Tensor, boost: float = 9.0) -> torch.Tensor:
+    """Per-pixel loss weight: 1 + boost where the pixel differs from its frame's corner (the background)."""
+    corner = video[..., :1, :1]
+    return 1.0 + boost * ((video - corner).abs().sum(1, keepdim=True) > 0.05).float()
+
+
+def train_codec(steps: int = 1500, batch: int = 16, lr: float = 1e-3, seed: int = 0, device="cpu",
+                latent_noise: float = 0.1, log=print, config: dict | None = None,
+                time_limit: float | None = None) -> DemoCodec:
+    """Train the autoencoder on world clips; latent noise (relative to the latents' spread) makes the
+    decoder forgiving of the small errors a diffusion model leaves. Then measure the latent statistics."""
+    torch.manual_seed(seed)
+    codec = DemoCodec(**(config or CODEC)).to(device)
+    opt = torch.optim.AdamW(codec.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(steps):
+        if time_limit is not None and time.perf_counter() - start > time_limit:
+            log(f"codec: time limit {time_limit:.0f}s reached at step {step}")
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+        video = codec_batch(step, batch, seed, device)
+        z = codec.encode_raw(video)
+        noise = torch.randn(z.shape, generator=gen).to(device)
+        rec = codec.decode_raw(z + latent_noise * z.detach().std() * noise)
+        w = object_weight(video)
+        loss = (w * (rec - video) ** 2).mean() + 0.5 * (w * (rec - video).abs()).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(codec.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"codec step {step + 1}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f}s")
+    codec.eval()
+    measure_latent_stats(codec, seed=seed, device=device)
+    return codec
+
+
+@torch.no_grad()
+def measure_latent_stats(codec: DemoCodec, batches: int = 8, batch: int = 16, seed: int = 0, device="cpu"):
+    zs = [codec.encode_raw(codec_batch(10_000 + i, batch, seed + 1, device)).float() for i in range(batches)]
+    z = torch.cat(zs).transpose(0, 1).reshape(codec.latent_channels, -1)
+    codec.latent_mean.copy_(z.mean(1))
+    codec.latent_std.copy_(z.std(1).clamp_min(1e-4))
+
+
+@torch.no_grad()
+def codec_quality(codec: DemoCodec, stories: int = 8, seed: int = 0, device="cpu") -> dict:
+    """PSNR and the evaluator's scores of round-tripped held-out stories."""
+    from .evaluate import score_story, summarize
+    from .world import heldout_stories, render_story
+
+    scores, mse = [], []
+    for story in heldout_stories(stories, seed=seed):
+        video = render_story(story, device)[None]
+        rec = codec.decode_shots(codec.encode_shots(video, story.shot_frames),
+                                 [(f - 1) // 4 + 1 for f in story.shot_frames])
+        mse.append(float(F.mse_loss(rec, video)))
+        scores.append(score_story(rec[0].cpu(), story))
+    out = summarize(scores)
+    out["psnr"] = round(10 * math.log10(4.0 / max(sum(mse) / len(mse), 1e-12)), 2)
+    return out
+
+
+def save_codec(codec: DemoCodec, path) -> None:
+    save_tensors(path, codec.state_dict(), metadata={"config": json.dumps(codec.config())})
+
+
+def load_codec(path, device="cpu") -> DemoCodec:
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" in meta:
+        codec = DemoCodec(**json.loads(meta["config"]))
+        codec.load_state_dict(load_tensors(path))
+    else:  # a demo model file: its vae.* tensors
+        from .model import load_demo
+        codec = load_demo(path).vae
+    return codec.to(device).eval().requires_grad_(False)
+
+
+# ---- the DiT -------------------------------------------------------------------------------------
+
+def _tiny(dense: bool, seed: int):
+    from ..model import WanModel
+    from ..train.trainer import init_wan_weights
+    from .model import MOGA, NUM_GROUPS, demo_wan_config
+    from .text import DemoTextEncoder
+
+    torch.manual_seed(seed)
+    layers = 2
+    over = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=layers, text_dim=32)
+    if not dense:
+        over["moga_layers"] = tuple(range(layers))
+    model = WanModel(demo_wan_config(dense, **over))
+    init_wan_weights(model, seed)
+    if not dense:
+        model.moga_config = MOGA.replace(num_groups=NUM_GROUPS)
+    return model, DemoTextEncoder(dim=32, layers=1, heads=2, max_len=16)
+
+
+def train_demo(args) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    logf = open(out / "log.jsonl", "a")
+
+    def log(msg: str, **row):
+        print(msg, flush=True)
+        if row:
+            logf.write(json.dumps(row) + "\n")
+            logf.flush()
+
+    # codec: given, found in the run folder, or trained now
+    codec_path = out / "codec.safetensors"
+    if args.codec:
+        codec = load_codec(args.codec, device)
+        log(f"codec from {args.codec}")
+    elif codec_path.exists():
+        codec = load_codec(codec_path, device)
+        log(f"codec from {codec_path}")
+    else:
+        t0 = time.perf_counter()
+        cfg = dict(CODEC, hidden=16, blocks=1) if args.tiny else None
+        codec = train_codec(args.codec_steps, args.codec_batch, seed=args.seed, device=device, log=log,
+                            config=cfg)
+        save_codec(codec, codec_path)
+        q = codec_quality(codec, stories=2 if args.tiny else 16, device=device)
+        log(f"codec trained in {time.perf_counter() - t0:.0f}s: {q}", event="codec", seconds=time.perf_counter() - t0, **q)
+    codec.requires_grad_(False).eval()
+
+    model, text = _tiny(args.dense, args.seed) if args.tiny else build_demo(args.dense, args.seed)
+    model.to(device)
+    text.to(device)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
+                         seed=args.seed, ema_decay=args.ema, compute_dtype=args.compute_dtype,
+                         log_every=args.log_every, save_every=args.save_every, shift=args.shift,
+                         max_file_mb=args.max_file_mb)
+    data = WorldData(codec, seed=args.seed)
+    ckpt = out / "ckpt"
+    modules = {"text_encoder": text}
+    if args.resume and (ckpt / "state.json").exists():
+        trainer = Trainer.resume(ckpt, model, data, modules=modules, config=config, device=device,
+                                 log=lambda m: log(m))
+        log(f"resumed at step {trainer.step}")
+    else:
+        trainer = Trainer(model, data, config, modules=modules, device=device, log=lambda m: log(m))
+    n_params = sum(p.numel() for p in trainer.params.values())
+    log(f"training {'dense' if args.dense else 'MoGA'} demo DiT: {n_params / 1e6:.2f}M trainable parameters, "
+        f"{config.steps} steps of {config.batch_size} on {device}")
+    if args.auto_steps and args.time_limit:
+        rows = auto_size(trainer, args, log)
+    else:
+        rows = trainer.run(time_limit=args.time_limit, save_dir=ckpt)
+    for r in rows:
+        logf.write(json.dumps({"event": "train", **r}) + "\n")
+    trainer.save(ckpt)
+
+    # export the EMA (or plain) weights as the shippable file
+    weights = trainer.weights(ema=True)
+    final_model, final_text = (_tiny(args.dense, args.seed) if args.tiny else build_demo(args.dense, args.seed))
+    final_model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("text_encoder.")})
+    final_text.load_state_dict({k[len("text_encoder."):]: v for k, v in weights.items()
+                                if k.startswith("text_encoder.")})
+    final_model.moga_config = model.moga_config
+    last = trainer.history[-1] if trainer.history else {}
+    extra = {"training": {"steps": trainer.step, "batch": config.batch_size, "seconds": round(trainer.seconds, 1),
+                          "final_loss": last.get("loss"), "final_flow": last.get("flow"),
+                          "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                          "dense": bool(args.dense), "seed": args.seed}}
+    path = save_demo(out / "model.safetensors", final_model.cpu(), final_text.cpu(), codec.cpu(), extra=extra)
+    summary = {"model": str(path), "bytes": path.stat().st_size, **extra["training"]}
+    log(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB): {summary}", event="done", **summary)
+    logf.close()
+    return summary
+
+
+def auto_size(trainer: Trainer, args, log) -> list[dict]:
+    """Fit the step count to --time-limit: time `--probe` steps (inside the LR warm-up, so the run
+    equals one started with the final step count), then set `steps` to what the remaining time
+    allows. With --sync-dir, runs training side by side agree on the smallest count (equal budgets)."""
+    start = time.perf_counter()
+    probe = max(int(args.probe), 6)
+    if probe >= trainer.config.warmup:
+        raise ValueError(f"--probe {probe} must stay inside the warm-up ({trainer.config.warmup} steps)")
+    trainer.config.steps = 10 ** 9
+    rows = trainer.run(steps=trainer.step + 5)
+    t0 = time.perf_counter()
+    rows += trainer.run(steps=trainer.step + probe - 5)
+    per_step = (time.perf_counter() - t0) / (probe - 5)
+    left = args.time_limit - (time.perf_counter() - start) - args.export_margin
+    steps = trainer.step + max(int(left / per_step * 0.97), 1)
+    if args.sync_dir:
+        steps = _agree(Path(args.sync_dir), args.sync_name or ("dense" if args.dense else "moga"),
+                       args.sync_peers.split(","), steps, log)
+    trainer.config.steps = steps
+    log(f"{per_step * 1000:.0f} ms per step: training {steps} steps", event="auto_steps", steps=steps,
+        ms_per_step=per_step * 1000)
+    rows += trainer.run(time_limit=args.time_limit - (time.perf_counter() - start) - 0.5 * args.export_margin)
+    return rows
+
+
+def _agree(folder: Path, name: str, peers: list[str], steps: int, log, timeout: float = 120.0) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.steps").write_text(str(steps))
+    deadline = time.monotonic() + timeout
+    counts = {}
+    while time.monotonic() < deadline:
+        counts = {p: (folder / f"{p}.steps").read_text() for p in peers if (folder / f"{p}.steps").exists()}
+        if len(counts) == len(peers) and all(counts.values()):
+            return min(int(v) for v in counts.values())
+        time.sleep(0.2)
+    log(f"sync: peers {sorted(set(peers) - set(counts))} did not report within {timeout:.0f}s; using {steps}")
+    return steps
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run folder (codec, checkpoints, log, model.safetensors)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--shift", type=float, default=3.0, help="timestep shift of the training sigmas")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0: off)")
+    p.add_argument("--compute-dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dense", action="store_true", help="train the dense-attention baseline (no routers)")
+    p.add_argument("--codec", default=None, help="use this codec (codec.safetensors or a demo model file)")
+    p.add_argument("--codec-steps", type=int, default=1500)
+    p.add_argument("--codec-batch", type=int, default=16)
+    p.add_argument("--time-limit", type=float, default=None, help="stop (and save) after this many seconds")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--max-file-mb", type=float, default=0.0, help="shard checkpoint files over this size")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and codec (CPU smoke tests)")
+    p.add_argument("--auto-steps", action="store_true", help="fit --steps to --time-limit after a timed probe")
+    p.add_argument("--probe", type=int, default=30, help="steps timed by --auto-steps")
+    p.add_argument("--export-margin", type=float, default=20.0, help="seconds kept for saving and export")
+    p.add_argument("--sync-dir", default=None, help="folder where side-by-side runs agree on the step count")
+    p.add_argument("--sync-name", default=None)
+    p.add_argument("--sync-peers", default="moga,dense")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m moga.train demo", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    if args.compute_dtype is None:
+        args.compute_dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
+    return train_demo(args)
