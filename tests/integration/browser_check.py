@@ -1,6 +1,6 @@
 """Load a UI workflow into the real ComfyUI frontend in headless Chromium and report what the frontend made of it.
 
-    python browser_check.py CHROMIUM PORT WORKFLOW.json OUT.json [SCREENSHOT.png]
+    python browser_check.py CHROMIUM PORT OUT.json SCREENSHOT_DIR WORKFLOW.json [WORKFLOW.json...]
 
 Run with the host's python (it has aiohttp, used as the DevTools-protocol client). Starts Chromium headless with
 a fresh profile on http://127.0.0.1:PORT/, waits for the frontend, then in the page:
@@ -8,7 +8,8 @@ a fresh profile on http://127.0.0.1:PORT/, waits for the frontend, then in the p
 - loads the workflow with app.loadGraphData (as drag-and-drop does) and collects any dialog text,
 - converts the loaded graph with app.graphToPrompt (what Queue would send: the positional widget values mapped to
   input names by the frontend itself) and the widgets of every node.
-Writes that as JSON to OUT.json; optionally a screenshot. Every wait has a timeout.
+Writes {workflow file name: that} as JSON to OUT.json, and a screenshot of each loaded graph into SCREENSHOT_DIR.
+One browser serves all the workflows, one after the other. Every wait has a timeout.
 """
 import asyncio
 import base64
@@ -56,7 +57,7 @@ PAGE_JS = """
 """
 
 
-async def cdp(ws_url, script, screenshot):
+async def cdp(ws_url, scripts, screenshots):
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(ws_url, max_msg_size=0) as ws:
             ids = iter(range(1, 10 ** 6))
@@ -71,25 +72,26 @@ async def cdp(ws_url, script, screenshot):
                             raise RuntimeError(f"{method}: {msg['error']}")
                         return msg["result"]
 
-            for attempt in range(60):  # the page may still be navigating (its first context goes away)
-                try:
-                    res = await call("Runtime.evaluate", expression=script, awaitPromise=True,
-                                     returnByValue=True, timeout=140000)
-                    break
-                except RuntimeError as e:
-                    if "context" not in str(e) or attempt == 59:
-                        raise
-                    await asyncio.sleep(1)
-            if "exceptionDetails" in res:
-                raise RuntimeError(json.dumps(res["exceptionDetails"])[:2000])
-            value = res["result"].get("value")
-            if screenshot:
+            values = []
+            for script, screenshot in zip(scripts, screenshots):
+                for attempt in range(60):  # the page may still be navigating (its first context goes away)
+                    try:
+                        res = await call("Runtime.evaluate", expression=script, awaitPromise=True,
+                                         returnByValue=True, timeout=140000)
+                        break
+                    except RuntimeError as e:
+                        if "context" not in str(e) or attempt == 59:
+                            raise
+                        await asyncio.sleep(1)
+                if "exceptionDetails" in res:
+                    raise RuntimeError(json.dumps(res["exceptionDetails"])[:2000])
+                values.append(res["result"].get("value"))
                 shot = await call("Page.captureScreenshot", format="png")
                 Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
-            return value
+            return values
 
 
-def main(chromium, port, workflow, out, screenshot=None):
+def main(chromium, port, out, screenshot_dir, *workflows):
     profile = tempfile.mkdtemp(prefix="moga-chromium-")
     proc = subprocess.Popen([chromium, *FLAGS, f"--user-data-dir={profile}", f"http://127.0.0.1:{port}/"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -112,9 +114,11 @@ def main(chromium, port, workflow, out, screenshot=None):
                     await asyncio.sleep(0.2)
             raise SystemExit("chromium shows no page")
 
-        script = PAGE_JS.replace("__WORKFLOW__", Path(workflow).read_text())
-        result = asyncio.run(asyncio.wait_for(_run(page_ws, script, screenshot), 240))
-        Path(out).write_text(json.dumps(result, indent=1, ensure_ascii=False))
+        scripts = [PAGE_JS.replace("__WORKFLOW__", Path(w).read_text()) for w in workflows]
+        shots = [str(Path(screenshot_dir) / (Path(w).stem + ".png")) for w in workflows]
+        values = asyncio.run(asyncio.wait_for(_run(page_ws, scripts, shots), 120 + 60 * len(workflows)))
+        Path(out).write_text(json.dumps({Path(w).name: v for w, v in zip(workflows, values)}, indent=1,
+                                        ensure_ascii=False))
     finally:
         proc.terminate()
         try:
@@ -124,8 +128,8 @@ def main(chromium, port, workflow, out, screenshot=None):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-async def _run(page_ws, script, screenshot):
-    return await cdp(await page_ws(), script, screenshot)
+async def _run(page_ws, scripts, screenshots):
+    return await cdp(await page_ws(), scripts, screenshots)
 
 
 if __name__ == "__main__":

@@ -79,24 +79,26 @@ def _chromium():
         or shutil.which("google-chrome")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.name)
-def test_frontend_loads_the_ui_workflow_without_missing_nodes(comfy_server, path, tmp_path):
-    """The real frontend (headless Chromium) loads the UI file and turns it into exactly the API file."""
+def test_frontend_loads_the_ui_workflows_without_missing_nodes(comfy_server, tmp_path):
+    """The real frontend (headless Chromium) loads each UI file and turns it into exactly its API twin."""
     import subprocess
     chromium = _chromium()
     if chromium is None:
         pytest.skip("no chromium: `apt-get install chromium` (or set CHROMIUM) for the headless frontend check")
+    paths = sorted((REPO / "workflows").glob("*.json"))
     out = tmp_path / "frontend.json"
     res = subprocess.run([str(comfy_server.python), str(Path(__file__).parent / "browser_check.py"), chromium,
-                          str(comfy_server.port), str(path), str(out), str(tmp_path / "screen.png")],
-                         capture_output=True, text=True, timeout=300)
+                          str(comfy_server.port), str(out), str(tmp_path), *map(str, paths)],
+                         capture_output=True, text=True, timeout=120 + 60 * len(paths))
     assert res.returncode == 0, res.stderr[-3000:]
-    seen = json.loads(out.read_text())
-    assert "error" not in seen, seen.get("error")
-    assert seen["missing"] == []
-    assert not [d for d in seen["dialogs"] if "missing" in d.lower()], seen["dialogs"]
-    api = json.loads((REPO / "workflows" / "api" / f"{path.stem}_api.json").read_text())
-    assert seen["output"] == api  # the frontend maps the positional widget values as we meant them
+    report = json.loads(out.read_text())
+    for path in paths:
+        seen = report[path.name]
+        assert "error" not in seen, (path.name, seen.get("error"))
+        assert seen["missing"] == [], path.name
+        assert not [d for d in seen["dialogs"] if "missing" in d.lower()], (path.name, seen["dialogs"])
+        api = json.loads((REPO / "workflows" / "api" / f"{path.stem}_api.json").read_text())
+        assert seen["output"] == api, path.name  # the frontend maps the positional widget values as we meant
 
 
 # ---- runs --------------------------------------------------------------------------------------------------------
