@@ -54,6 +54,7 @@ from ..attention.loss import balance_loss
 from ..attention.router import Router
 from .data import ShardDataset
 from .sp import ParallelLayout, make_exchange
+from .trainer import shift_sigma
 
 MODES = ("routers", "lora", "full")
 ROUTER_INITS = ("auto", "checkpoint", "calibrate", "random")
@@ -134,9 +135,8 @@ def draw(seed: int, step: int, index: int, shape, shift: float) -> tuple[float, 
     """(sigma, noise) of global-batch position `index` at `step`: a CPU generator seeded by all three,
     so the draw does not depend on the rank, the device or on resuming."""
     g = torch.Generator().manual_seed(_seed_of(seed, step, index))
-    u = float(torch.rand((), generator=g, dtype=torch.float64))
-    sigma = shift * u / (1 + (shift - 1) * u)
-    return sigma, torch.randn(tuple(shape), generator=g)
+    u = torch.rand((), generator=g, dtype=torch.float64)
+    return float(shift_sigma(u, shift)), torch.randn(tuple(shape), generator=g)
 
 
 def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
@@ -524,36 +524,35 @@ class WanTrainer:
         return {"settings": s, "data": data, "clips": len(self.data), "world": self.layout.world}
 
     def save_state(self) -> Path | None:
+        """Write OUT/state/step-N/ (the format of moga.train.state: weights.safetensors with the trained
+        tensors, optimizer.safetensors, rng.safetensors, state.json) and point OUT/state/latest at it."""
+        from .state import save_tensors, write_json
         weights, optim = self._full_state()
         if not self.is_main:
             self._barrier()
             return None
-        from safetensors.torch import save_file
         root = self.out / STATE_DIR
         root.mkdir(parents=True, exist_ok=True)
         folder = root / f"step-{self.step:08d}"
         tmp = root / f".tmp-{self.step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "trainable.safetensors"))
-        opt = {}
-        for n, st in optim.items():
-            for k, v in st.items():
-                v = v if torch.is_tensor(v) else torch.tensor(float(v))
-                opt[f"{n}::{k}"] = v.detach().float().cpu().contiguous()
-        save_file(opt, str(tmp / "optimizer.safetensors"))
+        save_tensors(tmp / "weights.safetensors", weights)
+        # moga.train.state's optimizer naming: "{field}/{parameter name}"
+        save_tensors(tmp / "optimizer.safetensors",
+                     {f"{k}/{n}": (v if torch.is_tensor(v) else torch.tensor(float(v))).detach().cpu()
+                      for n, st in optim.items() for k, v in st.items()})
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and self.model.device.type == "cuda":
+        if self.model.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.model.device)
-        save_file(rng, str(tmp / "rng.safetensors"))
-        meta = dict(step=self.step, routers_init=self.routers_init, **self._fingerprint(),
-                    history=[h.to_json() for h in self.history[-1:]])
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        save_tensors(tmp / "rng.safetensors", rng)
+        write_json(tmp / "state.json", dict(step=self.step, routers_init=self.routers_init,
+                                            **self._fingerprint(),
+                                            history=[h.to_json() for h in self.history[-1:]]))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-        latest = root / "latest"
-        (root / "latest.tmp").write_text(folder.name, encoding="utf-8")
-        os.replace(root / "latest.tmp", latest)
+        (root / "latest.part").write_text(folder.name, encoding="utf-8")
+        os.replace(root / "latest.part", root / "latest")
         for old in sorted(root.glob("step-*"))[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
         self._barrier()
@@ -574,8 +573,8 @@ class WanTrainer:
         folder = self._latest_state()
         if folder is None:
             return
-        from safetensors.torch import load_file
-        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        from .state import load_tensors, read_json
+        meta = read_json(folder / "state.json")
         mine = self._fingerprint()
         for key in ("data", "clips"):
             if meta.get(key) != mine[key]:
@@ -587,17 +586,16 @@ class WanTrainer:
             what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{self.out} holds a run with other settings ({what}): use the same settings "
                              f"to resume, or a new --out")
-        weights = load_file(str(folder / "trainable.safetensors"))
+        weights = load_tensors(folder / "weights.safetensors")
         missing = [n for n in self.trainable if n not in weights]
         if missing:
             raise ValueError(f"the saved state lacks {missing[:3]}: it belongs to another run")
-        opt = load_file(str(folder / "optimizer.safetensors"))
         state: dict[str, dict] = {}
-        for key, v in opt.items():
-            n, k = key.split("::")
+        for key, v in load_tensors(folder / "optimizer.safetensors").items():
+            k, _, n = key.partition("/")
             state.setdefault(n, {})[k] = v
         self._load_full_state(weights, state)
-        rng = load_file(str(folder / "rng.safetensors"))
+        rng = load_tensors(folder / "rng.safetensors")
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.model.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.model.device)
@@ -680,11 +678,11 @@ class WanTrainer:
             from safetensors.torch import save_file
             from .lora import COMFY_PREFIX
             sd = {}
-            alpha = torch.tensor(float(self.s.lora_rank if self.s.lora_alpha is None else self.s.lora_alpha))
+            alpha = float(self.s.lora_rank if self.s.lora_alpha is None else self.s.lora_alpha)
             for mod, (down, up) in lora.items():
                 sd[f"{COMFY_PREFIX}{mod}.lora_down.weight"] = down.float().contiguous()
                 sd[f"{COMFY_PREFIX}{mod}.lora_up.weight"] = up.float().contiguous()
-                sd[f"{COMFY_PREFIX}{mod}.alpha"] = alpha
+                sd[f"{COMFY_PREFIX}{mod}.alpha"] = torch.tensor(alpha)
             save_file(sd, str(path.parent / LORA_NAME),
                       metadata={"moga.train": meta["moga.train"], "moga.base": Path(self.source).name})
         src.close()
