@@ -231,6 +231,8 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int = 
         steps run with `moga.replace(dense=True)`; `dense_layers` run dense at every step.
     callback(step, total, latent): after every step, step counted from 1. cancel(): checked before every
         model call; True raises `Cancelled` (so a run stops within one model evaluation).
+    device: where the latent lives (default: the model's). dtype: cast the text embeddings to it (default:
+        as given; the model casts them to its compute dtype). The latent stays float32 throughout.
     return_result: return a `SampleResult` (latent, shot boundaries, timings) instead of the tensor.
     """
     if solver not in SOLVERS:
@@ -251,8 +253,6 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int = 
     if device is None:
         device = first_param.device if first_param is not None else torch.device("cpu")
     device = torch.device(device)
-    if dtype is None:
-        dtype = first_param.dtype if first_param is not None else torch.float32
     if channels is None:
         config = getattr(model, "config", None)
         channels = getattr(config, "in_dim", 16)
@@ -263,8 +263,9 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int = 
     dense_cfg = base_cfg.replace(dense=True) if n_dense else None
     dense_layers = tuple(dense_layers)
 
-    positive = [p.to(device=device, dtype=dtype) for p in positive]
-    neg = negative.to(device=device, dtype=dtype) if (negative is not None and cfg != 1.0) else None
+    # text embeddings move once; the model casts them to its compute dtype (or to `dtype` if given)
+    positive = [p.to(device=device, dtype=dtype or p.dtype) for p in positive]
+    neg = negative.to(device=device, dtype=dtype or negative.dtype) if (negative is not None and cfg != 1.0) else None
 
     schedule = make_schedule(steps, shift)
     stepper = make_solver(solver, schedule)
@@ -281,7 +282,7 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int = 
         check_cancel()
         run_cfg = dense_cfg if i < n_dense else base_cfg
         t = torch.full((1,), schedule.timesteps[i], device=device, dtype=torch.float32)
-        xin = x.to(dtype)
+        xin = x  # float32: the model embeds it in float32 (an fp8/bf16 cast here would lose precision)
         kwargs = dict(shot_frames=shot_frames, moga=run_cfg, dense_layers=dense_layers, parallel=parallel)
         v = model(xin, t, positive, **kwargs).float()
         if neg is not None:
