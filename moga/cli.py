@@ -128,6 +128,10 @@ def _add_forward(sub, name: str, module: str, help_text: str):
     p = sub.add_parser(name, help=help_text, add_help=False)
     p.add_argument("argv", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda args: _run_module(module, args.argv))
+    _FORWARDS[name] = module
+
+
+_FORWARDS: dict[str, str] = {}  # forwarded command -> module (filled by build_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -460,7 +464,11 @@ def cmd_demo(args) -> int:
 # ---- entry -------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _FORWARDS:  # the module parses its own options, --help included
+        args = argparse.Namespace(func=lambda a: _run_module(_FORWARDS[argv[0]], argv[1:]))
+    else:
+        args = parser.parse_args(argv)
     from .sampling import Cancelled  # after parsing: `--help` never imports torch
     from .wan_io import MissingExtra
     try:

@@ -317,3 +317,14 @@ def test_missing_checkpoint_for_info_and_patch(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["patch", str(tmp_path / "none.safetensors"), str(tmp_path / "o.safetensors"), "--groups", "2"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_forwarded_commands_get_their_own_options(capsys):
+    import importlib.util
+    if importlib.util.find_spec("moga.train") is None:
+        pytest.skip("moga.train is not in this copy")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])  # the module's own --help, not the top parser's
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "moga.train" in out and "COMMAND ..." not in out
