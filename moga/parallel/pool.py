@@ -190,9 +190,9 @@ class WorkerPool:
         if len(set(cuda)) != len(cuda):
             raise ValueError(f"each GPU can hold one worker, got {devices}")
         path = Path(checkpoint).expanduser().resolve()
-        if not path.is_file():
+        if not path.exists():
             raise ValueError(f"checkpoint {str(checkpoint)!r} does not exist: pass the path of a "
-                             f".safetensors file")
+                             f".safetensors file (or a diffusers folder)")
         self.devices = devices
         self.checkpoint = str(path)
         self.settings = _canonical_settings(settings)
