@@ -158,3 +158,34 @@ def test_get_pool_reuses_and_replaces(checkpoint):
     release_pool()
     assert get_pool(DEVICES, checkpoint, {"dtype": "bfloat16"}) is not b
     release_pool()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan may wait a moment for its new parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in fh)
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_exit_when_the_host_dies(checkpoint):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    host = ("import os, sys\n"
+            "from moga.parallel import WorkerPool\n"
+            "pool = WorkerPool(['cpu', 'cpu'], sys.argv[1], {'threads': 1}, start_timeout=60)\n"
+            "pool.start()\n"
+            "print(*pool.pids, flush=True)\n"
+            "os._exit(1)  # a crash: no close(), no atexit\n")
+    root = str(Path(__file__).resolve().parents[1])
+    res = subprocess.run([sys.executable, "-c", host, str(checkpoint)], capture_output=True, text=True,
+                         timeout=90, env=dict(os.environ, PYTHONPATH=root))
+    pids = [int(p) for p in res.stdout.split()]
+    assert len(pids) == 2, res.stdout + res.stderr
+    deadline = time.monotonic() + 10
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(p) for p in pids), "orphaned workers must exit by themselves"
