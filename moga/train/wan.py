@@ -322,8 +322,7 @@ class WanTrainer:
         if s.fsdp:
             self._apply_fsdp()
         self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=s.lr, betas=s.betas,
-                                           weight_decay=s.weight_decay, eps=1e-8,
-                                           foreach=False)  # same maths on every device
+                                           weight_decay=s.weight_decay, eps=1e-8)
         self._resume()
 
     def _check_data(self) -> None:
