@@ -373,6 +373,7 @@ def test_command_line_trains_and_writes_a_moga_checkpoint(world, tmp_path, capsy
     assert info.moga["num_groups"] == 3 and info.moga["fusion"] == "mean" and info.layout == "comfyui"
     rec = json.loads(info.metadata["moga.train"])
     assert rec["routers_init"] == "calibrate" and rec["steps"] == 2
+    assert "trained:    routers fine-tune, 2 steps" in str(info)     # what `moga info` prints
     assert (out / "state" / "latest").is_file()
     assert main(["wan", "--model", str(world["ckpt"]), "--data", str(tmp_path), "--out", str(out)]) == 2
     assert "no index.json" in capsys.readouterr().err
