@@ -36,11 +36,30 @@ def _train(ckpt, shards, out, **kw):
     return {k: v.numpy().copy() for k, v in weights.items()}, [h.loss for h in tr.history]
 
 
+def _fsdp_resume(ckpt, shards, out):
+    """FSDP + SP: stop after one step, resume in a new trainer, finish; export the checkpoint."""
+    kw = dict(CONFIGS[2][1], dtype="float32", save_every=0)
+    make = lambda: WanTrainer.from_checkpoint(ckpt, D.ShardDataset(shards), TrainSettings(**kw), out,  # noqa: E731
+                                              device="cpu", progress=False, log=None)
+    make().run(stop_after=1)
+    tr = make()
+    resumed_at = tr.step
+    tr.run()
+    weights, _ = tr._full_state()
+    path = tr.export()
+    return resumed_at, {k: v.numpy().copy() for k, v in weights.items()}, None if path is None else str(path)
+
+
 def _rank(exchange, ckpt, shards, root):
     import torch.distributed as dist
     torch.set_num_threads(1)
     rank = dist.get_rank()
-    return [_train(ckpt, shards, f"{root}/{i}-rank{rank}", **kw) for i, (_, kw) in enumerate(CONFIGS)]
+    out = [_train(ckpt, shards, f"{root}/{i}-rank{rank}", **kw) for i, (_, kw) in enumerate(CONFIGS)]
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(f"{root}/resume", ignore_errors=True)
+    dist.barrier()
+    return out, _fsdp_resume(ckpt, shards, f"{root}/resume")
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +82,24 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("which", range(len(CONFIGS)), ids=[c[0] for c in CONFIGS])
 def test_two_ranks_match_one_process(runs, which):
     single, ranks = runs
-    (w1, loss1), (w2, loss2) = single[which], ranks[0][which]
+    (w1, loss1), (w2, loss2) = single[which], ranks[0][0][which]
     assert set(w1) == set(w2) and w1
     for k in w1:
         np.testing.assert_allclose(w2[k], w1[k], atol=5e-6, rtol=1e-5, err_msg=k)
     np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
     if not CONFIGS[which][1].get("fsdp"):   # both ranks hold the same weights
-        other, _ = ranks[1][which]
+        other, _ = ranks[1][0][which]
         for k in w1:
             np.testing.assert_array_equal(other[k], w2[k], err_msg=k)
+
+
+def test_fsdp_run_resumes_exactly_and_exports(runs):
+    from moga.checkpoint import inspect_checkpoint
+    _, ranks = runs
+    resumed_at, weights, path = ranks[0][1]
+    whole, _ = ranks[0][0][2]
+    assert resumed_at == 1 and ranks[1][1][2] is None       # rank 0 writes the checkpoint
+    for k in whole:
+        np.testing.assert_array_equal(weights[k], whole[k], err_msg=k)
+    info = inspect_checkpoint(path)
+    assert info.moga["fusion"] == "mean" and '"fsdp":true' in info.metadata["moga.train"]
