@@ -29,7 +29,14 @@ class WorldData:
         stories = self.stories(index, size)
         video = render_batch(stories, device)
         codec_dtype = next(self.codec.parameters()).dtype
-        latent = self.codec.encode_shots(video.to(codec_dtype), stories[0].shot_frames).float()
+        shots, frames = len(stories[0].shots), stories[0].shot_frames
+        if len(set(frames)) == 1:  # every shot coded alone, all in one batch
+            b, c, _, h, w = video.shape
+            clips = video.view(b, c, shots, frames[0], h, w).transpose(1, 2).reshape(b * shots, c, frames[0], h, w)
+            z = self.codec.encode(clips.to(codec_dtype)).float()
+            latent = z.view(b, shots, *z.shape[1:]).transpose(1, 2).reshape(b, z.shape[1], -1, *z.shape[-2:])
+        else:
+            latent = self.codec.encode_shots(video.to(codec_dtype), frames).float()
         latent_frames = tuple((f - 1) // self.codec.temporal_ratio + 1 for f in stories[0].shot_frames)
         captions = [[s.captions[k] for s in stories] for k in range(len(stories[0].shots))]
         return Batch(latent=latent, shot_frames=latent_frames, captions=captions)

@@ -2,8 +2,9 @@
 
 Per frame: the background is the median colour of the frame's border; the object is every pixel far
 from it (cleaned by a 3x3 opening); its colour is the nearest palette colour to the mean of its
-inner pixels; its shape comes from the fill ratio of its bounding box (square 1.0, circle pi/4,
-triangle 0.5); its size from the box width; its position is the mask's centroid.
+inner pixels; its shape from two cues of its bounding box that survive blur (a
+triangle's centroid sits low in its box; a square fills the box's corners, a circle does not); its
+size from the box's shorter side; its position is the mask's centroid.
 Per shot: colour / shape / size / background by vote over frames, the direction of motion from a
 line fitted to the centroid track, smoothness as the share of frame-to-frame steps that stay close
 to that line's constant velocity. Across shots: a shot that says "it" must show the same detected
@@ -25,7 +26,8 @@ from .world import BACKGROUNDS, COLOURS, DIRECTIONS, SIZES, Story
 OBJECT_DISTANCE = 60.0     # RGB distance (0-255) from the background that makes a pixel "object"
 MIN_AREA_FRACTION = 0.002  # fewer object pixels than this share of the frame: nothing detected
 MIN_TRAVEL = 0.10          # a shot must move at least this share of the side to have a direction
-SHAPE_EDGES = (0.64, 0.89)  # fill-ratio boundaries triangle | circle | square
+ASYM_TRIANGLE = 0.05       # centroid below the box centre by this share of its height: a triangle
+CORNERS_SQUARE = 0.5       # corner patches fuller than this: a square
 
 METRICS = ("colour", "shape", "size", "direction", "background", "consistency", "smoothness", "detected")
 
@@ -35,8 +37,10 @@ class FrameReading:
     detected: bool
     background: tuple[float, float, float]
     colour: str | None = None
-    fill: float = 0.0
-    half_width: float = 0.0          # fraction of the side
+    fill: float = 0.0                # mask area / bounding-box area
+    half_width: float = 0.0          # half the box's shorter side, fraction of the side
+    asym: float = 0.0                # (centroid - box centre) / box height: an upright triangle ~ +1/6
+    corners: float = 0.0             # filled share of the box's four corner patches: square ~1, circle ~0.3
     centroid: tuple[float, float] | None = None  # pixels (x, y)
 
 
@@ -110,16 +114,26 @@ def read_frames(video: torch.Tensor) -> list[FrameReading]:
         if int(area[i]) < MIN_AREA_FRACTION * h * w:
             readings.append(FrameReading(False, bgi))
             continue
+        x0 = int(torch.where(cols[i], idx_w, w).amin())
+        y0 = int(torch.where(rows[i], idx_h, h).amin())
+        bwi, bhi = int(bw[i]), int(bh[i])
+        pw, ph = max(bwi // 4, 1), max(bhi // 4, 1)
+        box = m[i, y0:y0 + bhi, x0:x0 + bwi].float()
+        corners = (box[:ph, :pw].mean() + box[:ph, -pw:].mean() + box[-ph:, :pw].mean()
+                   + box[-ph:, -pw:].mean()) / 4
         readings.append(FrameReading(
-            True, bgi, _nearest(rgb[i], COLOURS), float(area[i]) / float(bw[i] * bh[i]),
-            0.5 * float(bw[i]) / w, (float(cx[i]), float(cy[i]))))
+            True, bgi, _nearest(rgb[i], COLOURS), float(area[i]) / float(bwi * bhi),
+            0.5 * min(bwi, bhi) / w, centroid=(float(cx[i]), float(cy[i])),
+            asym=(float(cy[i]) - (y0 + 0.5 * bhi)) / bhi, corners=float(corners)))
     return readings
 
 
-def shape_of_fill(fill: float) -> str:
-    if fill < SHAPE_EDGES[0]:
+def shape_of(asym: float, corners: float) -> str:
+    """Upright triangles are bottom-heavy; squares fill their box's corners, circles do not.
+    Both cues survive blur and motion smear, which a plain fill ratio does not."""
+    if asym > ASYM_TRIANGLE:
         return "triangle"
-    return "circle" if fill < SHAPE_EDGES[1] else "square"
+    return "square" if corners > CORNERS_SQUARE else "circle"
 
 
 def size_of_half_width(half: float) -> str:
@@ -178,9 +192,9 @@ def score_story(video: torch.Tensor, story: Story) -> list[ShotScore]:
                       BACKGROUNDS)
         if seen:
             colour = Counter(r.colour for _, r in seen).most_common(1)[0][0]
-            fill = float(torch.tensor([r.fill for _, r in seen]).median())
-            half = float(torch.tensor([r.half_width for _, r in seen]).median())
-            shape, size = shape_of_fill(fill), size_of_half_width(half)
+            med = lambda a: float(torch.tensor([getattr(r, a) for _, r in seen]).median())  # noqa: E731
+            fill, half = med("fill"), med("half_width")
+            shape, size = shape_of(med("asym"), med("corners")), size_of_half_width(half)
             track = torch.tensor([(i, *r.centroid) for i, r in seen], dtype=torch.float32)
             direction, vel = _direction(track, side)
             smooth = _smoothness(track, vel, shot.frames)
@@ -189,7 +203,9 @@ def score_story(video: torch.Tensor, story: Story) -> list[ShotScore]:
             fill = half = 0.0
             smooth = 0.0
         found = {"colour": colour, "shape": shape, "size": size, "direction": direction,
-                 "background": bg, "fill": round(fill, 3), "half_width": round(half, 4)}
+                 "background": bg, "fill": round(fill, 3), "half_width": round(half, 4),
+                 "asym": round(med("asym"), 3) if seen else 0.0,
+                 "corners": round(med("corners"), 3) if seen else 0.0}
         consistency = None
         if not shot.new and k > 0:
             prev = scores[-1].found

@@ -26,7 +26,7 @@ EXTRAS_NAME = "demo"
 MAX_FILE_BYTES = 25 * 2 ** 20
 
 TEXT = dict(dim=128, layers=2, heads=4, max_len=16)
-CODEC = dict(latent_channels=16, hidden=128, blocks=2)
+CODEC = dict(latent_channels=16, hidden=160, blocks=3)
 DIT = dict(dim=256, ffn_dim=1024, num_heads=4, num_layers=6, in_dim=16, out_dim=16, freq_dim=256)
 NUM_GROUPS = 8
 MOGA = MoGAConfig(num_groups=NUM_GROUPS, window=(0, 2, 2), context_frames=1, fusion="mean")

@@ -41,8 +41,8 @@ def object_weight(video: torch.Tensor, boost: float = 9.0) -> torch.Tensor:
     return 1.0 + boost * ((video - corner).abs().sum(1, keepdim=True) > 0.05).float()
 
 
-def train_codec(steps: int = 1500, batch: int = 16, lr: float = 1e-3, seed: int = 0, device="cpu",
-                latent_noise: float = 0.1, log=print, config: dict | None = None,
+def train_codec(steps: int = 1500, batch: int = 16, lr: float = 1.5e-3, seed: int = 0, device="cpu",
+                latent_noise: float = 0.05, log=print, config: dict | None = None,
                 time_limit: float | None = None) -> DemoCodec:
     """Train the autoencoder on world clips; latent noise (relative to the latents' spread) makes the
     decoder forgiving of the small errors a diffusion model leaves. Then measure the latent statistics."""
@@ -261,10 +261,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--shift", type=float, default=3.0, help="timestep shift of the training sigmas")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0: off)")
+    p.add_argument("--ema", type=float, default=0.995, help="EMA decay (0: off)")
     p.add_argument("--compute-dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dense", action="store_true", help="train the dense-attention baseline (no routers)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from functools import lru_cache
 import re
 from dataclasses import dataclass, field
 from itertools import product
@@ -158,8 +159,18 @@ ALL_TUPLES = [(Thing(c, s, z), d, b) for z, c, s, d, b in
               product(SIZES, COLOURS, SHAPES, DIRECTIONS, BACKGROUNDS)]
 
 
+@lru_cache(maxsize=1)
+def _held_out() -> tuple[tuple[Thing, str, str], ...]:
+    return tuple(t for t in ALL_TUPLES if is_held_out(*t))
+
+
+@lru_cache(maxsize=None)
+def _held_out_key(thing: Thing, direction: str, background: str) -> bool:
+    return is_held_out(thing, direction, background)
+
+
 def held_out_tuples() -> list[tuple[Thing, str, str]]:
-    return [t for t in ALL_TUPLES if is_held_out(*t)]
+    return list(_held_out())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +212,8 @@ def sample_story(seed: int, num_shots: int = 4, split: str = "train", p_new: flo
         raise ValueError(f"num_shots must be >= 1, got {num_shots}")
     rng = random.Random(f"moga-demo-story:{seed}:{split}")
     shots: list[ShotSpec] = []
-    held = held_out_tuples()
+    held = _held_out()
+    colours, sizes, directions, backgrounds = list(COLOURS), list(SIZES), list(DIRECTIONS), list(BACKGROUNDS)
     for i in range(num_shots):
         while True:
             if i == 0 and split == "heldout":
@@ -210,14 +222,14 @@ def sample_story(seed: int, num_shots: int = 4, split: str = "train", p_new: flo
             else:
                 new = i == 0 or rng.random() < p_new
                 if new:
-                    thing = Thing(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES)))
+                    thing = Thing(rng.choice(colours), rng.choice(SHAPES), rng.choice(sizes))
                     if i > 0 and thing == shots[-1].thing:
                         continue
                 else:
                     thing = shots[-1].thing
-                direction = rng.choice(list(DIRECTIONS))
-                background = rng.choice(list(BACKGROUNDS))
-                if split == "train" and is_held_out(thing, direction, background):
+                direction = rng.choice(directions)
+                background = rng.choice(backgrounds)
+                if split == "train" and _held_out_key(thing, direction, background):
                     continue
             break
         shots.append(_shot(rng, thing, direction, background, new, shot_frames))
@@ -288,6 +300,10 @@ def _rgb(name_table: dict, name: str) -> torch.Tensor:
     return torch.tensor(name_table[name], dtype=torch.float32) / 127.5 - 1.0
 
 
+_RGB_BG = {k: [c / 127.5 - 1.0 for c in v] for k, v in BACKGROUNDS.items()}
+_RGB_FG = {k: [c / 127.5 - 1.0 for c in v] for k, v in COLOURS.items()}
+
+
 def _coverage(shape: str, px: torch.Tensor, py: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
               r: float) -> torch.Tensor:
     """Anti-aliased coverage in [0, 1] from an (approximate) signed distance, in pixels."""
@@ -329,19 +345,26 @@ def render_batch(stories: list[Story], device="cpu") -> torch.Tensor:
         return torch.stack([render_story(s, device) for s in stories])
     shots = [sh for s in stories for sh in s.shots]
     t = shot_frames[0]
-    centres = torch.stack([sh.centres() for sh in shots]).float() * size        # [n, T, 2]
-    cx = centres[:, :, 0].to(device).view(-1, t, 1, 1)
-    cy = centres[:, :, 1].to(device).view(-1, t, 1, 1)
-    r = torch.tensor([SIZES[sh.thing.size] * size for sh in shots], device=device).view(-1, 1, 1, 1)
-    kind = torch.tensor([SHAPES.index(sh.thing.shape) for sh in shots], device=device).view(-1, 1, 1, 1)
+    # one [n, 12] table of every shot's numbers, moved to the device in one copy
+    rows = [[sh.start[0], sh.start[1], DIRECTIONS[sh.direction][0] * sh.travel,
+             DIRECTIONS[sh.direction][1] * sh.travel, SIZES[sh.thing.size] * size,
+             float(SHAPES.index(sh.thing.shape)), *_RGB_BG[sh.background], *_RGB_FG[sh.thing.colour]]
+            for sh in shots]
+    table = torch.tensor(rows, dtype=torch.float64).to(device)
+    steps = torch.linspace(0.0, 1.0, t, dtype=torch.float64, device=device) if t > 1 \
+        else torch.zeros(1, dtype=torch.float64, device=device)
+    cx = ((table[:, 0:1] + table[:, 2:3] * steps) * size).float().view(-1, t, 1, 1)
+    cy = ((table[:, 1:2] + table[:, 3:4] * steps) * size).float().view(-1, t, 1, 1)
+    r = table[:, 4].float().view(-1, 1, 1, 1)
+    kind = table[:, 5].round().long().view(-1, 1, 1, 1)
     axis = torch.arange(size, device=device, dtype=torch.float32) + 0.5
     dx, dy = axis.view(1, 1, 1, size) - cx, axis.view(1, 1, size, 1) - cy            # [n, T, S, S]
     d = torch.where(kind == 0, torch.sqrt(dx * dx + dy * dy) - r,
                     torch.where(kind == 1, torch.maximum(dx.abs(), dy.abs()) - r,
                                 torch.maximum(dy - r, (2.0 * dx.abs() - (dy + r)) / 5 ** 0.5)))
     cov = (0.5 - d).clamp(0.0, 1.0).unsqueeze(1)                                       # [n, 1, T, S, S]
-    bg = torch.stack([_rgb(BACKGROUNDS, sh.background) for sh in shots]).to(device).view(-1, 3, 1, 1, 1)
-    fg = torch.stack([_rgb(COLOURS, sh.thing.colour) for sh in shots]).to(device).view(-1, 3, 1, 1, 1)
+    bg = table[:, 6:9].float().view(-1, 3, 1, 1, 1)
+    fg = table[:, 9:12].float().view(-1, 3, 1, 1, 1)
     video = bg + (fg - bg) * cov                                                        # [n, 3, T, S, S]
     n = len(stories[0].shots)
     return video.view(len(stories), n, 3, t, size, size).transpose(1, 2).reshape(len(stories), 3, n * t, size, size)

@@ -130,8 +130,10 @@ class Trainer:
         progress = min(max(step - c.warmup, 0) / span, 1.0)
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def _generator(self, step: int, stream: int) -> torch.Generator:
-        g = torch.Generator(device="cpu")
+    def _generator(self, step: int, stream: int, device="cpu") -> torch.Generator:
+        """Seeded by (seed, step, stream). Draws on the training device (no host copy, no sync):
+        reproducible and resumable on one kind of device."""
+        g = torch.Generator(device=device)
         g.manual_seed((self.config.seed * 1_000_003 + step) * 7 + stream)
         return g
 
@@ -148,25 +150,24 @@ class Trainer:
         if batch.captions is None or encoder is None:
             raise ValueError("a batch needs `context` tensors, or `captions` and a trainable "
                              "modules['text_encoder'] with encode_batch()")
-        out = []
-        for shot in batch.captions:
-            texts = ["" if d else c for c, d in zip(shot, drop.tolist())]
-            out.append(encoder.encode_batch(texts).to(self.device))
-        return out
+        dropped = drop.tolist()
+        texts = ["" if d else c for shot in batch.captions for c, d in zip(shot, dropped)]
+        return list(encoder.encode_batch(texts).to(self.device).split(b))  # one pass for all shots
 
     def losses(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
         c = self.config
         x0 = batch.latent.to(self.device, torch.float32)
         b = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=self._generator(step, 2)).to(self.device)
-        u = torch.rand(b, generator=self._generator(step, 3), dtype=torch.float64)
-        s = shift_sigma(u, c.shift).float().to(self.device)
+        dev = self.device
+        noise = torch.randn(x0.shape, generator=self._generator(step, 2, dev), device=dev)
+        u = torch.rand(b, generator=self._generator(step, 3, dev), dtype=torch.float64, device=dev)
+        s = shift_sigma(u, c.shift).float()
         view = (b,) + (1,) * (x0.dim() - 1)
         xt = (1 - s.view(view)) * x0 + s.view(view) * noise
         context = self.conditioning(batch, step)
         pred = self.model(xt, s * 1000.0, context, shot_frames=batch.shot_frames, moga=self.moga)
         flow = F.mse_loss(pred.float(), noise - x0)
-        stats = {"flow": float(flow.detach())}
+        stats = {"flow": flow.detach()}  # tensors: read on the host only when logged (no sync per step)
         loss = flow
         routed = [layer.last_routing for layer in self._routers if layer.last_routing is not None]
         if routed and c.balance_weight > 0:
@@ -175,14 +176,14 @@ class Trainer:
                 m = r.probs.shape[-1]
                 terms.append(balance_loss(r.probs, r.group_ids, m, c.balance_weight, c.balance_form))
                 share = torch.bincount(r.group_ids.reshape(-1), minlength=m).float() / r.group_ids.numel()
-                top.append(float(share.max()) * m)
+                top.append(share.max() * m)
             bal = torch.stack(terms).mean()
             loss = loss + bal
-            stats["balance"] = float(bal.detach())
-            stats["group_max"] = sum(top) / len(top)  # largest group's share x M (1 = balanced)
+            stats["balance"] = bal.detach()
+            stats["group_max"] = torch.stack(top).mean()  # largest group's share x M (1 = balanced)
         for layer in self._routers:
             layer.last_routing = None
-        stats["loss"] = float(loss.detach())
+        stats["loss"] = loss.detach()
         return loss, stats
 
     def train_step(self) -> dict:
@@ -198,7 +199,7 @@ class Trainer:
         loss.backward()
         params = list(self.params.values())
         if self.config.grad_clip > 0:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip))
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip).detach()
         self.optimizer.step()
         if self.ema is not None:
             d = min(self.config.ema_decay, (1 + step) / (10 + step))
@@ -226,7 +227,9 @@ class Trainer:
             stats = self.train_step()
             acc.append(stats)
             if self.step % self.config.log_every == 0 or self.step == until:
-                row = {k: sum(a[k] for a in acc if k in a) / sum(1 for a in acc if k in a)
+                row = {k: float(torch.stack([torch.as_tensor(a[k], dtype=torch.float64, device="cpu")
+                                             if not torch.is_tensor(a[k]) else a[k].double().cpu()
+                                             for a in acc if k in a]).mean())
                        for k in acc[-1] if k not in ("step",)}
                 row["step"] = self.step
                 row["seconds"] = round(self.seconds + time.perf_counter() - start, 2)
