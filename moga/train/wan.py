@@ -28,8 +28,10 @@ input's dtype, and metadata `moga.fusion = mean` (trained routers) plus `moga.tr
 the run). `--lora-output separate` keeps the base weights and writes `OUT/lora.safetensors`
 (ComfyUI's LoRA key names) instead of merging.
 
-This module has its own loop; it will share the generic trainer of `moga.train` (the demo model's)
-where that fits (see docs/training.md).
+Shared with the demo model's generic trainer (moga.train.trainer): the objective (`shift_sigma`, the
+balance loss) and the on-disk state format (moga.train.state). Its own loop adds what a Wan checkpoint
+needs: clips of different shapes (one per forward, gradient accumulation), frozen bf16 weights beside
+float32 trained ones, LoRA, sequence/data parallel, FSDP, and the MoGA checkpoint export.
 """
 from __future__ import annotations
 
