@@ -35,6 +35,7 @@ from moga.parallel.group import run_on_ranks  # noqa: E402
 
 CONFIGS = {
     "1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "tiny": dict(dim=96, ffn_dim=192, num_heads=6, num_layers=2, text_dim=32, freq_dim=32),
 }
 FRAME = (30, 52)   # tokens of one 480p latent frame (832x480 / 16)
@@ -123,6 +124,13 @@ def _rank(ex, opts):
     def peak():
         return torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
+    from moga.parallel.ulysses import UlyssesExchange
+
+    subgroups = []
+    for q in opts.get("also", []):
+        group = dist.new_group(list(range(q)))  # every rank must call new_group
+        subgroups.append((q, UlyssesExchange(group) if rank < q else None))
+
     for n in opts["tokens"]:
         frames, shots = layout_for(n, frame)
         g = torch.Generator().manual_seed(1)  # same input on every rank and for both runs
@@ -140,6 +148,19 @@ def _rank(ex, opts):
                 v1 = v1.float().cpu()
                 torch.cuda.empty_cache() if cuda else None
             dist.barrier()
+            # intermediate GPU counts (e.g. 2 of 4): a sub-group of the first q ranks, the rest wait
+            for q, sub in subgroups:
+                if rank < q:
+                    peak_reset()
+                    step(x, t, ctx, shots, sub)  # warm-up
+                    vq, times_q = timed(x, t, ctx, shots, sub, opts["repeats"])
+                    if rank == 0:
+                        vq = vq.float().cpu()
+                        rec[f"s_per_step_{q}"] = statistics.median(times_q)
+                        rec[f"peak_gib_{q}"] = peak()
+                        rec[f"rel_err_{q}"] = float((vq - v1).norm() / v1.norm())
+                    del vq
+                dist.barrier()
             # P GPUs
             peak_reset()
             step(x, t, ctx, shots, ex)  # warm-up
@@ -183,6 +204,9 @@ def _row(r, p):
     if "error" in r:
         return f"| {r['tokens']:,} | {r['error']} |"
     pk = " / ".join(f"{g:.1f}" for g in r["peak_gib_p"])
+    for key in sorted(k for k in r if k.startswith("s_per_step_") and k[11:].isdigit() and k[11:] not in ("1",)):
+        q = key[11:]
+        pk += f" (x{q}: {r[key]:.3f} s/step, {r['s_per_step_1'] / r[key]:.2f}x, {r[f'peak_gib_{q}']:.1f} GiB)"
     return (f"| {r['tokens']:,} | {r['s_per_step_1']:.3f} | {r['s_per_step_p']:.3f} | {r['speedup']:.2f}x | "
             f"{r['peak_gib_1']:.1f} | {pk} | {100 * r['comm_share']:.1f}% | {r['rel_err']:.2e} |")
 
@@ -191,6 +215,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="65536,262144")
     ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--also", default="", help="intermediate GPU counts to time in the same run, e.g. '2'")
+    ap.add_argument("--model", default="1.3B", choices=sorted(k for k in CONFIGS if k != "tiny"))
     ap.add_argument("--groups", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=540, help="seconds for the whole run")
@@ -199,8 +225,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny config on 2 CPU ranks (gloo)")
     args = ap.parse_args()
 
-    opts = dict(model="1.3B", tokens=[int(t) for t in args.tokens.split(",")], groups=args.groups,
-                repeats=args.repeats, frame=FRAME, smoke=args.smoke, partial=args.partial)
+    opts = dict(model=args.model, tokens=[int(t) for t in args.tokens.split(",")], groups=args.groups,
+                repeats=args.repeats, frame=FRAME,
+                also=[int(q) for q in args.also.split(",") if q], smoke=args.smoke, partial=args.partial)
     devices = [f"cuda:{i}" for i in range(args.gpus)]
     if args.smoke:
         opts.update(model="tiny", tokens=[60, 250], frame=(5, 6))
