@@ -230,7 +230,8 @@ def measure(args, tmp: Path, argv) -> dict:
         saved = load_file(str(cache))
         ref_latents = [saved[str(i)] for i in range(len(stories))]
     else:
-        base, ref_latents = run_variant(dense, stories, sampling, evaluate, seed=args.seed)
+        base, ref_latents = run_variant(dense, stories, sampling, evaluate, seed=args.seed,
+                                        moga=dense.moga_config.replace(dense=True))   # routers or not: dense
         rows["dense"] = {"variant": "dense", "groups": None, "fusion": None, "warmup": None, **base}
         from safetensors.torch import save_file
         save_file({str(i): t.contiguous() for i, t in enumerate(ref_latents)}, str(cache))
