@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--only", default="moga,dense", help="which models to train")
+    p.add_argument("--init-dir", default=None, help="continue from INIT_DIR/NAME.safetensors (and its codec)")
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--lr", type=float, default=6e-4)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,6 +54,8 @@ def main(argv=None) -> int:
     from .training import codec_quality, save_codec, train_codec
 
     codec_path = out / "codec.safetensors"
+    if args.init_dir:
+        codec_path = Path(args.init_dir) / "moga.safetensors"  # a demo file: its vae.* is the codec
     if not codec_path.exists():
         cfg = dict(CODEC, hidden=16, blocks=1) if args.tiny else None
         codec = train_codec(args.codec_steps, args.codec_batch, seed=args.seed, device=args.device, log=say,
@@ -69,7 +74,10 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "moga.train", "demo", "--out", str(out / name), "--device", args.device,
                "--codec", str(codec_path), "--batch", str(args.batch), "--seed", str(args.seed),
                "--time-limit", str(args.train_seconds), "--auto-steps", "--sync-dir", str(out / "sync"),
-               "--sync-name", name, "--sync-peers", ",".join(names), "--log-every", "50"]
+               "--sync-name", name, "--sync-peers", ",".join(names), "--log-every", "50",
+               "--warmup", str(args.warmup), "--lr", str(args.lr)]
+        if args.init_dir:
+            cmd += ["--init", str(Path(args.init_dir) / f"{name}.safetensors")]
         if name == "dense":
             cmd.append("--dense")
         if args.tiny:

@@ -178,7 +178,10 @@ def train_demo(args) -> dict:
                          seed=args.seed, ema_decay=args.ema, compute_dtype=args.compute_dtype,
                          log_every=args.log_every, save_every=args.save_every, shift=args.shift,
                          max_file_mb=args.max_file_mb)
-    data = WorldData(codec, seed=args.seed)
+    if args.init:
+        init_from(args.init, model, text)
+        log(f"weights from {args.init} (fresh optimizer)")
+    data = WorldData(codec, seed=args.seed, object_weight=args.object_weight)
     ckpt = out / "ckpt"
     modules = {"text_encoder": text}
     if args.resume and (ckpt / "state.json").exists():
@@ -215,6 +218,17 @@ def train_demo(args) -> dict:
     log(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB): {summary}", event="done", **summary)
     logf.close()
     return summary
+
+
+def init_from(path, model, text) -> None:
+    """Start from a demo model file's DiT and text encoder weights (a second training phase)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    own = {k: v.float() for k, v in sd.items() if not k.startswith(("text_encoder.", "vae."))}
+    model.load_state_dict(own)
+    text.load_state_dict({k[len("text_encoder."):]: v.float() for k, v in sd.items()
+                          if k.startswith("text_encoder.")})
 
 
 def auto_size(trainer: Trainer, args, log) -> list[dict]:
@@ -277,6 +291,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--max-file-mb", type=float, default=0.0, help="shard checkpoint files over this size")
     p.add_argument("--tiny", action="store_true", help="a tiny model and codec (CPU smoke tests)")
+    p.add_argument("--init", default=None, help="start from this demo model file's weights (fresh optimizer)")
+    p.add_argument("--object-weight", type=float, default=4.0,
+                   help="extra flow-loss weight on latent pixels the object touches (0: plain MSE)")
     p.add_argument("--auto-steps", action="store_true", help="fit --steps to --time-limit after a timed probe")
     p.add_argument("--probe", type=int, default=30, help="steps timed by --auto-steps")
     p.add_argument("--export-margin", type=float, default=20.0, help="seconds kept for saving and export")

@@ -40,6 +40,7 @@ class Batch:
     shot_frames: tuple[int, ...]                 # latent frames per shot
     captions: list[list[str]] | None = None      # per shot, B captions
     context: list[torch.Tensor] | None = None    # per shot, [B, L, text_dim]
+    weight: torch.Tensor | None = None           # optional loss weight, broadcastable to the latent
 
 
 class DataSource(Protocol):
@@ -166,7 +167,12 @@ class Trainer:
         xt = (1 - s.view(view)) * x0 + s.view(view) * noise
         context = self.conditioning(batch, step)
         pred = self.model(xt, s * 1000.0, context, shot_frames=batch.shot_frames, moga=self.moga)
-        flow = F.mse_loss(pred.float(), noise - x0)
+        err = (pred.float() - (noise - x0)) ** 2
+        if batch.weight is not None:  # e.g. more weight where the subject is (normalised: same scale)
+            w = batch.weight.to(dev, torch.float32).expand_as(err)
+            flow = (w * err).sum() / w.sum()
+        else:
+            flow = err.mean()
         stats = {"flow": flow.detach()}  # tensors: read on the host only when logged (no sync per step)
         loss = flow
         routed = [layer.last_routing for layer in self._routers if layer.last_routing is not None]
