@@ -98,6 +98,27 @@ def calibrate(model, groups, frame, seed=0):
         model.blocks[i].self_attn.router.weight.copy_(c.to(model.blocks[i].self_attn.router.weight))
 
 
+def use_balanced_routing(seed: int = 0):
+    """Replace every router's choice by equal-size groups (a seeded random permutation of the tokens
+    dealt round-robin), after the router's own matmul and softmax ran, so its cost stays counted."""
+    from moga.attention import router as router_mod
+
+    real = router_mod.Router.forward
+    cache = {}
+
+    def forward(self, x, num_groups=None):
+        r = real(self, x, num_groups)
+        b, n, m = r.probs.shape
+        key = (b, n, m, str(x.device))
+        if key not in cache:
+            g = torch.Generator().manual_seed(seed)
+            cache[key] = torch.stack([torch.randperm(n, generator=g) % m for _ in range(b)]).to(x.device)
+        ids = cache[key]
+        return router_mod.Routing(ids, r.probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1), r.probs)
+
+    router_mod.Router.forward = forward
+
+
 def measure(model, tokens, moga, args, device, frame):
     cfg = model.config
     frames, shots = layout_for(tokens, frame)
@@ -137,9 +158,13 @@ def main():
     ap.add_argument("--window", default="0,2,2")
     ap.add_argument("--dense-backend", default="cudnn", choices=["cudnn", "flash", "efficient", "auto"])
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--routers", default="calibrated", choices=["calibrated", "random"])
+    ap.add_argument("--routers", default="calibrated", choices=["calibrated", "random", "balanced"],
+                    help="balanced: the router runs, then its choice is replaced by an equal-size random "
+                         "assignment (what the balance loss trains a router towards; a random-weight model "
+                         "cannot route evenly by itself)")
     ap.add_argument("--fusion", default=None, choices=["mean", "lse"],
                     help="default: lse for calibrated routers (as moga patch), mean for random ones")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense step (already measured)")
     ap.add_argument("--no-rest", action="store_true", help="skip the attention-free 'rest' timing")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what remains after this many seconds")
     ap.add_argument("--json", default="benchmarks/results/dit.json")
@@ -173,6 +198,8 @@ def main():
     # the target first (the largest model at the most tokens), then the small model, then the rest
     target, desc = models[-1], sorted(tokens, reverse=True)
     jobs = [(target, desc[0])] + [(m, n) for m in models[:-1] for n in desc] + [(target, n) for n in desc[1:]]
+    if args.routers == "balanced":
+        use_balanced_routing()
     built = {}
     for name, n in jobs:
         if time.perf_counter() - started > args.budget_s:
@@ -187,7 +214,7 @@ def main():
                 print(f"# {name}: routers calibrated in {time.perf_counter() - t0:.1f} s", flush=True)
             model.blocks[-1].self_attn.record_routing = True
             base = MoGAConfig(num_groups=max(groups), window=window, fusion=info["fusion"])
-            modes = [("dense", base.replace(dense=True))] + [(f"moga M={m}", base.replace(num_groups=m)) for m in groups]
+            modes = ([] if args.no_dense else [("dense", base.replace(dense=True))]) + [(f"moga M={m}", base.replace(num_groups=m)) for m in groups]
             if not args.no_rest:
                 modes.append(("rest", "rest"))
             with sdpa_context(args.dense_backend if device.type == "cuda" else "auto"):
