@@ -30,7 +30,7 @@ class WorldData:
     def batch(self, index: int, size: int, device) -> Batch:
         stories = self.stories(index, size)
         video = render_batch(stories, device)
-        codec_dtype = next(self.codec.parameters()).dtype
+        codec_dtype = self.codec._param_dtype()
         shots, frames = len(stories[0].shots), stories[0].shot_frames
         if len(set(frames)) == 1:  # every shot coded alone, all in one batch
             b, c, _, h, w = video.shape

@@ -74,7 +74,7 @@ def generate(model, stories: list[Story], *, steps: int, cfg: float, shift: floa
 def decode(model, latent: torch.Tensor, story: Story) -> torch.Tensor:
     """Latent [B, C, F, h, w] -> video [B, 3, T, H, W] in [-1, 1], each shot decoded alone."""
     codec = model.vae
-    return codec.decode_shots(latent.to(next(codec.parameters()).device), latent_shot_frames(story, codec.temporal_ratio))
+    return codec.decode_shots(latent.to(codec.latent_mean.device), latent_shot_frames(story, codec.temporal_ratio))
 
 
 @dataclass

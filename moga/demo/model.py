@@ -17,7 +17,7 @@ import torch
 from ..attention import MoGAConfig
 from ..checkpoint import TensorSource, load_model, moga_metadata, register_extras, write_safetensors
 from ..model import WanConfig, WanModel
-from .codec import DemoCodec
+from .codec import ClipCodec, DemoCodec, make_codec
 from .text import DemoTextEncoder
 from .world import DEFAULT_SHOT_FRAMES, DEFAULT_SIZE
 
@@ -55,7 +55,7 @@ def build_demo(dense: bool = False, seed: int = 0, **overrides):
     return model, text
 
 
-def demo_metadata(model: WanModel, text: DemoTextEncoder, codec: DemoCodec, extra: dict | None = None) -> dict:
+def demo_metadata(model: WanModel, text: DemoTextEncoder, codec: ClipCodec, extra: dict | None = None) -> dict:
     cfg = model.config
     meta = {
         "moga.extras": EXTRAS_NAME,
@@ -72,15 +72,16 @@ def demo_metadata(model: WanModel, text: DemoTextEncoder, codec: DemoCodec, extr
     return meta
 
 
-def save_demo(path, model: WanModel, text: DemoTextEncoder, codec: DemoCodec, dtype=torch.float16,
+def save_demo(path, model: WanModel, text: DemoTextEncoder, codec: ClipCodec, dtype=torch.float16,
               extra: dict | None = None, max_bytes: int | None = MAX_FILE_BYTES) -> Path:
     """One safetensors file: DiT (Wan names) + text_encoder.* + vae.*, floats stored as `dtype`
-    (router rows and the codec's latent statistics stay float32)."""
+    (router rows, the codec's latent statistics and a linear codec stay float32)."""
     tensors = {}
     for prefix, module in (("", model), ("text_encoder.", text), ("vae.", codec)):
         sd = module.dit_state_dict() if module is model else module.state_dict()
         for k, v in sd.items():
-            keep32 = k.endswith("router.weight") or k.startswith("latent_")
+            keep32 = k.endswith("router.weight") or (module is codec and not isinstance(codec, DemoCodec)) \
+                or k.startswith("latent_")
             if v.is_floating_point() and not keep32:
                 v = v.to(dtype)
             tensors[prefix + k] = v.detach().cpu().contiguous()
@@ -102,7 +103,7 @@ def load_demo_extras(source: TensorSource, metadata: dict, device="cpu", dtype=N
     try:
         info = json.loads(metadata["moga.demo"])
         text = DemoTextEncoder(**{k: v if k != "vocab" else tuple(v) for k, v in info["text_encoder"].items()})
-        codec = DemoCodec(**info["vae"])
+        codec = make_codec(info["vae"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{source.path}: its 'moga.demo' metadata is missing or invalid ({exc}); "
                          f"the file is not a complete demo model") from exc

@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m moga.demo.recipe")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--codec-kind", choices=("pca", "learned"), default="pca")
     p.add_argument("--codec-steps", type=int, default=2000)
     p.add_argument("--codec-batch", type=int, default=96)
     p.add_argument("--codec-seconds", type=float, default=None, help="stop the codec's training after this")
@@ -51,15 +52,18 @@ def main(argv=None) -> int:
         log.flush()
 
     from .model import CODEC
-    from .training import codec_quality, save_codec, train_codec
+    from .training import codec_quality, fit_patch_codec, save_codec, train_codec
 
     codec_path = out / "codec.safetensors"
     if args.init_dir:
         codec_path = Path(args.init_dir) / "moga.safetensors"  # a demo file: its vae.* is the codec
     if not codec_path.exists():
-        cfg = dict(CODEC, hidden=16, blocks=1) if args.tiny else None
-        codec = train_codec(args.codec_steps, args.codec_batch, seed=args.seed, device=args.device, log=say,
-                            config=cfg, time_limit=args.codec_seconds)
+        if args.codec_kind == "pca":
+            codec = fit_patch_codec(32 if args.tiny else 96, seed=args.seed, device=args.device, log=say)
+        else:
+            cfg = dict(CODEC, hidden=16, blocks=1) if args.tiny else None
+            codec = train_codec(args.codec_steps, args.codec_batch, seed=args.seed, device=args.device,
+                                log=say, config=cfg, time_limit=args.codec_seconds)
         save_codec(codec, codec_path)
         q = codec_quality(codec, stories=4 if args.tiny else 16, device=args.device)
         say(f"codec: {json.dumps(q)}")

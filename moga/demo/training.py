@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..train.state import load_tensors, save_tensors
 from ..train.trainer import Trainer, TrainConfig
-from .codec import DemoCodec
+from .codec import ClipCodec, DemoCodec, PatchCodec, make_codec
 from .data import WorldData
 from .model import CODEC, build_demo, save_demo
 from .world import render_batch, sample_story
@@ -75,7 +75,7 @@ def train_codec(steps: int = 1500, batch: int = 16, lr: float = 1.5e-3, seed: in
 
 
 @torch.no_grad()
-def measure_latent_stats(codec: DemoCodec, batches: int = 8, batch: int = 16, seed: int = 0, device="cpu"):
+def measure_latent_stats(codec: ClipCodec, batches: int = 8, batch: int = 16, seed: int = 0, device="cpu"):
     zs = [codec.encode_raw(codec_batch(10_000 + i, batch, seed + 1, device)).float() for i in range(batches)]
     z = torch.cat(zs).transpose(0, 1).reshape(codec.latent_channels, -1)
     codec.latent_mean.copy_(z.mean(1))
@@ -83,7 +83,7 @@ def measure_latent_stats(codec: DemoCodec, batches: int = 8, batch: int = 16, se
 
 
 @torch.no_grad()
-def codec_quality(codec: DemoCodec, stories: int = 8, seed: int = 0, device="cpu") -> dict:
+def codec_quality(codec: ClipCodec, stories: int = 8, seed: int = 0, device="cpu") -> dict:
     """PSNR and the evaluator's scores of round-tripped held-out stories."""
     from .evaluate import score_story, summarize
     from .world import heldout_stories, render_story
@@ -100,18 +100,29 @@ def codec_quality(codec: DemoCodec, stories: int = 8, seed: int = 0, device="cpu
     return out
 
 
-def save_codec(codec: DemoCodec, path) -> None:
+def fit_patch_codec(stories: int = 96, seed: int = 0, device="cpu", channels: int = 16, log=print) -> PatchCodec:
+    """The linear pixel-patch codec: principal components of world clips' packed patches (seconds
+    on a CPU), then the latent statistics."""
+    start = time.perf_counter()
+    codec = PatchCodec(channels).to(device)
+    codec.fit(codec_batch(20_000 + i, 16, seed, device) for i in range(max(stories // 16, 1)))
+    measure_latent_stats(codec, seed=seed, device=device)
+    log(f"patch codec fitted on {max(stories // 16, 1) * 16} clips in {time.perf_counter() - start:.1f}s")
+    return codec.eval()
+
+
+def save_codec(codec: ClipCodec, path) -> None:
     save_tensors(path, codec.state_dict(), metadata={"config": json.dumps(codec.config())})
 
 
-def load_codec(path, device="cpu") -> DemoCodec:
+def load_codec(path, device="cpu") -> ClipCodec:
     from safetensors import safe_open
 
     path = Path(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "config" in meta:
-        codec = DemoCodec(**json.loads(meta["config"]))
+        codec = make_codec(json.loads(meta["config"]))
         codec.load_state_dict(load_tensors(path))
     else:  # a demo model file: its vae.* tensors
         from .model import load_demo
@@ -163,9 +174,12 @@ def train_demo(args) -> dict:
         log(f"codec from {codec_path}")
     else:
         t0 = time.perf_counter()
-        cfg = dict(CODEC, hidden=16, blocks=1) if args.tiny else None
-        codec = train_codec(args.codec_steps, args.codec_batch, seed=args.seed, device=device, log=log,
-                            config=cfg)
+        if args.codec_kind == "pca":
+            codec = fit_patch_codec(32 if args.tiny else 96, seed=args.seed, device=device, log=log)
+        else:
+            cfg = dict(CODEC, hidden=16, blocks=1) if args.tiny else None
+            codec = train_codec(args.codec_steps, args.codec_batch, seed=args.seed, device=device, log=log,
+                                config=cfg)
         save_codec(codec, codec_path)
         q = codec_quality(codec, stories=2 if args.tiny else 16, device=device)
         log(f"codec trained in {time.perf_counter() - t0:.0f}s: {q}", event="codec", seconds=time.perf_counter() - t0, **q)
@@ -283,6 +297,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dense", action="store_true", help="train the dense-attention baseline (no routers)")
     p.add_argument("--codec", default=None, help="use this codec (codec.safetensors or a demo model file)")
+    p.add_argument("--codec-kind", choices=("pca", "learned"), default="pca",
+                   help="pca: linear pixel patches (fitted in seconds; measured better on this world); "
+                        "learned: the small conv autoencoder")
     p.add_argument("--codec-steps", type=int, default=1500)
     p.add_argument("--codec-batch", type=int, default=16)
     p.add_argument("--time-limit", type=float, default=None, help="stop (and save) after this many seconds")

@@ -1,0 +1,155 @@
+"""The generic trainer on the demo world (tiny model, CPU): it learns, logs balance, resumes exactly,
+stores no pickle; `python -m moga.train demo` runs end to end."""
+import json
+
+import pytest
+import torch
+
+from moga.demo.codec import PatchCodec
+from moga.demo.data import WorldData, object_map
+from moga.demo.training import _tiny, codec_batch, measure_latent_stats
+from moga.train import Batch, Trainer, TrainConfig, shift_sigma
+from moga.train.state import load_tensors, save_tensors
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    c = PatchCodec(16).fit([codec_batch(i, 6, 0, "cpu") for i in range(2)])
+    measure_latent_stats(c, batches=1, batch=6)
+    return c
+
+
+class OneStory(WorldData):
+    """The same 2-shot batch at every index (to see the loss fall in a few steps)."""
+
+    def stories(self, index, count):
+        return super().stories(0, count)
+
+
+def _trainer(codec, steps=4, dense=False, **kw):
+    model, text = _tiny(dense, 0)
+    data = WorldData(codec, seed=1, shot_cycle=(2,))
+    cfg = TrainConfig(steps=steps, batch_size=2, lr=1e-3, warmup=2, log_every=1, ema_decay=0.9, **kw)
+    return Trainer(model, data, cfg, modules={"text_encoder": text}, log=None)
+
+
+def test_shift_sigma_matches_wan_shift():
+    u = torch.rand(100, dtype=torch.float64)
+    s = shift_sigma(u, 3.0)
+    assert torch.allclose(s, 3 * u / (1 + 2 * u)) and bool((s >= u).all())
+
+
+def test_world_batches_are_reproducible_and_weighted(codec):
+    data = WorldData(codec, seed=3, shot_cycle=(2,), object_weight=4.0)
+    a, b, c = data.batch(5, 2, "cpu"), data.batch(5, 2, "cpu"), data.batch(6, 2, "cpu")
+    assert torch.equal(a.latent, b.latent) and a.captions == b.captions
+    assert not torch.equal(a.latent, c.latent)
+    assert a.latent.shape == (2, 16, 10, 16, 16) and a.shot_frames == (5, 5)
+    assert a.weight.shape == (2, 1, 10, 16, 16) and set(a.weight.unique().tolist()) == {1.0, 5.0}
+    share = float((a.weight > 1).float().mean())
+    assert 0.02 < share < 0.5  # the object and its rim, not the whole frame
+
+
+def test_object_map_follows_the_object():
+    from moga.demo import world as w
+
+    story = w.story_from_captions(["a large red square moves right on a grey background"], seed=0)
+    video = w.render_story(story)[None]
+    m = object_map(video, [17])[0, 0]  # [5, 16, 16]
+    cols = [int(torch.nonzero(m[f].any(0)).float().mean()) for f in range(5)]
+    assert cols == sorted(cols) and cols[-1] > cols[0]
+
+
+def test_loss_falls_and_balance_is_logged(codec):
+    model, text = _tiny(False, 0)
+    data = OneStory(codec, seed=1, shot_cycle=(2,))
+    cfg = TrainConfig(steps=30, batch_size=2, lr=3e-3, warmup=3, log_every=10, caption_dropout=0.0)
+    trainer = Trainer(model, data, cfg, modules={"text_encoder": text}, log=None)
+    rows = trainer.run()
+    assert rows[-1]["flow"] < 0.7 * rows[0]["flow"], rows
+    for r in rows:
+        assert 0 < r["balance"] < 1 and 1.0 <= r["group_max"] <= 8.0
+        assert r["loss"] == pytest.approx(r["flow"] + r["balance"], rel=1e-6)
+
+
+def test_dense_model_trains_without_balance_terms(codec):
+    trainer = _trainer(codec, steps=2, dense=True)
+    rows = trainer.run()
+    assert "balance" not in rows[-1] and rows[-1]["loss"] == rows[-1]["flow"]
+
+
+def test_resume_continues_exactly(codec, tmp_path):
+    straight = _trainer(codec, steps=4)
+    straight.run()
+    first = _trainer(codec, steps=4)
+    first.run(steps=2)
+    first.save(tmp_path / "ckpt")
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert files == {"weights.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"}
+    model, text = _tiny(False, 0)
+    resumed = Trainer.resume(tmp_path / "ckpt", model, WorldData(codec, seed=1, shot_cycle=(2,)),
+                             modules={"text_encoder": text}, log=None)
+    assert resumed.step == 2
+    resumed.run()
+    a, b = straight.weights(ema=False), resumed.weights(ema=False)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ea, eb = straight.weights(ema=True), resumed.weights(ema=True)
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state["step"] == 2 and state["config"]["steps"] == 4
+
+
+def test_resume_rejects_another_model(codec, tmp_path):
+    t = _trainer(codec, steps=1)
+    t.run()
+    t.save(tmp_path / "ckpt")
+    model, text = _tiny(True, 0)  # dense: no routers
+    with pytest.raises(ValueError, match="does not match"):
+        Trainer.resume(tmp_path / "ckpt", model, t.data, modules={"text_encoder": text}, log=None)
+
+
+def test_sharded_tensor_files_round_trip(tmp_path):
+    tensors = {f"t{i}": torch.randn(100, 50) for i in range(6)}
+    paths = save_tensors(tmp_path / "w.safetensors", tensors, max_file_bytes=45_000)
+    assert len(paths) == 3 and not (tmp_path / "w.safetensors").exists()  # 20 kB each, 2 a file
+    back = load_tensors(tmp_path / "w.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    save_tensors(tmp_path / "w.safetensors", {"x": torch.ones(3)})  # one file again: shards go
+    assert set(load_tensors(tmp_path / "w.safetensors")) == {"x"}
+
+
+def test_precomputed_context_batches(codec):
+    """Issue 11's path: batches carrying text embeddings instead of captions."""
+    model, _ = _tiny(False, 0)
+
+    class Ready:
+        def batch(self, index, size, device):
+            g = torch.Generator().manual_seed(index)
+            return Batch(latent=torch.randn(size, 16, 4, 8, 8, generator=g), shot_frames=(2, 2),
+                         context=[torch.randn(size, 5, 32, generator=g) for _ in range(2)])
+
+    trainer = Trainer(model, Ready(), TrainConfig(steps=2, batch_size=2, log_every=1), log=None)
+    assert len(trainer.run()) == 2
+    with pytest.raises(ValueError, match="captions"):
+        Trainer(model, WorldData(codec, shot_cycle=(1,)), TrainConfig(steps=1, batch_size=1), log=None).run()
+
+
+def test_train_demo_command_smoke(tmp_path):
+    from moga.train.__main__ import main
+
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), "--tiny", "--steps", "2", "--batch", "1", "--device", "cpu",
+                 "--log-every", "1", "--warmup", "2"]) == 0
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["event"] == "codec" and rows[-1]["event"] == "done" and rows[-1]["steps"] == 2
+    from moga.demo.model import load_demo
+
+    model = load_demo(out / "model.safetensors")
+    assert model.text_encoder is not None and model.vae is not None
+    assert main(["demo", "--out", str(out), "--tiny", "--steps", "3", "--batch", "1", "--device", "cpu",
+                 "--warmup", "2", "--resume"]) == 0
+    assert json.loads((out / "ckpt" / "state.json").read_text())["step"] == 3
