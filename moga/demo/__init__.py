@@ -16,7 +16,10 @@ from pathlib import Path
 from .model import DEMO_PATH, demo_info, load_demo, load_demo_extras  # registers the extras loader
 from .world import DEMO_CAPTIONS, Story, render_story, sample_story, story_from_captions
 
-__all__ = ["DEMO_PATH", "DEMO_CAPTIONS", "Story", "demo_info", "load_demo", "load_demo_extras",
+# `moga demo` must finish within 60 s on 2 CPU cores: fewer steps than the evaluation's 20.
+DEMO_STEPS = 12
+
+__all__ = ["DEMO_STEPS", "DEMO_PATH", "DEMO_CAPTIONS", "Story", "demo_info", "load_demo", "load_demo_extras",
            "render_story", "run_demo", "sample_story", "story_from_captions", "add_arguments"]
 
 
@@ -47,7 +50,7 @@ def run_demo(args) -> int:
     start = time.perf_counter()
     model = load_demo(getattr(args, "checkpoint", None), device=device)
     settings = demo_info(model)["sampling"]
-    steps = int(getattr(args, "steps", None) or settings["steps"])
+    steps = int(getattr(args, "steps", None) or DEMO_STEPS)
     cfg = float(getattr(args, "cfg", None) or settings["cfg"])
     story = story_from_captions(list(captions), seed=seed)
     shots = latent_shot_frames(story)

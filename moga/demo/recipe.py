@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--init-dir", default=None, help="continue from INIT_DIR/NAME.safetensors (and its codec)")
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--object-weight", type=float, default=4.0)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
                "--codec", str(codec_path), "--batch", str(args.batch), "--seed", str(args.seed),
                "--time-limit", str(args.train_seconds), "--auto-steps", "--sync-dir", str(out / "sync"),
                "--sync-name", name, "--sync-peers", ",".join(names), "--log-every", "50",
-               "--warmup", str(args.warmup), "--lr", str(args.lr)]
+               "--warmup", str(args.warmup), "--lr", str(args.lr), "--object-weight", str(args.object_weight)]
         if args.init_dir:
             cmd += ["--init", str(Path(args.init_dir) / f"{name}.safetensors")]
         if name == "dense":
