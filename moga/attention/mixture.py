@@ -56,7 +56,8 @@ def _cached(key, build):
     if hit is None:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
-        hit = _CACHE[key] = build()
+        with torch.inference_mode(False):  # cached index tensors may later feed autograd (training)
+            hit = _CACHE[key] = build()
     return hit
 
 
