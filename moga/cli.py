@@ -304,15 +304,11 @@ def _record_routing(model, on: bool):
 
 
 def cmd_generate(args) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        try:
-            from .parallel.launch import run_distributed_generate
-        except ImportError as e:
-            raise CliError(f"this is a torchrun launch (WORLD_SIZE={os.environ['WORLD_SIZE']}) but the "
-                           f"sequence-parallel entry moga.parallel.launch is not available ({e}); run "
-                           f"without torchrun for one device") from None
-        return int(run_distributed_generate(args) or 0)
-
+    """One process, or one rank of a torchrun launch (WORLD_SIZE > 1): every rank checks the request
+    before any collective (a bad flag is one clear error, not a hang), reads the same checkpoint,
+    encodes the same prompts and samples the full latent with the Ulysses exchange; rank 0 decodes
+    and writes."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     width, height = parse_size(args.size)
     plan = load_plan(args)
     _check_exists(args.model, "model checkpoint")
@@ -330,7 +326,6 @@ def cmd_generate(args) -> int:
     from .video import video_to_frames, write_video
     from .wan_io import decode_shots
 
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     info = ckpt.inspect_checkpoint(args.model)
     moga = moga_settings(args, info)
     dense_layers = ckpt.parse_layers(args.dense_layers) if args.dense_layers else ()
@@ -342,68 +337,103 @@ def cmd_generate(args) -> int:
                                if not v)
         raise CliError(f"{args.model} brings no text encoder/VAE of its own: pass {missing} (Wan2.1's umT5 "
                        f"encoder folder with its tokenizer; the Wan VAE folder or .safetensors)")
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-    if info.extras:
-        _import_extras(info.extras)
-    say(plan.describe())
-    t_load = time.perf_counter()
-    model = ckpt.load_model(args.model, device=device, dtype=dtype)
-    te, vae, umt5 = load_encoders(args, model, device, dtype)
-    say(f"loaded {info.architecture} in {time.perf_counter() - t_load:.1f} s")
 
-    positive, negative = encode_plan(te, plan, use_wan_negative=umt5)
-    latent_size = plan.latent_size(width, height)
-    shot_frames = plan.latent_shot_frames()
-    layout = plan.token_layout(width, height)
-    steps = args.steps or DEFAULT_STEPS
-    dense_steps = getattr(model, "dense_warmup", 0.0) if args.dense_steps is None else args.dense_steps
-    if model.config.num_groups == 0:
-        dense_steps = 0.0  # no routers: every step is dense anyway
-
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr)
-
-    def progress(step, total, latent):
-        if bar is not None:
-            bar.update(1)
-
-    _record_routing(model, True)
+    exchange, world, lead = None, 1, True
+    if distributed:
+        try:
+            from .parallel.launch import env_ranks, init_from_env
+            from .parallel.ulysses import check_heads
+        except ImportError as e:
+            raise CliError(f"this is a torchrun launch (WORLD_SIZE={os.environ['WORLD_SIZE']}) but the "
+                           f"sequence-parallel runtime moga.parallel is not available ({e}); run "
+                           f"without torchrun for one device") from None
+        rank, world, _ = env_ranks()
+        num_heads = info.config.get("num_heads") if isinstance(info.config, dict) else None
+        if num_heads:
+            check_heads(int(num_heads), world)  # before joining the group: no rank waits on another
+        exchange, device = init_from_env(None if args.device in (None, "cuda") else args.device)
+        lead = rank == 0
+        _, dtype = resolve_device_dtype(str(device), args.dtype)
+    else:
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
     try:
-        result = sample(model, positive, negative, shot_frames=shot_frames, latent_size=latent_size, steps=steps,
-                        cfg=DEFAULT_CFG if args.cfg is None else args.cfg,
-                        shift=DEFAULT_SHIFT if args.shift is None else args.shift,
-                        solver=args.solver or DEFAULT_SOLVER, seed=args.seed, moga=moga, dense_steps=dense_steps,
-                        dense_layers=dense_layers, callback=progress, device=device, dtype=dtype,
-                        return_result=True)
+        say = (lambda *a: print(*a, file=sys.stderr)) if (lead and not args.quiet) else (lambda *a: None)
+        if info.extras:
+            _import_extras(info.extras)
+        say(plan.describe())
+        if exchange is not None:
+            say(f"sequence parallel: {world} ranks ({exchange.backend}), this one on {device}")
+        t_load = time.perf_counter()
+        model = ckpt.load_model(args.model, device=device, dtype=dtype)
+        if exchange is not None:
+            check_heads(model.config.num_heads, world)
+        te, vae, umt5 = load_encoders(args, model, device, dtype)
+        say(f"loaded {info.architecture} in {time.perf_counter() - t_load:.1f} s")
+
+        positive, negative = encode_plan(te, plan, use_wan_negative=umt5)
+        del te
+        if not lead:
+            vae = None  # only rank 0 decodes
+        latent_size = plan.latent_size(width, height)
+        shot_frames = plan.latent_shot_frames()
+        layout = plan.token_layout(width, height)
+        steps = args.steps or DEFAULT_STEPS
+        dense_steps = getattr(model, "dense_warmup", 0.0) if args.dense_steps is None else args.dense_steps
+        if model.config.num_groups == 0:
+            dense_steps = 0.0  # no routers: every step is dense anyway
+
+        bar = None
+        if lead and not args.quiet:
+            from tqdm import tqdm
+            desc = "denoising" if exchange is None else f"denoising on {world} ranks"
+            bar = tqdm(total=steps, desc=desc, unit="step", file=sys.stderr)
+
+        def progress(step, total, latent):
+            if bar is not None:
+                bar.update(1)
+
+        _record_routing(model, True)
+        try:
+            result = sample(model, positive, negative, shot_frames=shot_frames, latent_size=latent_size,
+                            steps=steps, cfg=DEFAULT_CFG if args.cfg is None else args.cfg,
+                            shift=DEFAULT_SHIFT if args.shift is None else args.shift,
+                            solver=args.solver or DEFAULT_SOLVER, seed=args.seed, moga=moga,
+                            dense_steps=dense_steps, dense_layers=dense_layers, callback=progress,
+                            device=device, dtype=dtype, parallel=exchange, return_result=True)
+        finally:
+            if bar is not None:
+                bar.close()
+        m_eff = effective_groups(model)
+        _record_routing(model, False)
+        if not lead:
+            return 0
+
+        t_dec = time.perf_counter()
+        frames = video_to_frames(decode_shots(vae, result.latent, shot_frames))
+        if frames.shape[0] != plan.total_frames or frames.shape[1:3] != (height, width):
+            raise RuntimeError(f"the VAE returned {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}, "
+                               f"the plan asks for {plan.total_frames} of {width}x{height}")
+        out = write_video(args.out, frames, fps=plan.fps)
+        if args.save_latent:
+            from safetensors.torch import save_file
+            save_file({"latent": result.latent.contiguous().cpu(),
+                       "shot_frames": torch.tensor(shot_frames, dtype=torch.int64)}, args.save_latent,
+                      metadata={"fps": str(plan.fps), "size": f"{width}x{height}", "world_size": str(world)})
+        decode_s = time.perf_counter() - t_dec
+
+        sparsity = "dense" if m_eff is None else f"{m_eff:.2f}"
+        ranks = "" if exchange is None else f" over {world} ranks"
+        print(f"wrote {out}: {plan.num_shots} shots, {plan.total_frames} frames {width}x{height} at "
+              f"{plan.fps:g} fps ({plan.seconds:.1f} s)")
+        print(f"tokens {layout.num_tokens:,} ({layout.frames} latent frames x {layout.height}x{layout.width}){ranks}, "
+              f"M_eff {sparsity}, {result.steps} steps at {result.seconds_per_step:.2f} s/step, "
+              f"decode {decode_s:.1f} s")
+        return 0
     finally:
-        if bar is not None:
-            bar.close()
-    m_eff = effective_groups(model)
-    _record_routing(model, False)
-
-    t_dec = time.perf_counter()
-    video = decode_shots(vae, result.latent, shot_frames)
-    frames = video_to_frames(video)
-    if frames.shape[0] != plan.total_frames or frames.shape[1:3] != (height, width):
-        raise RuntimeError(f"the VAE returned {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}, "
-                           f"the plan asks for {plan.total_frames} of {width}x{height}")
-    out = write_video(args.out, frames, fps=plan.fps)
-    if args.save_latent:
-        from safetensors.torch import save_file
-        save_file({"latent": result.latent.contiguous().cpu(),
-                   "shot_frames": torch.tensor(shot_frames, dtype=torch.int64)}, args.save_latent,
-                  metadata={"fps": str(plan.fps), "size": f"{width}x{height}"})
-    decode_s = time.perf_counter() - t_dec
-
-    sparsity = "dense" if m_eff is None else f"{m_eff:.2f}"
-    print(f"wrote {out}: {plan.num_shots} shots, {plan.total_frames} frames {width}x{height} at {plan.fps:g} fps "
-          f"({plan.seconds:.1f} s)")
-    print(f"tokens {layout.num_tokens:,} ({layout.frames} latent frames x {layout.height}x{layout.width}), "
-          f"M_eff {sparsity}, {result.steps} steps at {result.seconds_per_step:.2f} s/step, "
-          f"decode {decode_s:.1f} s")
-    return 0
+        if exchange is not None:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _import_extras(name: str):

@@ -277,14 +277,22 @@ def test_progress_bar_on_stderr(tiny, tmp_path, capsys):
 
 
 # ---- hand-offs ---------------------------------------------------------------------------------
-def test_torchrun_hands_off_to_parallel(tiny, tmp_path, monkeypatch, capsys):
-    called = []
+def test_torchrun_joins_the_process_group(tiny, tmp_path, monkeypatch, capsys):
+    # under torchrun (WORLD_SIZE > 1) generate checks the request, then joins torchrun's group
+    joined = []
     fake = types.ModuleType("moga.parallel.launch")
-    fake.run_distributed_generate = lambda args: called.append(args) or 0
+    fake.env_ranks = lambda: (0, 2, 0)
+
+    def init_from_env(device=None):
+        joined.append(device)
+        raise RuntimeError("joined the group")
+
+    fake.init_from_env = init_from_env
     monkeypatch.setitem(sys.modules, "moga.parallel.launch", fake)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert _generate(tiny, tmp_path / "t.mp4") == 0
-    assert len(called) == 1 and called[0].model == str(tiny["moga"])
+    with pytest.raises(RuntimeError, match="joined the group"):
+        _generate(tiny, tmp_path / "t.mp4")
+    assert len(joined) == 1
     assert not (tmp_path / "t.mp4").exists()
     monkeypatch.setitem(sys.modules, "moga.parallel.launch", None)  # import fails
     assert _generate(tiny, tmp_path / "t.mp4") == 2

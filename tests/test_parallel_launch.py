@@ -92,14 +92,14 @@ def test_torchrun_gpu_count_must_divide_heads(model_path, tmp_path, monkeypatch)
     # the tiny model has 4 heads: 3 ranks cannot split them. Every rank says so before joining the
     # group (no collective, so no rank waits for another): checked here on "rank 1 of 3" in-process.
     from moga.cli import build_parser
-    from moga.parallel.launch import run_distributed_generate
+    from moga.cli import cmd_generate
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     args = build_parser().parse_args(_args(model_path, tmp_path / "x.mp4", tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match=r"not divisible by 3: use one of \[1, 2, 4\] GPUs"):
-        run_distributed_generate(args)
+        cmd_generate(args)
     import torch.distributed as dist
     assert not dist.is_initialized()
     assert not (tmp_path / "x.mp4").exists()

@@ -1,9 +1,9 @@
 """Sequence parallelism over several GPUs (or CPU processes): the Ulysses exchange, the persistent
-worker pool ComfyUI uses, and the torchrun entry point. See docs/parallel.md.
+worker pool ComfyUI uses, and the process group of a torchrun launch (`moga.cli` is its entry). See docs/parallel.md.
 
 Imports are lazy so `import moga.parallel` stays cheap.
 """
-__all__ = ["UlyssesExchange", "WorkerPool", "WorkerError", "valid_world_sizes", "run_distributed_generate"]
+__all__ = ["UlyssesExchange", "WorkerPool", "WorkerError", "valid_world_sizes"]
 
 
 def __getattr__(name):
@@ -16,7 +16,4 @@ def __getattr__(name):
     if name == "WorkerPool":
         from .pool import WorkerPool
         return WorkerPool
-    if name == "run_distributed_generate":
-        from .launch import run_distributed_generate
-        return run_distributed_generate
     raise AttributeError(f"module 'moga.parallel' has no attribute {name!r}")
