@@ -17,12 +17,7 @@ from moga.testing import random_inputs, tiny_model, write_tiny_checkpoint
 CALIB = dict(calibration_size=(3, 8, 8), calibration_steps=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(model, inputs, **kw):

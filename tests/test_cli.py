@@ -25,13 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = "test-cli-own-encoders"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine the thread sync costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class HashTextEncoder:

@@ -15,13 +15,7 @@ needs_wan = pytest.mark.skipif(not wan_io.wan_extra_available(),
                                reason="optional 'wan' extra (transformers, diffusers) not installed")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine the thread sync costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_missing_extra_is_a_clear_error(tmp_path, monkeypatch):

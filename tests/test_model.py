@@ -14,13 +14,7 @@ from moga.model import (WanConfig, WanModel, local_shot_ranges, modulate, rope_f
 from moga.testing import ThreadExchange, init_random_, random_inputs, tiny_config, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: extra threads only add contention on a busy 2-core runner
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rel(a, b):

@@ -9,13 +9,7 @@ from moga.shots import ShotPlan
 from moga.testing import random_inputs, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine the thread sync costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Recorder(torch.nn.Module):

@@ -103,13 +103,7 @@ def make_clips(folder: Path, good: int = 3) -> Path:
 SETTINGS = D.PrepareSettings(max_shot_frames=9, min_shot_frames=5, dtype="float32", **SIZE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: one thread is several times faster than two on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
