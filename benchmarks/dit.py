@@ -31,27 +31,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import FRAME, SHOT, WAN_CONFIGS, build_random_model, layout_for  # noqa: E402
 
 from moga.attention import MoGAConfig  # noqa: E402
 from moga.attention import layer as attention_layer  # noqa: E402
 from moga.checkpoint import calibrate_routers  # noqa: E402
 from moga.attention.kernels import resolve_backend  # noqa: E402
-from moga.model import WanConfig, WanModel  # noqa: E402
-from moga.testing import init_random_  # noqa: E402
 
-CONFIGS = {
-    "1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-    "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32),
-}
-FRAME = (30, 52)      # tokens of one 480p latent frame (832x480 / 16)
-SHOT = 21             # latent frames per shot
-
-
-def layout_for(tokens: int, frame=FRAME, shot=SHOT):
-    frames = max(1, round(tokens / (frame[0] * frame[1])))
-    shots = [shot] * (frames // shot) + ([frames % shot] if frames % shot else [])
-    return frames, shots
+CONFIGS = {**WAN_CONFIGS, "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32)}
 
 
 def sdpa_context(name: str):
@@ -62,14 +51,8 @@ def sdpa_context(name: str):
                          "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]])
 
 
-def build(name: str, groups: int, device, dtype, seed: int = 0) -> WanModel:
-    spec = CONFIGS[name]
-    cfg = WanConfig(**spec, num_groups=groups, moga_layers=tuple(range(spec["num_layers"])))
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    init_random_(model, seed)
-    return model.eval().requires_grad_(False)
+def build(name: str, groups: int, device, dtype, seed: int = 0):
+    return build_random_model(CONFIGS[name], groups, device, dtype, seed)
 
 
 def step(model, x, t, ctx, shots, moga, sync):

@@ -30,35 +30,17 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import FRAME, SHOT, WAN_CONFIGS, build_random_model, layout_for  # noqa: E402
 
 from moga.parallel.group import run_on_ranks  # noqa: E402
 
-CONFIGS = {
-    "1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-    "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    "tiny": dict(dim=96, ffn_dim=192, num_heads=6, num_layers=2, text_dim=32, freq_dim=32),
-}
-FRAME = (30, 52)   # tokens of one 480p latent frame (832x480 / 16)
-SHOT = 21          # latent frames per shot (~5 s)
-
-
-def layout_for(tokens: int, frame, shot=SHOT):
-    frames = max(1, round(tokens / (frame[0] * frame[1])))
-    shots = [shot] * (frames // shot) + ([frames % shot] if frames % shot else [])
-    return frames, shots
+CONFIGS = {**WAN_CONFIGS, "tiny": dict(dim=96, ffn_dim=192, num_heads=6, num_layers=2, text_dim=32, freq_dim=32)}
 
 
 def build(name: str, groups: int, device, dtype, seed: int = 0):
-    from moga.model import WanConfig, WanModel
-    from moga.testing import init_random_
-
-    spec = CONFIGS[name]
-    cfg = WanConfig(**spec, num_groups=groups, moga_layers=tuple(range(spec["num_layers"])))
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    init_random_(model, seed)
-    return model.eval().requires_grad_(False)
+    return build_random_model(CONFIGS[name], groups, device, dtype, seed)
 
 
 def _rank(ex, opts):
