@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -104,6 +105,42 @@ def calibrated(model, dense_path, num_groups, out_dir, stories, world, seed, ste
     return demo_model.load_demo(dst)
 
 
+def split_groups(routing, capacity: float):
+    """EXPERIMENT, not in the library: every routed group of more than ceil(capacity * N / M) tokens is cut
+    into near-equal runs of consecutive tokens (token order is frame-major, so the runs are slabs of frames).
+    Run k of group g gets the id g + M * k; the gate stays the router's probability of g."""
+    from moga.attention.router import Routing
+    ids = routing.group_ids.long()
+    b, n = ids.shape
+    m = routing.probs.shape[-1]
+    cap = math.ceil(capacity * n / m)
+    out, kmax = torch.empty_like(ids), 1
+    for i in range(b):
+        g = ids[i]
+        order = torch.argsort(g, stable=True)
+        counts = torch.bincount(g, minlength=m)
+        sg = g[order]
+        pos = torch.arange(n, device=g.device) - (torch.cumsum(counts, 0) - counts)[sg]
+        size = counts[sg]
+        runs = (size + cap - 1) // cap
+        out[i, order] = sg + m * (pos * runs // size)
+        kmax = max(kmax, int(runs.max()))
+    probs = routing.probs
+    if kmax > 1:
+        probs = torch.cat([probs, probs.new_zeros(b, n, m * (kmax - 1))], dim=-1)
+    return Routing(out, routing.gate, probs)
+
+
+def cap_groups(model, capacity: float) -> None:
+    """Apply `split_groups` to every router of `model` (this instance only)."""
+    for block in model.blocks:
+        router = block.self_attn.router
+        if router is not None:
+            plain = router.forward
+            router.forward = lambda x, num_groups=None, plain=plain: split_groups(plain(x, num_groups=num_groups),
+                                                                                 capacity)
+
+
 def noised_inputs(model, story, sigmas, seed):
     """The story's ground-truth latent noised to each sigma: [(x, t)], plus per-shot text and shot frames."""
     _, _, world = _demo()
@@ -158,6 +195,8 @@ def main(argv=None) -> dict:
     p.add_argument("--groups", default="2,4,8")
     p.add_argument("--fusions", default="lse,mean")
     p.add_argument("--warmups", default="0,0.25", help="dense warm-up fractions")
+    p.add_argument("--capacity", type=float, default=0.0,
+                   help="EXPERIMENT: cut routed groups larger than capacity * N / M into runs (split_groups)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the demo model's)")
     p.add_argument("--calibration-steps", type=int, default=3)
     p.add_argument("--diag-stories", type=int, default=2)
@@ -247,25 +286,29 @@ def measure(args, tmp: Path, argv) -> dict:
                           "fusion": trained.moga_config.fusion, "warmup": 0.0, **res}
             save()
         say(f"{name}: {rows[name]}")
+    cap = f" cap {args.capacity:g}" if args.capacity else ""
     for m in groups:
-        todo = [(f, w) for f in fusions for w in warmups if f"M={m} {f} warm-up {w:g}" not in rows]
-        if not todo and all(f"M={m} {f}" in diags for f in fusions):
+        todo = [(f, w) for f in fusions for w in warmups if f"M={m} {f} warm-up {w:g}{cap}" not in rows]
+        if not todo and all(f"M={m} {f}{cap}" in diags for f in fusions):
             continue
         t0 = time.perf_counter()
         model = calibrated(dense, dense_path, m, tmp, stories, world, args.seed, args.calibration_steps)
+        if args.capacity:
+            cap_groups(model, args.capacity)
         say(f"calibrated M={m} in {time.perf_counter() - t0:.1f} s")
         for fusion in fusions:
-            if f"M={m} {fusion}" not in diags:
-                diags[f"M={m} {fusion}"] = layer_diagnostics(model, stories[:args.diag_stories], sampling, fusion,
-                                                            args.seed, args.queries)
+            if f"M={m} {fusion}{cap}" not in diags:
+                diags[f"M={m} {fusion}{cap}"] = layer_diagnostics(model, stories[:args.diag_stories], sampling,
+                                                                 fusion, args.seed, args.queries)
                 save()
             for w in warmups:
-                name = f"M={m} {fusion} warm-up {w:g}"
+                name = f"M={m} {fusion} warm-up {w:g}{cap}"
                 if name in rows:
                     continue
                 res, _ = run_variant(model, stories, sampling, evaluate, ref_latents,
                                      moga=model.moga_config.replace(fusion=fusion), dense_steps=w, seed=args.seed)
-                rows[name] = {"variant": name, "groups": m, "fusion": fusion, "warmup": w, **res}
+                rows[name] = {"variant": name, "groups": m, "fusion": fusion, "warmup": w,
+                              "capacity": args.capacity or None, **res}
                 save()
                 say(f"{name}: score {res['score']} (dense {base['score']}), FLOPs x{res['flops_ratio']:.3f}, "
                     f"latent error {res['latent_error']}, {res['seconds']} s")
@@ -288,8 +331,8 @@ def tables(result: dict) -> str:
     head = ("| variant | score | % of dense | colour | shape | size | direction | background | consistency | "
             "smoothness | latent error | attention GFLOP/video | FLOPs vs dense |")
     lines = [head, "|" + "---|" * 13]
-    order = lambda r: (r["groups"] is not None, r["variant"].startswith("M="), r["groups"] or 0,  # noqa: E731
-                       r["fusion"] or "", r["warmup"] or 0.0)
+    order = lambda r: (r["groups"] is not None, r["variant"].startswith("M="), r.get("capacity") or 0,  # noqa: E731
+                       r["groups"] or 0, r["fusion"] or "", r["warmup"] or 0.0)
     for r in sorted(result["rows"], key=order):
         rel = 100.0 * r["score"] / dense["score"] if dense["score"] else float("nan")
         cons = "-" if r["consistency"] is None else f"{r['consistency']:.1f}"

@@ -256,3 +256,33 @@ def test_measurement_script_smoke(tmp_path):
     assert rows2["M=2 lse warm-up 0"] == rows["M=2 lse warm-up 0"]
     assert rows2["M=2 lse warm-up 1"]["flops_ratio"] == 1.0 and rows2["M=2 lse warm-up 1"]["latent_error"] == 0.0
     assert len(again["commands"]) == 2
+
+
+def test_measurement_group_capacity_split():
+    """The benchmark's experimental group capacity: groups over ceil(c * N / M) tokens become near-equal runs of
+    consecutive tokens; small groups and the gate are untouched."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("training_free_bench", ROOT / "benchmarks" / "training_free.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from moga.attention.router import Routing
+    g = torch.Generator().manual_seed(0)
+    n, m = 50, 4
+    ids = torch.where(torch.rand(2, n, generator=g) < 0.7, 0, torch.randint(1, m, (2, n), generator=g))
+    gate = torch.rand(2, n, generator=g)
+    out = bench.split_groups(Routing(ids, gate, torch.rand(2, n, m, generator=g)), 1.0)
+    cap = -(-n // m)
+    assert torch.equal(out.gate, gate) and out.probs.shape[-1] % m == 0
+    assert torch.equal(out.group_ids % m, ids)                  # every run stays inside its group
+    for b in range(2):
+        for gid in out.group_ids[b].unique().tolist():
+            where = torch.nonzero(out.group_ids[b] == gid).flatten()
+            assert len(where) <= cap
+            members = torch.nonzero(ids[b] == gid % m).flatten()   # a run is consecutive members of its group
+            first = int((members == where[0]).nonzero())
+            assert torch.equal(members[first:first + len(where)], where)
+        sizes = torch.bincount(out.group_ids[b])
+        big = int((ids[b] == 0).sum())
+        runs = sizes[torch.arange(len(sizes)) % m == 0]
+        runs = runs[runs > 0]
+        assert len(runs) == -(-big // cap) and int(runs.max() - runs.min()) <= 1
