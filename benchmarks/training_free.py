@@ -166,9 +166,13 @@ def layer_diagnostics(model, stories, sampling, fusion, seed, queries):
             rep = inspect_step(model, x, t, pos, shot_frames=shot_frames, moga=cfg, queries=queries, seed=seed)
             step_errors.append(rep.step_error)
             for r in rep.layers:
-                acc = rows.setdefault(r.layer, {"recall": [], "error": [], "overlap_mass": [], "kept": []})
+                acc = rows.setdefault(r.layer, {"recall": [], "error": [], "overlap_mass": [], "kept": [],
+                                                "largest_group": []})
                 for key in acc:
-                    acc[key].append(getattr(r, key))
+                    if key == "largest_group":   # share of the tokens in the largest routed group
+                        acc[key].append(max(r.group_sizes) / sum(r.group_sizes) if r.group_sizes else 0.0)
+                    else:
+                        acc[key].append(getattr(r, key))
     mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
     return {"sigmas": [round(s, 3) for s in sigmas],
             "layers": {i: {k: mean(v) for k, v in acc.items()} for i, acc in sorted(rows.items())},
@@ -351,6 +355,14 @@ def tables(result: dict) -> str:
             cells = [f"{d['layers'][i]['recall']:.3f} / {d['layers'][i]['error']:.3f}"
                      for i in (k if k in d["layers"] else str(k) for k in layers)]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {d['step_error']:.3f} |")
+        if all("largest_group" in v for d in diag.values() for v in d["layers"].values()):
+            lines += ["", "Share of the tokens in the largest routed group, per layer (balanced: 1/M)", "",
+                      "| variant | " + " | ".join(f"layer {i}" for i in layers) + " |",
+                      "|" + "---|" * (len(layers) + 1)]
+            for name, d in diag.items():
+                cells = [f"{d['layers'][i]['largest_group']:.2f}"
+                         for i in (k if k in d["layers"] else str(k) for k in layers)]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
