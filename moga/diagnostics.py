@@ -34,6 +34,7 @@ import torch
 
 from .attention import MoGAConfig, TokenLayout, dense_attention, moga_attention
 from .attention.mixture import attention_pairs, window_groups
+from .attention.router import cap_routing
 
 STREAMS = ("moga", "dense")
 
@@ -267,11 +268,11 @@ def inspect_step(model, x: torch.Tensor, t, context, *, shot_frames=None, moga: 
                 return None
             q, k, v = module.qkv(xin, rope)
             routing = module.router(xin, num_groups=lcfg.num_groups) if lcfg.routed else None
+            if routing is not None:   # the groups the layer attends in (capped when lcfg.capacity is set)
+                routing = cap_routing(routing, lcfg.capacity)
             fast = moga_attention(q, k, v, routing, layout, lcfg)
             exact = dense_attention(q, k, v)
-            sizes = []
-            if routing is not None:
-                sizes = torch.bincount(routing.group_ids[0].long(), minlength=routing.num_groups).tolist()
+            sizes = [] if routing is None else routing.group_sizes(0)
             pairs, dense_pairs = _pairs(layout, lcfg, True, [s for s in sizes if s])
             if n <= queries:
                 sel = torch.arange(n)
@@ -346,8 +347,8 @@ def attention_flops(model):
             for b in range(xin.shape[0]):
                 sizes = []
                 if sparse and lcfg.routed:
-                    ids = module.router(xin[b:b + 1], num_groups=lcfg.num_groups).group_ids[0].long()
-                    sizes = [s for s in torch.bincount(ids, minlength=lcfg.num_groups).tolist() if s]
+                    routing = cap_routing(module.router(xin[b:b + 1], num_groups=lcfg.num_groups), lcfg.capacity)
+                    sizes = [s for s in routing.group_sizes(0) if s]
                 pairs, dense_pairs = _pairs(layout, lcfg, sparse, sizes)
                 total += per * pairs
                 dense_total += per * dense_pairs

@@ -1,6 +1,7 @@
 """MoGA settings: one frozen value, passed down; defaults live here and nowhere else."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 FUSIONS = ("mean", "lse")
@@ -20,6 +21,11 @@ class MoGAConfig:
     routed / windowed / per_frame: which branches run (at least one).
     fusion: "mean" (the paper: mean of routed*p, window, per-frame) or "lse" (one softmax over the
         union of the branches' keys, no gate: for calibrated, untrained routers).
+    capacity: group capacity of the routed branch, in units of the balanced size N / M: every routed
+        group of more than ceil(capacity * N / M) tokens is cut into near-equal runs of consecutive
+        tokens (sequence order), each a group of its own (`moga.attention.router.cap_routing`). None
+        (or 0) = off, the paper's behaviour. For calibrated routers, whose k-means groups are very
+        unbalanced (docs/training-free.md); the gate stays the router's probability.
     dense: run plain dense attention instead (warm-up steps/layers, baselines).
     backend: varlen kernel ("auto" picks the fastest importable one).
     """
@@ -31,6 +37,7 @@ class MoGAConfig:
     windowed: bool = True
     per_frame: bool = True
     fusion: str = "mean"
+    capacity: float | None = None
     dense: bool = False
     backend: str = "auto"
 
@@ -50,6 +57,15 @@ class MoGAConfig:
             raise ValueError("at least one MoGA branch (routed, windowed, per_frame) must be on")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.capacity is not None:
+            try:
+                cap = float(self.capacity)
+            except (TypeError, ValueError):
+                cap = math.nan
+            if not (math.isfinite(cap) and cap >= 0.0):
+                raise ValueError(f"capacity must be None (off) or a finite number >= 0 (0 = off; 1 = the "
+                                 f"balanced group size N / M), got {self.capacity!r}")
+            object.__setattr__(self, "capacity", cap or None)  # 0 means off: one spelling, None
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 

@@ -10,6 +10,10 @@
   ends). Query and key sets differ, so q and k have their own cumulative lengths.
 - per_frame: all tokens of one latent frame (contiguous in token order: no gather).
 
+With cfg.capacity the routed groups are first cut to the capacity (router.cap_routing: runs of
+consecutive tokens), so every backend, and every rank under sequence parallelism, sees the same
+capped groups; the gate stays the router's probability of the token's group.
+
 Fusion "mean" (the paper): mean over the active branches of (routed * gate, window, per_frame).
 Fusion "lse": each branch also returns its log-sum-exp and the outputs merge as one softmax over
 the union of the branches' key sets, weights exp(lse_b - logsumexp_b lse_b); no gate. A key that
@@ -28,7 +32,7 @@ from .config import MoGAConfig
 from .kernels import (LSE_HAS_GRAD, _triton_merge, fused_merge, resolve_backend, take_rows,
                       varlen_attention)
 from .layout import TokenLayout
-from .router import Routing
+from .router import Routing, cap_routing
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,8 @@ def moga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
             raise ValueError("the routed branch is on but no routing was given: pass the router's "
                              "Routing, or set routed=False in the MoGAConfig")
         _check_routing(routing, b, n)
+        # group capacity: from the whole sequence's routing (after the SP all-gather), same on every rank
+        routing = cap_routing(routing, cfg.capacity)
     use_lse = cfg.fusion == "lse" and len(branches) > 1  # one branch: its own softmax is the union
     if (use_lse and not LSE_HAS_GRAD[backend] and torch.is_grad_enabled()
             and any(t.requires_grad for t in (q, k, v))):

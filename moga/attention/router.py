@@ -3,9 +3,16 @@
 One group per token, shared by all heads. A run-time group count M' below the router's M merges
 the router's rows into M' groups (deterministically, cached), so a checkpoint trained or
 calibrated with M groups can run coarser without reloading.
+
+Group capacity (`cap_routing`, MoGAConfig.capacity): a routed group of more than
+ceil(capacity * N / M') tokens is cut into near-equal runs of consecutive tokens (in sequence
+order), each attended as a group of its own. It needs the whole sequence's routing, so under
+sequence parallelism it runs after the all-gather (moga_attention applies it), on every rank
+from the same gathered tensors: integer arithmetic only, the same result everywhere.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,19 +24,93 @@ from torch import nn
 
 @dataclass
 class Routing:
-    """group_ids [B, N] long; gate [B, N] = p(chosen group); probs [B, N, M'] (float32)."""
+    """group_ids [B, N] long; gate [B, N] = p(chosen group); probs [B, N, M'] (float32).
+
+    A capped routing (`cap_routing`) has `capacity` set and group ids g + M' * k for run k of router
+    group g (k < `runs`), so `group_ids % M'` is still the router's group; gate and probs are the
+    router's, untouched. `num_groups` is the size of the id space (M' * runs), `router_groups` M'.
+    """
 
     group_ids: torch.Tensor
     gate: torch.Tensor
     probs: torch.Tensor
+    capacity: float | None = None
+    runs: int = 1
+
+    @property
+    def router_groups(self) -> int:
+        return self.probs.shape[-1]
 
     @property
     def num_groups(self) -> int:
-        return self.probs.shape[-1]
+        """Group ids lie in [0, num_groups): M' uncapped, M' * runs capped."""
+        return self.probs.shape[-1] * self.runs
 
     def gather(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Routing":
         """Apply `fn` to each tensor (e.g. an all-gather over sequence shards)."""
+        if self.capacity is not None:
+            raise ValueError("a capped routing cannot be gathered: its runs depend on the whole sequence; "
+                             "gather the router's routing first, then cap it (cap_routing)")
         return Routing(fn(self.group_ids), fn(self.gate), fn(self.probs))
+
+    def group_sizes(self, batch: int = 0) -> list[int]:
+        """Token count of every group of one batch element: the router's M' groups (empty ones as 0);
+        capped, the first run of each router group (0 when empty) and then every further non-empty run."""
+        counts = torch.bincount(self.group_ids[batch].reshape(-1).long(), minlength=self.num_groups).tolist()
+        m = self.router_groups
+        return counts[:m] + [c for c in counts[m:] if c]
+
+
+def capacity_limit(num_tokens: int, num_groups: int, capacity: float) -> int:
+    """The largest routed group allowed: ceil(capacity * N / M) tokens (at least 1).
+    Rounded to 9 decimals first so that float noise (0.3 * 10 / 3) does not add a token."""
+    if not capacity or capacity <= 0:
+        raise ValueError(f"capacity must be > 0, got {capacity!r}")
+    return max(1, math.ceil(round(float(capacity) * num_tokens / num_groups, 9)))
+
+
+def cap_routing(routing: Routing, capacity: float | None) -> Routing:
+    """Cut every group of more than `capacity_limit(N, M', capacity)` tokens into near-equal runs.
+
+    Per batch element, the tokens of router group g are taken in sequence order; a group of s tokens
+    over the limit L becomes r = ceil(s / L) runs, token at position p (0-based, within g) in run
+    floor(p * r / s), so runs differ by at most one token and none exceeds L. Run k of group g gets
+    id g + M' * k (groups within the limit keep their id). Gate and probs stay the router's.
+    capacity None/0 returns the routing unchanged; an already capped routing is returned as it is
+    when its capacity is the same, else ValueError. Deterministic: integer ops on the ids only.
+    """
+    if not capacity:
+        return routing
+    if routing.capacity is not None:
+        if routing.capacity != float(capacity):
+            raise ValueError(f"this routing is already capped at {routing.capacity}; cap the router's "
+                             f"routing at {capacity} instead")
+        return routing
+    ids = routing.group_ids
+    if ids.dim() != 2:
+        raise ValueError(f"group ids must be [batch, tokens], got {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"group ids must be an integer tensor, got {ids.dtype}")
+    b, n = ids.shape
+    m = routing.router_groups
+    limit = capacity_limit(n, m, capacity)
+    bound = -(-n // limit)  # runs of the largest possible group (all N tokens in one): a static bound
+    if n == 0 or bound <= 1:
+        return Routing(ids, routing.gate, routing.probs, float(capacity), 1)
+    ids = ids.long()
+    lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
+    if lo < 0 or hi >= m:
+        raise ValueError(f"group ids must lie in [0, {m}), got values in [{lo}, {hi}]")
+    key = (ids + torch.arange(b, device=ids.device)[:, None] * m).reshape(-1)
+    counts = torch.bincount(key, minlength=b * m)
+    order = torch.argsort(key, stable=True)          # by (batch, group), sequence order inside a group
+    sk = key[order]
+    size = counts[sk]
+    pos = torch.arange(b * n, device=ids.device) - (torch.cumsum(counts, 0) - counts)[sk]
+    runs = (size + limit - 1) // limit
+    capped = torch.empty_like(key)
+    capped[order] = sk % m + m * torch.div(pos * runs, size, rounding_mode="floor")
+    return Routing(capped.view(b, n), routing.gate, routing.probs, float(capacity), bound)
 
 
 def merge_rows(weight: torch.Tensor, num_groups: int) -> list[int]:
