@@ -531,6 +531,7 @@ def moga_metadata(cfg: MoGAConfig, layers: Iterable[int], dense_warmup: float = 
         "moga.layers": format_layers(layers),
         "moga.fusion": cfg.fusion,
         "moga.dense_warmup": repr(float(dense_warmup)),
+        "moga.capacity": repr(float(cfg.capacity or 0.0)),
     }
 
 
@@ -547,11 +548,17 @@ def _moga_settings(meta: Mapping[str, str], cfg: WanConfig, path) -> tuple[MoGAC
         raise CheckpointError(f"{path}: MoGA format version {version} is newer than this moga "
                               f"(reads {FORMAT_VERSION}): update the package")
     try:
+        capacity = float(meta.get("moga.capacity", 0.0))
+    except ValueError:
+        raise CheckpointError(f"{path}: invalid MoGA metadata: moga.capacity {meta['moga.capacity']!r} is not a "
+                              f"number (0 = off, 1.0 = the balanced group size)") from None
+    try:
         m = int(meta.get("moga.num_groups", cfg.num_groups))
         window = MoGAConfig.parse_window(meta.get("moga.window", "0,2,2"))
         settings = MoGAConfig(num_groups=m, window=window,
                               context_frames=int(meta.get("moga.context_frames", 1)),
-                              fusion=meta.get("moga.fusion", "mean"))
+                              fusion=meta.get("moga.fusion", "mean"),
+                              capacity=capacity)
         warmup = float(meta.get("moga.dense_warmup", 0.0))
     except ValueError as exc:
         raise CheckpointError(f"{path}: invalid MoGA metadata: {exc}") from exc
@@ -667,7 +674,7 @@ class CheckpointInfo:
     dtypes: dict            # dtype name -> parameter count
     scaled_fp8: bool
     config: dict
-    moga: dict | None       # num_groups, window, context_frames, layers, fusion, dense_warmup
+    moga: dict | None       # num_groups, window, context_frames, layers, fusion, dense_warmup, capacity
     extras: str | None
     metadata: dict
 
@@ -690,7 +697,7 @@ class CheckpointInfo:
             m = self.moga
             lines.append(f"  MoGA:       {m['num_groups']} groups, window {m['window']}, context frames "
                          f"{m['context_frames']}, fusion {m['fusion']}, routers in layers {m['layers']}, "
-                         f"dense warm-up {m['dense_warmup']}")
+                         f"dense warm-up {m['dense_warmup']}, group capacity {m.get('capacity') or 'off'}")
         else:
             lines.append("  MoGA:       no routers (runs dense; `moga patch` adds them)")
         if self.extras:
@@ -720,7 +727,7 @@ def inspect_checkpoint(path, num_heads: int | None = None) -> CheckpointInfo:
     if plan.moga is not None:
         moga = dict(num_groups=plan.moga.num_groups, window=",".join(map(str, plan.moga.window)),
                     context_frames=plan.moga.context_frames, layers=format_layers(cfg.moga_layers),
-                    fusion=plan.moga.fusion, dense_warmup=plan.dense_warmup)
+                    fusion=plan.moga.fusion, dense_warmup=plan.dense_warmup, capacity=plan.moga.capacity)
     conf = asdict(cfg)
     conf["patch_size"] = list(cfg.patch_size)
     conf["moga_layers"] = list(cfg.moga_layers)
@@ -757,11 +764,16 @@ def save_checkpoint(model_or_state, path, metadata: Mapping[str, str] | None = N
 # Dense warm-up written into calibrated checkpoints (fraction of the first sampling steps that run dense
 # attention); chosen from the measurements in docs/training-free.md. Trained routers get 0.
 CALIBRATED_DENSE_WARMUP = 0.25
+# Group capacity written into calibrated checkpoints (MoGAConfig.capacity: routed groups over
+# ceil(capacity * N / M) tokens are cut into runs); k-means groups are very unbalanced, so uncapped
+# they leave most of dense attention's FLOPs (docs/training-free.md). Trained routers get None (off).
+CALIBRATED_CAPACITY = 1.0
 
 
 def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=None, calibrate: bool = True,
                      *, layers=None, context_frames: int = 1, fusion: str | None = None,
-                     dense_warmup: float | None = None, calibration_size=(9, 30, 52),
+                     dense_warmup: float | None = None, capacity: float | None = None,
+                     calibration_size=(9, 30, 52),
                      calibration_steps: int = 3, calibration_context: torch.Tensor | None = None,
                      calibration_tokens: int = 8192, seed: int = 0, device="cpu",
                      dtype: torch.dtype | None = None, progress: Callable[[str], None] | None = None,
@@ -776,7 +788,8 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
     the self-attention input tokens into M groups; the unit centroids are the router rows.
     Every other tensor of `src` is written with the same name, dtype and bytes; existing routers
     are replaced. fusion defaults to "mean" for a router file (trained) and "lse" for calibration;
-    dense_warmup (the fraction of early sampling steps to run dense) to 0.0 and CALIBRATED_DENSE_WARMUP.
+    dense_warmup (the fraction of early sampling steps to run dense) to 0.0 and CALIBRATED_DENSE_WARMUP;
+    capacity (MoGAConfig.capacity, 0 = off) to off and CALIBRATED_CAPACITY.
     """
     say = progress or (lambda msg: None)
     dst = Path(dst)
@@ -800,6 +813,7 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
         num_groups = m
         fusion = fusion or "mean"
         warmup = 0.0 if dense_warmup is None else dense_warmup
+        cap = capacity
     elif calibrate:
         if not num_groups or num_groups < 1:
             raise ValueError("calibration needs num_groups >= 1 (the router's group count M)")
@@ -810,9 +824,11 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
                                     device=device, dtype=dtype, num_heads=num_heads)
         fusion = fusion or "lse"
         warmup = CALIBRATED_DENSE_WARMUP if dense_warmup is None else dense_warmup
+        cap = CALIBRATED_CAPACITY if capacity is None else capacity
     else:
         raise ValueError("give routers (a router file from training) or calibrate=True")
-    settings = MoGAConfig(num_groups=int(num_groups), window=window, context_frames=context_frames, fusion=fusion)
+    settings = MoGAConfig(num_groups=int(num_groups), window=window, context_frames=context_frames, fusion=fusion,
+                          capacity=cap)
 
     old_routers = {k for c, k in plan.names.items() if c.endswith(".self_attn.router.weight")}
     copy = {k: source for k in source.keys() if k not in old_routers}
@@ -950,4 +966,5 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) ->
 __all__ = ["load_model", "inspect_checkpoint", "save_checkpoint", "patch_checkpoint", "CheckpointInfo",
            "CheckpointError", "EXTRA_LOADERS", "register_extras", "TensorSource", "to_layout",
            "detect_layout", "canonical_key", "moga_metadata", "calibrate_routers", "spherical_kmeans",
-           "write_safetensors", "read_header", "plan_checkpoint", "FORMAT_VERSION", "CALIBRATED_DENSE_WARMUP"]
+           "write_safetensors", "read_header", "plan_checkpoint", "FORMAT_VERSION", "CALIBRATED_DENSE_WARMUP",
+           "CALIBRATED_CAPACITY"]

@@ -55,6 +55,9 @@ def _add_generate(sub):
     p.add_argument("--groups", type=int, default=None, help="MoGA groups M at run time (<= the routers' M)")
     p.add_argument("--window", help="window grid: 'frames,rows,cols' or 'rowsxcols' (default: the checkpoint's)")
     p.add_argument("--fusion", choices=("mean", "lse"), help="branch fusion (default: the checkpoint's)")
+    p.add_argument("--capacity", type=float, default=None,
+                   help="routed group capacity: groups over capacity * N / M tokens are cut into runs "
+                        "(0 = off; default: the checkpoint's)")
     p.add_argument("--attention-backend", default=None,
                    choices=("auto", "fa4", "flash_attn", "torch", "sdpa", "reference"))
     p.add_argument("--dense", action="store_true", help="run dense attention everywhere (baseline)")
@@ -88,6 +91,9 @@ def _add_patch(sub):
     p.add_argument("--layers", help="layers that get routers, e.g. '0-29' (default: all)")
     p.add_argument("--fusion", choices=("mean", "lse"))
     p.add_argument("--dense-warmup", type=float, default=None)
+    p.add_argument("--capacity", type=float, default=None,
+                   help="routed group capacity written into the file (0 = off; default 1.0 when calibrating, "
+                        "off with --routers)")
     p.add_argument("--calibration-size", default="9,30,52",
                    help="latent frames,height,width of the calibration pass (default 9,30,52: 480p, 33 frames)")
     p.add_argument("--calibration-steps", type=int, default=3)
@@ -224,7 +230,8 @@ def moga_settings(args, info):
         base = MoGAConfig()
     else:
         base = MoGAConfig(num_groups=routers["num_groups"], window=MoGAConfig.parse_window(routers["window"]),
-                          context_frames=routers["context_frames"], fusion=routers["fusion"])
+                          context_frames=routers["context_frames"], fusion=routers["fusion"],
+                          capacity=routers.get("capacity"))
     changes = {}
     if args.groups is not None:
         changes["num_groups"] = args.groups
@@ -232,6 +239,11 @@ def moga_settings(args, info):
         changes["window"] = MoGAConfig.parse_window(args.window)
     if args.fusion:
         changes["fusion"] = args.fusion
+    if getattr(args, "capacity", None) is not None:
+        if not args.capacity >= 0:
+            raise CliError(f"--capacity must be >= 0 (0 = off; 1 = the balanced group size N / M), "
+                           f"got {args.capacity}")
+        changes["capacity"] = args.capacity
     if args.attention_backend:
         changes["backend"] = args.attention_backend
     if args.dense:
@@ -466,13 +478,15 @@ def cmd_patch(args) -> int:
         size = tuple(int(v) for v in args.calibration_size.split(","))
     except ValueError:
         size = ()
+    if args.capacity is not None and not args.capacity >= 0:
+        raise CliError(f"--capacity must be >= 0 (0 = off), got {args.capacity}")
     if len(size) != 3 or min(size) < 1:
         raise CliError(f"--calibration-size {args.calibration_size!r} is not 'frames,height,width' in latent units")
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     info = patch_checkpoint(args.src, args.dst, args.groups, window=args.window, routers=args.routers,
                             calibrate=args.routers is None,
                             layers=parse_layers(args.layers) if args.layers else None, fusion=args.fusion,
-                            dense_warmup=args.dense_warmup, calibration_size=size,
+                            dense_warmup=args.dense_warmup, capacity=args.capacity, calibration_size=size,
                             calibration_steps=args.calibration_steps, seed=args.seed, device=device,
                             dtype=None if args.dtype == "auto" else dtype,
                             progress=lambda msg: print(msg, file=sys.stderr))

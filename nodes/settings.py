@@ -40,7 +40,7 @@ class MoGAAttentionSettings(io.ComfyNode):
             display_name=NODE,
             category=CATEGORY,
             description="Changes how MoGA attention runs for this model: group count, window grid, which layers "
-                        "route, fusion and dense warm-up. Returns a changed copy; the loaded model is not modified.",
+                        "route, fusion, dense warm-up and group capacity. Returns a changed copy; the loaded model is not modified.",
             inputs=[
                 MogaModel.Input("model", tooltip="The MoGA model from MoGA Model Loader."),
                 io.Int.Input("num_groups", default=0, min=0, max=64,
@@ -77,13 +77,20 @@ class MoGAAttentionSettings(io.ComfyNode):
                                        "layout of the video forms. Those steps cost what dense attention costs; "
                                        "useful with calibrated (untrained) routers, 0 for trained ones. -1 = the "
                                        "checkpoint's own (docs/training-free.md)."),
+                io.Float.Input("capacity", default=-1.0, min=-1.0, max=64.0, step=0.25,
+                               tooltip="Largest routed group, in units of the balanced size (tokens / groups): "
+                                       "a bigger group is cut into runs of consecutive tokens. Calibrated "
+                                       "routers make very unbalanced groups, so 1 cuts attention cost a lot at "
+                                       "little loss; trained routers are balanced already. 0 = off (the "
+                                       "paper), -1 = the checkpoint's own (docs/training-free.md)."),
             ],
             outputs=[MogaModel.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, model: MoGAModelHandle, num_groups=0, window_frames=0, window_rows=2, window_cols=2,
-                context_frames=1, route_layers="all", fusion="checkpoint", dense_warmup=-1.0) -> io.NodeOutput:
+                context_frames=1, route_layers="all", fusion="checkpoint", dense_warmup=-1.0,
+                capacity=-1.0) -> io.NodeOutput:
         if not isinstance(model, MoGAModelHandle):
             raise input_error(NODE, "model", "is not a MoGA model", "connect the output of MoGA Model Loader")
         config = getattr(model.model, "config", None)
@@ -109,12 +116,18 @@ class MoGAAttentionSettings(io.ComfyNode):
             if fusion not in FUSIONS:
                 raise input_error(NODE, "fusion", f"unknown fusion {fusion!r}", f"pick one of {', '.join(FUSIONS)}")
             changes["fusion"] = fusion
+        if float(capacity) != -1.0:  # -1: the checkpoint's (already in base)
+            if not float(capacity) >= 0.0:
+                raise input_error(NODE, "capacity", f"{capacity} is not a capacity",
+                                  "use -1 (the checkpoint's), 0 (off) or a positive number (1 = the balanced "
+                                  "group size)")
+            changes["capacity"] = float(capacity)
         try:
             moga = base.replace(**changes)
         except ValueError as e:
             raise input_error(NODE, "window", str(e), "frames >= 0 (0 = whole shot), rows and cols >= 1") from e
         settings = dict(model.settings, num_groups=moga.num_groups, window=moga.window,
                         context_frames=moga.context_frames, fusion=moga.fusion, route_layers=route_layers,
-                        dense_warmup=float(dense_warmup))
+                        dense_warmup=float(dense_warmup), capacity=moga.capacity)
         return io.NodeOutput(model.with_settings(moga=moga, dense_warmup=float(dense_warmup),
                                                  dense_layers=dense_layers, settings=settings))
