@@ -198,7 +198,8 @@ class InspectReport:
     def table(self) -> str:
         head = (f"{self.tokens} tokens ({self.layout}), t = {self.timestep:g}, {self.queries} sampled queries, "
                 f"stream {self.stream}; MoGA: M = {self.config['num_groups']}, window "
-                f"{tuple(self.config['window'])}, fusion {self.config['fusion']}")
+                f"{tuple(self.config['window'])}, fusion {self.config['fusion']}, group capacity "
+                f"{self.config.get('capacity') or 'off'}")
         lines = [head, "layer  mode   recall  p10     error   err_o   overlap  ov_mass  kept   groups (min/mean/max)"]
         for r in self.layers:
             sizes = (f"{min(r.group_sizes)}/{sum(r.group_sizes) / len(r.group_sizes):.0f}/{max(r.group_sizes)}"
@@ -390,6 +391,7 @@ def add_arguments(p) -> None:
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--groups", type=int, help="M for this run (default: the checkpoint's)")
     p.add_argument("--fusion", choices=("mean", "lse"), help="default: the checkpoint's")
+    p.add_argument("--capacity", type=float, help="routed group capacity, 0 = off (default: the checkpoint's)")
     p.add_argument("--window", help="'frames,rows,cols' or 'rowsxcols' (default: the checkpoint's)")
     p.add_argument("--context-frames", type=int)
     p.add_argument("--dense-layers", default="", help="layers run dense, e.g. '0-1,29'")
@@ -446,6 +448,8 @@ def main(args) -> int:
         changes["num_groups"] = args.groups
     if args.fusion:
         changes["fusion"] = args.fusion
+    if args.capacity is not None:
+        changes["capacity"] = args.capacity
     if args.window:
         changes["window"] = MoGAConfig.parse_window(args.window)
     if args.context_frames is not None:

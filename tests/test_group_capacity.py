@@ -299,3 +299,42 @@ def test_sequence_parallel_capacity_matches_one_process():
         assert res["rel"] < 1e-5
         assert res["capped_vs_uncapped"] > 1e-4           # the cut happened
     assert len(torch.unique(ranks[0]["ref_ids"])) > 3       # more groups than the router's 3
+
+
+# ---------------------------------------------------------------- diagnostics and FLOP counts
+def test_inspect_and_flop_count_use_the_capped_groups():
+    from collections import Counter
+
+    from moga.attention.mixture import attention_pairs
+    from moga.diagnostics import attention_flops, inspect_step
+    from moga.testing import random_inputs, tiny_model
+    model = tiny_model(num_groups=4, num_layers=2, seed=3)
+    shots = (2, 3)
+    x, t, ctx = random_inputs(model.config, frames=5, height=12, width=12, shots=2, seed=5)
+    cfg = MoGAConfig(num_groups=4, fusion="lse", capacity=0.5)
+    seen = {}
+    hooks = [b.self_attn.register_forward_pre_hook(
+        lambda mod, args, kw, i=i: seen.__setitem__(i, (args[0], args[1])), with_kwargs=True)
+        for i, b in enumerate(model.blocks)]
+    try:
+        with torch.no_grad(), attention_flops(model) as count:
+            model(x, t, ctx, shot_frames=shots, moga=cfg)
+        flops = 0.0
+        for i, (xin, layout) in seen.items():
+            module = model.blocks[i].self_attn
+            ids = module.router(xin, num_groups=4).group_ids[0].tolist()
+            sizes = list(Counter(reference_cap(ids, 4, 0.5)).values())
+            assert max(sizes) <= capacity_limit(layout.num_tokens, 4, 0.5)
+            pairs = attention_pairs(layout, cfg, sizes)
+            flops += 4.0 * module.num_heads * module.head_dim * sum(v for k, v in pairs.items() if k != "dense")
+        assert count.flops == pytest.approx(flops, rel=1e-12)
+        seen.clear()
+        report = inspect_step(model, x, t, ctx, shot_frames=shots, moga=cfg, queries=32)
+        for row in report.layers:   # the same inputs as the forward above (stream "moga")
+            xin, layout = seen[row.layer]
+            ids = model.blocks[row.layer].self_attn.router(xin, num_groups=4).group_ids[0].tolist()
+            want = sorted(Counter(reference_cap(ids, 4, 0.5)).values())
+            assert sorted(s for s in row.group_sizes if s) == want and len(want) > 4
+    finally:
+        for h in hooks:
+            h.remove()
