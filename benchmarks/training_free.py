@@ -2,6 +2,8 @@
 
     python benchmarks/training_free.py --dense runs/demo-dense/model.safetensors        # the measurement
     python benchmarks/training_free.py --smoke                                           # tiny random model, seconds
+    python benchmarks/training_free.py --table benchmarks/results/training_free.json --doc docs/training-free.md
+                                                             # the tables of a result file, written into the doc
 
 For every M in --groups, routers are calibrated training-free for the dense model (`calibrate_routers`:
 k-means of each layer's self-attention inputs on a short dense pass, what `moga patch` does) and written
@@ -10,6 +12,7 @@ with `patch_checkpoint` as a MoGA checkpoint. Each variant then renders the same
 evaluator (moga.demo.evaluate):
     dense                       the dense model itself
     M=m lse|mean, warm-up w     calibrated routers, fusion, first w of the steps dense
+    ... cap c                   with group capacity c (--capacity; MoGAConfig.capacity)
 Per variant: the evaluator's metrics, `score` (their mean: colour, shape, size, direction, background,
 consistency, smoothness), the final latent's error against the dense run of the same seed, attention
 FLOPs per video (QK^T and PV, guidance passes included) and their share of dense.
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import shutil
@@ -92,8 +94,9 @@ def run_variant(model, stories, sampling, evaluate, reference=None, moga=None, d
             "seconds": round(time.perf_counter() - t0, 1)}, latents
 
 
-def calibrated(model, dense_path, num_groups, out_dir, stories, world, seed, steps):
-    """A MoGA checkpoint for the dense model with routers calibrated training-free (fusion lse, no warm-up)."""
+def calibrated(model, dense_path, num_groups, out_dir, stories, world, seed, steps, capacity=None):
+    """A MoGA checkpoint for the dense model with routers calibrated training-free (fusion lse, no warm-up,
+    group capacity `capacity`: None/0 = off)."""
     demo_model, _, _ = _demo()
     story = world.sample_story(seed + 99_991, len(stories[0].shots))   # a training story for the text
     pos, _, shot_frames, size = story_inputs(model, story)
@@ -101,44 +104,9 @@ def calibrated(model, dense_path, num_groups, out_dir, stories, world, seed, ste
     routers = ckpt.calibrate_routers(dense_path, num_groups, layers, size=size, steps=steps, context=pos[0],
                                      seed=seed, model=model)
     dst = Path(out_dir) / f"calibrated-M{num_groups}.safetensors"
-    ckpt.patch_checkpoint(dense_path, dst, num_groups=None, routers=routers, fusion="lse", dense_warmup=0.0)
+    ckpt.patch_checkpoint(dense_path, dst, num_groups=None, routers=routers, fusion="lse", dense_warmup=0.0,
+                          capacity=capacity or 0.0)
     return demo_model.load_demo(dst)
-
-
-def split_groups(routing, capacity: float):
-    """EXPERIMENT, not in the library: every routed group of more than ceil(capacity * N / M) tokens is cut
-    into near-equal runs of consecutive tokens (token order is frame-major, so the runs are slabs of frames).
-    Run k of group g gets the id g + M * k; the gate stays the router's probability of g."""
-    from moga.attention.router import Routing
-    ids = routing.group_ids.long()
-    b, n = ids.shape
-    m = routing.probs.shape[-1]
-    cap = math.ceil(capacity * n / m)
-    out, kmax = torch.empty_like(ids), 1
-    for i in range(b):
-        g = ids[i]
-        order = torch.argsort(g, stable=True)
-        counts = torch.bincount(g, minlength=m)
-        sg = g[order]
-        pos = torch.arange(n, device=g.device) - (torch.cumsum(counts, 0) - counts)[sg]
-        size = counts[sg]
-        runs = (size + cap - 1) // cap
-        out[i, order] = sg + m * (pos * runs // size)
-        kmax = max(kmax, int(runs.max()))
-    probs = routing.probs
-    if kmax > 1:
-        probs = torch.cat([probs, probs.new_zeros(b, n, m * (kmax - 1))], dim=-1)
-    return Routing(out, routing.gate, probs)
-
-
-def cap_groups(model, capacity: float) -> None:
-    """Apply `split_groups` to every router of `model` (this instance only)."""
-    for block in model.blocks:
-        router = block.self_attn.router
-        if router is not None:
-            plain = router.forward
-            router.forward = lambda x, num_groups=None, plain=plain: split_groups(plain(x, num_groups=num_groups),
-                                                                                 capacity)
 
 
 def noised_inputs(model, story, sigmas, seed):
@@ -200,7 +168,9 @@ def main(argv=None) -> dict:
     p.add_argument("--fusions", default="lse,mean")
     p.add_argument("--warmups", default="0,0.25", help="dense warm-up fractions")
     p.add_argument("--capacity", type=float, default=0.0,
-                   help="EXPERIMENT: cut routed groups larger than capacity * N / M into runs (split_groups)")
+                   help="routed group capacity (MoGAConfig.capacity, written into the calibrated checkpoint): "
+                        "groups over ceil(capacity * N / M) tokens are cut into runs; 0 = off (the default here, "
+                        "so that variant names without 'cap' mean uncapped)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the demo model's)")
     p.add_argument("--calibration-steps", type=int, default=3)
     p.add_argument("--diag-stories", type=int, default=2)
@@ -209,9 +179,20 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/training_free[-smoke].json)")
     p.add_argument("--markdown", default=None, help="also write the tables here")
+    p.add_argument("--table", metavar="JSON", help="only print the tables of a result file (no measurement)")
+    p.add_argument("--doc", metavar="MD", help="with --table: replace the tables between the markers in this "
+                                               "markdown file (docs/training-free.md)")
     p.add_argument("--resume", action="store_true", help="keep the variants already in --out (same settings) and "
                                                           "measure only the missing ones")
     args = p.parse_args(argv)
+    if args.table:
+        result = json.loads(Path(args.table).read_text())
+        if args.doc:
+            write_doc_tables(args.doc, result)
+        print(tables(result))
+        return result
+    if args.doc:
+        p.error("--doc goes with --table JSON")
     if not args.dense and not args.smoke:
         p.error("give --dense MODEL (the dense-trained demo model) or --smoke")
     if args.threads:
@@ -296,9 +277,8 @@ def measure(args, tmp: Path, argv) -> dict:
         if not todo and all(f"M={m} {f}{cap}" in diags for f in fusions):
             continue
         t0 = time.perf_counter()
-        model = calibrated(dense, dense_path, m, tmp, stories, world, args.seed, args.calibration_steps)
-        if args.capacity:
-            cap_groups(model, args.capacity)
+        model = calibrated(dense, dense_path, m, tmp, stories, world, args.seed, args.calibration_steps,
+                           args.capacity)
         say(f"calibrated M={m} in {time.perf_counter() - t0:.1f} s")
         for fusion in fusions:
             if f"M={m} {fusion}{cap}" not in diags:
@@ -328,6 +308,28 @@ def _tokens(model, story) -> int:
     _, _, shot_frames, (f, h, w) = story_inputs(model, story)
     ph, pw = model.config.patch_size[1:]
     return f * (h // ph) * (w // pw)
+
+
+DOC_BEGIN = ("<!-- generated from benchmarks/results/training_free.json by `python benchmarks/training_free.py "
+             "--table benchmarks/results/training_free.json --doc docs/training-free.md`: do not edit by hand -->")
+DOC_END = "<!-- end of generated tables -->"
+
+
+def doc_tables(result: dict) -> str:
+    """The block of the doc between (and with) the markers."""
+    return f"{DOC_BEGIN}\n\n{tables(result)}\n\n{DOC_END}"
+
+
+def write_doc_tables(doc, result: dict) -> None:
+    """Replace the marked block of `doc` with the tables of `result` (the doc cannot drift from the JSON)."""
+    path = Path(doc)
+    text = path.read_text()
+    if text.count(DOC_BEGIN) != 1 or text.count(DOC_END) != 1 or text.index(DOC_BEGIN) > text.index(DOC_END):
+        raise SystemExit(f"{doc} needs one line\n{DOC_BEGIN}\nand, after it, one line\n{DOC_END}\n"
+                         f"where the tables go")
+    head, rest = text.split(DOC_BEGIN)
+    tail = rest.split(DOC_END, 1)[1]
+    path.write_text(head + doc_tables(result) + tail)
 
 
 def tables(result: dict) -> str:

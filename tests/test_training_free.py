@@ -22,7 +22,7 @@ LAYERS = 2
 
 
 class CallLog:
-    """Every self-attention call, in order: ("dense", layer) or ("moga", layer, fusion, num_groups)."""
+    """Every self-attention call, in order: ("dense", layer) or ("moga", layer, fusion, num_groups, capacity)."""
 
     def __init__(self):
         self.entries, self._layer, self.handles = [], None, []
@@ -47,7 +47,7 @@ def calls(monkeypatch):
         return real_dense(q, k, v)
 
     def sparse(q, k, v, routing, layout, cfg):
-        log.entries.append(("moga", log._layer, cfg.fusion, cfg.num_groups))
+        log.entries.append(("moga", log._layer, cfg.fusion, cfg.num_groups, cfg.capacity))
         return real_moga(q, k, v, routing, layout, cfg)
 
     monkeypatch.setattr(layer_mod, "dense_attention", dense)
@@ -184,21 +184,22 @@ def test_cli_uses_the_checkpoint_warmup(calls, files, monkeypatch):
     warm = round(ckpt.CALIBRATED_DENSE_WARMUP * 4)
     assert calls.kinds() == _expected(4, warm, passes=1)
     assert {e[2] for e in calls.entries if e[0] == "moga"} == {"lse"}
+    assert {e[4] for e in calls.entries if e[0] == "moga"} == {ckpt.CALIBRATED_CAPACITY}
 
 
 def test_cli_flags_override(calls, files, monkeypatch):
     _watch_loaded(calls, monkeypatch)
     assert _generate(files, "calibrated", "--dense-steps", "0.5", "--dense-layers", "0", "--fusion", "mean",
-                     "--groups", "2") == 0
+                     "--groups", "2", "--capacity", "0") == 0
     assert calls.kinds() == _expected(4, 2, passes=1, dense_layers=(0,))
-    assert {(e[1], e[2], e[3]) for e in calls.entries if e[0] == "moga"} == {(1, "mean", 2)}
+    assert {(e[1], e[2], e[3], e[4]) for e in calls.entries if e[0] == "moga"} == {(1, "mean", 2, None)}
 
 
 def test_cli_trained_checkpoint_runs_sparse_from_the_start(calls, files, monkeypatch):
     _watch_loaded(calls, monkeypatch)
     assert _generate(files, "trained") == 0
     assert calls.kinds() == _expected(4, 0, passes=1)
-    assert {e[2] for e in calls.entries if e[0] == "moga"} == {"mean"}
+    assert {(e[2], e[4]) for e in calls.entries if e[0] == "moga"} == {("mean", None)}
 
 
 # ---- the MoGA Attention Settings node ----------------------------------------------------------------
@@ -221,6 +222,13 @@ def test_settings_node_keeps_or_overrides_the_warmup(files, tmp_path):
         assert (off.dense_warmup, off.moga.fusion, off.dense_layers) == (0.0, "mean", (0,))
         with pytest.raises(Exception, match="dense_warmup"):
             node.execute(model=handle, dense_warmup=-0.5)
+        # group capacity: -1 keeps the checkpoint's, 0 turns it off, a number sets it
+        assert handle.moga.capacity == ckpt.CALIBRATED_CAPACITY and keep.moga.capacity == ckpt.CALIBRATED_CAPACITY
+        assert node.execute(model=handle, capacity=0.0).args[0].moga.capacity is None
+        two = node.execute(model=handle, capacity=2.0).args[0]
+        assert two.moga.capacity == 2.0 and two.settings["capacity"] == 2.0
+        with pytest.raises(Exception, match="capacity"):
+            node.execute(model=handle, capacity=-0.5)
         env.nodes.loader.CACHE.clear()
 
 
@@ -258,31 +266,39 @@ def test_measurement_script_smoke(tmp_path):
     assert len(again["commands"]) == 2
 
 
-def test_measurement_group_capacity_split():
-    """The benchmark's experimental group capacity: groups over ceil(c * N / M) tokens become near-equal runs of
-    consecutive tokens; small groups and the gate are untouched."""
+def _bench():
     import importlib.util
     spec = importlib.util.spec_from_file_location("training_free_bench", ROOT / "benchmarks" / "training_free.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from moga.attention.router import Routing
-    g = torch.Generator().manual_seed(0)
-    n, m = 50, 4
-    ids = torch.where(torch.rand(2, n, generator=g) < 0.7, 0, torch.randint(1, m, (2, n), generator=g))
-    gate = torch.rand(2, n, generator=g)
-    out = bench.split_groups(Routing(ids, gate, torch.rand(2, n, m, generator=g)), 1.0)
-    cap = -(-n // m)
-    assert torch.equal(out.gate, gate) and out.probs.shape[-1] % m == 0
-    assert torch.equal(out.group_ids % m, ids)                  # every run stays inside its group
-    for b in range(2):
-        for gid in out.group_ids[b].unique().tolist():
-            where = torch.nonzero(out.group_ids[b] == gid).flatten()
-            assert len(where) <= cap
-            members = torch.nonzero(ids[b] == gid % m).flatten()   # a run is consecutive members of its group
-            first = int((members == where[0]).nonzero())
-            assert torch.equal(members[first:first + len(where)], where)
-        sizes = torch.bincount(out.group_ids[b])
-        big = int((ids[b] == 0).sum())
-        runs = sizes[torch.arange(len(sizes)) % m == 0]
-        runs = runs[runs > 0]
-        assert len(runs) == -(-big // cap) and int(runs.max() - runs.min()) <= 1
+    return bench
+
+
+def test_doc_tables_are_the_json():
+    """docs/training-free.md shows the tables generated from benchmarks/results/training_free.json, every row."""
+    import json
+    bench = _bench()
+    result = json.loads((ROOT / "benchmarks" / "results" / "training_free.json").read_text())
+    doc = (ROOT / "docs" / "training-free.md").read_text()
+    assert bench.doc_tables(result) in doc, ("docs/training-free.md is out of date: run python "
+                                              "benchmarks/training_free.py --table benchmarks/results/"
+                                              "training_free.json --doc docs/training-free.md")
+    for row in result["rows"]:
+        assert f"| {row['variant']} |" in doc
+
+
+def test_doc_tables_rewrite(tmp_path):
+    bench = _bench()
+    result = {"rows": [{"variant": "dense", "groups": None, "fusion": None, "warmup": None, "score": 50.0,
+                        "colour": 1.0, "shape": 2.0, "size": 3.0, "direction": 4.0, "background": 5.0,
+                        "consistency": None, "smoothness": 6.0, "latent_error": 0.0, "attention_gflops": 1.0,
+                        "flops_ratio": 1.0}], "diagnostics": {}}
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{bench.DOC_BEGIN}\nold table\n{bench.DOC_END}\nafter\n")
+    bench.write_doc_tables(doc, result)
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nafter\n") and "old table" not in text
+    assert "| dense | 50.0 | 100% |" in text
+    doc.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="needs one line"):
+        bench.write_doc_tables(doc, result)
