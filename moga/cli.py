@@ -294,14 +294,16 @@ def encode_plan(te, plan, use_wan_negative: bool):
     return [table[p] for p in prompts], table[negative]
 
 
-def effective_groups(model) -> float | None:
-    """M_eff = N^2 / sum |g|^2 of the routed branch, averaged over the MoGA layers' last call."""
+def effective_groups(model, capacity: float | None = None) -> float | None:
+    """M_eff = N^2 / sum |g|^2 of the routed branch, averaged over the MoGA layers' last call
+    (with a group capacity, over the capped groups the layer attended in)."""
+    from .attention.router import cap_routing
     vals = []
     for m in model.modules():
         routing = getattr(m, "last_routing", None)
         if routing is None:
             continue
-        ids = routing.group_ids.reshape(-1)
+        ids = cap_routing(routing, capacity).group_ids.reshape(-1)
         counts = ids.bincount().double()
         vals.append(float(ids.numel() ** 2 / (counts ** 2).sum()))
     return sum(vals) / len(vals) if vals else None
@@ -415,7 +417,7 @@ def cmd_generate(args) -> int:
         finally:
             if bar is not None:
                 bar.close()
-        m_eff = effective_groups(model)
+        m_eff = effective_groups(model, moga.capacity)
         _record_routing(model, False)
         if not lead:
             return 0

@@ -338,3 +338,12 @@ def test_inspect_and_flop_count_use_the_capped_groups():
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_generate_reports_effective_groups_of_the_capped_groups():
+    from moga.cli import effective_groups
+    layer = MoGAAttention(16, 2, num_groups=3)
+    probs = torch.full((1, 12, 3), 1 / 3)
+    layer.last_routing = Routing(torch.zeros(1, 12, dtype=torch.long), probs[..., 0], probs)   # one group of 12
+    assert effective_groups(layer) == pytest.approx(1.0)
+    assert effective_groups(layer, 1.0) == pytest.approx(3.0)     # limit 4: three runs of 4
