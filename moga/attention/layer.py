@@ -93,21 +93,33 @@ class MoGAAttention(nn.Module):
             layout.check_tokens(x.shape[1])
         q, k, v = self.qkv(x, rope)
         sparse = self.router is not None and not cfg.dense
-        routing = self.router(x, num_groups=cfg.num_groups) if sparse and cfg.routed else None
+        routing = _route(self.router, x, cfg.num_groups) if sparse and cfg.routed else None
         if parallel is not None:
             n = layout.num_tokens
             q, k, v = (parallel.seq_to_heads(t, n) for t in (q, k, v))
             if routing is not None:
                 routing = routing.gather(lambda t: parallel.all_gather_tokens(t, n))
         if sparse:
-            from .mixture import moga_attention
-            out = moga_attention(q, k, v, routing, layout, cfg)
+            out = _moga_attention(q, k, v, routing, layout, cfg)
         else:
             out = dense_attention(q, k, v)
         if parallel is not None:
             out = parallel.heads_to_seq(out)
         self.last_routing = routing if self.record_routing else None
         return self.o(out.flatten(2))
+
+
+# Routing and the varlen mixture have data-dependent sizes (group lengths read on the host): a
+# compiled model (`model.compile()`) runs them eagerly and compiles the dense code around them.
+@torch.compiler.disable
+def _route(router, x: torch.Tensor, num_groups: int):
+    return router(x, num_groups=num_groups)
+
+
+@torch.compiler.disable
+def _moga_attention(q, k, v, routing, layout, cfg):
+    from .mixture import moga_attention
+    return moga_attention(q, k, v, routing, layout, cfg)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
