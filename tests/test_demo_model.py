@@ -153,7 +153,10 @@ def test_shipped_model_draws_the_world_and_a_broken_one_does_not():
     model = load_demo()
     stories = w.heldout_stories(3, num_shots=2, seed=11)
     good = _quality(model, stories)
-    assert good["background"] >= 80 and good["detected"] >= 80 and good["colour"] >= 50, good
+    # measured (2026-11-23 model, CPU): colour 100, direction 83, background 100, detected 100 (6 shots);
+    # chance is 17% colour and 25% direction
+    assert good["background"] >= 80 and good["detected"] >= 80, good
+    assert good["colour"] >= 66 and good["direction"] >= 50, good
     broken = load_demo()
     with torch.no_grad():
         for block in broken.blocks:          # scramble the self-attention: no coherent object
