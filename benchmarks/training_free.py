@@ -4,6 +4,7 @@
     python benchmarks/training_free.py --smoke                                           # tiny random model, seconds
     python benchmarks/training_free.py --table benchmarks/results/training_free.json --doc docs/training-free.md
                                                              # the tables of a result file, written into the doc
+                                                             # (one marked block per result file)
 
 For every M in --groups, routers are calibrated training-free for the dense model (`calibrate_routers`:
 k-means of each layer's self-attention inputs on a short dense pass, what `moga patch` does) and written
@@ -188,7 +189,7 @@ def main(argv=None) -> dict:
     if args.table:
         result = json.loads(Path(args.table).read_text())
         if args.doc:
-            write_doc_tables(args.doc, result)
+            write_doc_tables(args.doc, result, source_name(args.table))
         print(tables(result))
         return result
     if args.doc:
@@ -310,33 +311,64 @@ def _tokens(model, story) -> int:
     return f * (h // ph) * (w // pw)
 
 
-DOC_BEGIN = ("<!-- generated from benchmarks/results/training_free.json by `python benchmarks/training_free.py "
-             "--table benchmarks/results/training_free.json --doc docs/training-free.md`: do not edit by hand -->")
+DEFAULT_SOURCE = "benchmarks/results/training_free.json"
 DOC_END = "<!-- end of generated tables -->"
 
 
-def doc_tables(result: dict) -> str:
-    """The block of the doc between (and with) the markers."""
-    return f"{DOC_BEGIN}\n\n{tables(result)}\n\n{DOC_END}"
+def doc_begin(source: str = DEFAULT_SOURCE) -> str:
+    """The opening marker of the block of tables generated from the result file `source` (a doc may hold one
+    block per result file)."""
+    return (f"<!-- generated from {source} by `python benchmarks/training_free.py "
+            f"--table {source} --doc docs/training-free.md`: do not edit by hand -->")
 
 
-def write_doc_tables(doc, result: dict) -> None:
-    """Replace the marked block of `doc` with the tables of `result` (the doc cannot drift from the JSON)."""
+DOC_BEGIN = doc_begin()
+
+
+def source_name(path) -> str:
+    """How a result file is named in the doc's markers: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def doc_tables(result: dict, source: str = DEFAULT_SOURCE) -> str:
+    """The block of the doc between (and with) the markers of `source`."""
+    return f"{doc_begin(source)}\n\n{tables(result)}\n\n{DOC_END}"
+
+
+def write_doc_tables(doc, result: dict, source: str = DEFAULT_SOURCE) -> None:
+    """Replace the block of `doc` marked for `source` with the tables of `result` (the doc cannot drift from the
+    JSON); the block ends at the first end marker after its opening marker."""
     path = Path(doc)
     text = path.read_text()
-    if text.count(DOC_BEGIN) != 1 or text.count(DOC_END) != 1 or text.index(DOC_BEGIN) > text.index(DOC_END):
-        raise SystemExit(f"{doc} needs one line\n{DOC_BEGIN}\nand, after it, one line\n{DOC_END}\n"
+    begin = doc_begin(source)
+    if text.count(begin) != 1 or DOC_END not in text.split(begin, 1)[1]:
+        raise SystemExit(f"{doc} needs one line\n{begin}\nand, after it, one line\n{DOC_END}\n"
                          f"where the tables go")
-    head, rest = text.split(DOC_BEGIN)
+    head, rest = text.split(begin)
     tail = rest.split(DOC_END, 1)[1]
-    path.write_text(head + doc_tables(result) + tail)
+    path.write_text(head + doc_tables(result, source) + tail)
+
+
+def lowest_figure(row: dict, dense: dict) -> str:
+    """The evaluator figure on which `row` comes closest to failing dense: the lowest row/dense ratio."""
+    ratios = [(100.0 * row[m] / dense[m], m) for m in SCORE_METRICS
+              if row.get(m) is not None and dense.get(m)]
+    if row is dense or not ratios:
+        return "-"
+    pct, name = min(ratios)
+    return f"{name} {pct:.0f}%"
 
 
 def tables(result: dict) -> str:
     dense = next(r for r in result["rows"] if r["variant"] == "dense")
     head = ("| variant | score | % of dense | colour | shape | size | direction | background | consistency | "
-            "smoothness | latent error | attention GFLOP/video | FLOPs vs dense |")
-    lines = [head, "|" + "---|" * 13]
+            "smoothness | lowest figure vs dense | latent error | attention GFLOP/video | FLOPs vs dense |")
+    lines = [head, "|" + "---|" * 14]
     order = lambda r: (r["groups"] is not None, r["variant"].startswith("M="), r.get("capacity") or 0,  # noqa: E731
                        r["groups"] or 0, r["fusion"] or "", r["warmup"] or 0.0)
     for r in sorted(result["rows"], key=order):
@@ -344,7 +376,7 @@ def tables(result: dict) -> str:
         cons = "-" if r["consistency"] is None else f"{r['consistency']:.1f}"
         lines.append(f"| {r['variant']} | {r['score']:.1f} | {rel:.0f}% | {r['colour']:.1f} | {r['shape']:.1f} | "
                      f"{r['size']:.1f} | {r['direction']:.1f} | {r['background']:.1f} | {cons} | "
-                     f"{r['smoothness']:.1f} | {r['latent_error']:.3f} | {r['attention_gflops']:.2f} | "
+                     f"{r['smoothness']:.1f} | {lowest_figure(r, dense)} | {r['latent_error']:.3f} | {r['attention_gflops']:.2f} | "
                      f"{r['flops_ratio']:.3f} |")
     diag = result["diagnostics"]
     if diag:

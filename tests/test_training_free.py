@@ -274,15 +274,19 @@ def _bench():
     return bench
 
 
-def test_doc_tables_are_the_json():
-    """docs/training-free.md shows the tables generated from benchmarks/results/training_free.json, every row."""
+@pytest.mark.parametrize("name", ["training_free.json", "training_free-twin5.json"])
+def test_doc_tables_are_the_json(name):
+    """docs/training-free.md shows the tables generated from each result file (the first measurement on the
+    undertrained dense twin, and the re-measurement on the better-trained one), every row."""
     import json
     bench = _bench()
-    result = json.loads((ROOT / "benchmarks" / "results" / "training_free.json").read_text())
+    source = f"benchmarks/results/{name}"
+    result = json.loads((ROOT / source).read_text())
     doc = (ROOT / "docs" / "training-free.md").read_text()
-    assert bench.doc_tables(result) in doc, ("docs/training-free.md is out of date: run python "
-                                              "benchmarks/training_free.py --table benchmarks/results/"
-                                              "training_free.json --doc docs/training-free.md")
+    assert bench.source_name(ROOT / source) == source
+    assert bench.doc_tables(result, source) in doc, ("docs/training-free.md is out of date: run python "
+                                                      f"benchmarks/training_free.py --table {source} "
+                                                      "--doc docs/training-free.md")
     for row in result["rows"]:
         assert f"| {row['variant']} |" in doc
 
@@ -302,3 +306,28 @@ def test_doc_tables_rewrite(tmp_path):
     doc.write_text("no markers\n")
     with pytest.raises(SystemExit, match="needs one line"):
         bench.write_doc_tables(doc, result)
+
+
+def test_doc_tables_two_blocks(tmp_path):
+    """One doc, one block per result file: rewriting one block leaves the other as it was."""
+    bench = _bench()
+    row = {"variant": "dense", "groups": None, "fusion": None, "warmup": None, "score": 50.0, "colour": 10.0,
+           "shape": 20.0, "size": 30.0, "direction": 40.0, "background": 50.0, "consistency": 60.0,
+           "smoothness": 70.0, "latent_error": 0.0, "attention_gflops": 2.0, "flops_ratio": 1.0}
+    sparse = dict(row, variant="M=8 lse warm-up 0.25 cap 1", groups=8, fusion="lse", warmup=0.25, capacity=1.0,
+                  score=45.0, shape=15.0, latent_error=0.5, attention_gflops=0.8, flops_ratio=0.4)
+    new, old = {"rows": [row, sparse], "diagnostics": {}}, {"rows": [dict(row, score=40.0)], "diagnostics": {}}
+    a, b = "benchmarks/results/a.json", "benchmarks/results/b.json"
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{bench.doc_begin(a)}\nold a\n{bench.DOC_END}\nmiddle\n"
+                   f"{bench.doc_begin(b)}\nold b\n{bench.DOC_END}\nafter\n")
+    bench.write_doc_tables(doc, new, a)
+    text = doc.read_text()
+    assert bench.doc_tables(new, a) in text and "old a" not in text and "old b" in text
+    assert "| M=8 lse warm-up 0.25 cap 1 | 45.0 | 90% |" in text and "| shape 75% |" in text
+    bench.write_doc_tables(doc, old, b)
+    text = doc.read_text()
+    assert bench.doc_tables(new, a) in text and bench.doc_tables(old, b) in text and "old b" not in text
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("\nafter\n")
+    with pytest.raises(SystemExit, match="needs one line"):
+        bench.write_doc_tables(doc, new, "benchmarks/results/c.json")
