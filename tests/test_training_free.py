@@ -274,10 +274,11 @@ def _bench():
     return bench
 
 
-@pytest.mark.parametrize("name", ["training_free.json", "training_free-twin5.json"])
+@pytest.mark.parametrize("name", ["training_free.json", "training_free-twin5.json",
+                                  "training_free-twin5-16.json"])
 def test_doc_tables_are_the_json(name):
     """docs/training-free.md shows the tables generated from each result file (the first measurement on the
-    undertrained dense twin, and the re-measurement on the better-trained one), every row."""
+    undertrained dense twin, the re-measurement on the better-trained one and its 16-story check), every row."""
     import json
     bench = _bench()
     source = f"benchmarks/results/{name}"
