@@ -11,3 +11,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def patch_codec():
+    """A small linear demo codec fitted on a few world clips (shared by the demo model and trainer tests)."""
+    from moga.demo.codec import PatchCodec
+    from moga.demo.training import codec_batch, measure_latent_stats
+
+    codec = PatchCodec(16).fit([codec_batch(i, 6, 0, "cpu") for i in range(2)])
+    measure_latent_stats(codec, batches=1, batch=6)
+    return codec

@@ -13,17 +13,10 @@ from moga.demo.codec import DemoCodec, PatchCodec, make_codec
 from moga.demo.generate import generate, latent_shot_frames
 from moga.demo.model import DEMO_PATH, MAX_FILE_BYTES, build_demo, demo_info, load_demo, save_demo
 from moga.demo.text import DemoTextEncoder
-from moga.demo.training import _tiny, codec_batch, measure_latent_stats
+from moga.demo.training import _tiny
 from moga.sampling import sample
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def patch_codec():
-    codec = PatchCodec(16).fit([codec_batch(i, 6, 0, "cpu") for i in range(2)])
-    measure_latent_stats(codec, batches=1, batch=6)
-    return codec
 
 
 def test_codecs_keep_the_wan_mapping(patch_codec):

@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
-from moga.demo.codec import PatchCodec
 from moga.demo.data import WorldData, object_map
-from moga.demo.training import _tiny, codec_batch, measure_latent_stats
+from moga.demo.training import _tiny
 from moga.train import Batch, Trainer, TrainConfig, shift_sigma
 from moga.train.state import load_tensors, save_tensors
 
@@ -15,10 +14,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def codec():
-    c = PatchCodec(16).fit([codec_batch(i, 6, 0, "cpu") for i in range(2)])
-    measure_latent_stats(c, batches=1, batch=6)
-    return c
+def codec(patch_codec):  # tests/conftest.py
+    return patch_codec
 
 
 class OneStory(WorldData):
