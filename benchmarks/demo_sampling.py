@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moga.checkpoint import inspect_checkpoint  # noqa: E402
 from moga.demo.evaluation import run  # noqa: E402
 
 
@@ -34,16 +35,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rows = []
     for ck in args.checkpoints.split(","):
+        mode = "moga" if inspect_checkpoint(ck).moga else "dense"  # each model as trained (header only)
         for steps in [int(s) for s in args.steps.split(",")]:
             for cfg in [float(c) for c in args.cfg.split(",")]:
                 if time.perf_counter() - start > args.budget_s:
                     print(f"budget reached: skip {ck} steps {steps} cfg {cfg}", flush=True)
                     continue
-                out = run(ck, None, stories=args.stories, modes=("moga",), steps=steps, cfg=cfg,
+                out = run(ck, None, stories=args.stories, modes=(mode,), steps=steps, cfg=cfg,
                           device=args.device, log=lambda m: None)
-                if not out:  # a dense checkpoint has no MoGA mode: run it as trained
-                    out = run(ck, None, stories=args.stories, modes=("dense",), steps=steps, cfg=cfg,
-                              device=args.device, log=lambda m: None)
                 for r in out:
                     r.update(checkpoint=ck, cfg=cfg)
                     rows.append(r)
