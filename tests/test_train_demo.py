@@ -150,3 +150,21 @@ def test_train_demo_command_smoke(tmp_path):
     assert main(["demo", "--out", str(out), "--tiny", "--steps", "3", "--batch", "1", "--device", "cpu",
                  "--warmup", "2", "--resume"]) == 0
     assert json.loads((out / "ckpt" / "state.json").read_text())["step"] == 3
+
+
+def test_budget_fits_steps_once_and_resumed_chunks_keep_them(tmp_path):
+    """--budget-seconds: the step count is fitted to the whole budget on the first call (which stops at
+    its --time-limit), and a resumed call keeps that count instead of the command line's --steps."""
+    from moga.train.__main__ import main
+
+    out = tmp_path / "run"
+    common = ["demo", "--out", str(out), "--tiny", "--batch", "1", "--device", "cpu", "--log-every", "1",
+              "--warmup", "20", "--probe", "8", "--auto-steps", "--export-margin", "1"]
+    assert main(common + ["--budget-seconds", "3000", "--time-limit", "4"]) == 0
+    first = json.loads((out / "ckpt" / "state.json").read_text())
+    fitted = first["config"]["steps"]
+    assert fitted > 20 * first["step"], "the count must come from the budget, not from this call's limit"
+    assert main(common + ["--time-limit", "3", "--steps", "5", "--resume"]) == 0
+    second = json.loads((out / "ckpt" / "state.json").read_text())
+    assert second["config"]["steps"] == fitted and second["step"] > first["step"]
+    assert second["seconds"] > first["seconds"]

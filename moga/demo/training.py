@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..train.state import load_tensors, save_tensors
+from ..train.state import load_tensors, read_json, save_tensors
 from ..train.trainer import Trainer, TrainConfig
 from .codec import ClipCodec, DemoCodec, PatchCodec, make_codec
 from .data import WorldData
@@ -198,10 +198,13 @@ def train_demo(args) -> dict:
     data = WorldData(codec, seed=args.seed, object_weight=args.object_weight)
     ckpt = out / "ckpt"
     modules = {"text_encoder": text}
-    if args.resume and (ckpt / "state.json").exists():
+    resumed = args.resume and (ckpt / "state.json").exists()
+    if resumed:
+        if args.auto_steps:  # the step count was fitted to the budget when the run began: keep it
+            config.steps = int(read_json(ckpt / "state.json")["config"]["steps"])
         trainer = Trainer.resume(ckpt, model, data, modules=modules, config=config, device=device,
                                  log=lambda m: log(m))
-        log(f"resumed at step {trainer.step}")
+        log(f"resumed at step {trainer.step} of {config.steps} ({trainer.seconds:.0f}s trained)")
     else:
         trainer = Trainer(model, data, config, modules=modules, device=device, log=lambda m: log(m))
     if args.compile:  # in place: parameter names (checkpoints, EMA) stay the model's own
@@ -209,7 +212,7 @@ def train_demo(args) -> dict:
     n_params = sum(p.numel() for p in trainer.params.values())
     log(f"training {'dense' if args.dense else 'MoGA'} demo DiT: {n_params / 1e6:.2f}M trainable parameters, "
         f"{config.steps} steps of {config.batch_size} on {device}")
-    if args.auto_steps and args.time_limit:
+    if args.auto_steps and args.time_limit and not resumed:
         rows = auto_size(trainer, args, log)
     else:
         rows = trainer.run(time_limit=args.time_limit, save_dir=ckpt)
@@ -260,7 +263,10 @@ def auto_size(trainer: Trainer, args, log) -> list[dict]:
     t0 = time.perf_counter()
     rows += trainer.run(steps=trainer.step + probe - 5)
     per_step = (time.perf_counter() - t0) / (probe - 5)
-    left = args.time_limit - (time.perf_counter() - start) - args.export_margin
+    if args.budget_seconds:  # the whole run's training time, over this call and resumed ones
+        left = args.budget_seconds - (time.perf_counter() - start)
+    else:
+        left = args.time_limit - (time.perf_counter() - start) - args.export_margin
     steps = trainer.step + max(int(left / per_step * 0.97), 1)
     if args.sync_dir:
         steps = _agree(Path(args.sync_dir), args.sync_name or ("dense" if args.dense else "moga"),
@@ -318,6 +324,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra flow-loss weight on latent pixels the object touches (0: plain MSE)")
     p.add_argument("--auto-steps", action="store_true", help="fit --steps to --time-limit after a timed probe")
     p.add_argument("--probe", type=int, default=30, help="steps timed by --auto-steps")
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="with --auto-steps: fit the step count to this many seconds of training in all, "
+                        "run in chunks of --time-limit with --resume (the count is kept on resume)")
     p.add_argument("--export-margin", type=float, default=20.0, help="seconds kept for saving and export")
     p.add_argument("--sync-dir", default=None, help="folder where side-by-side runs agree on the step count")
     p.add_argument("--sync-name", default=None)
