@@ -532,6 +532,7 @@ def moga_metadata(cfg: MoGAConfig, layers: Iterable[int], dense_warmup: float = 
         "moga.fusion": cfg.fusion,
         "moga.dense_warmup": repr(float(dense_warmup)),
         "moga.capacity": repr(float(cfg.capacity or 0.0)),
+        "moga.capacity_split": cfg.capacity_split,
     }
 
 
@@ -558,7 +559,7 @@ def _moga_settings(meta: Mapping[str, str], cfg: WanConfig, path) -> tuple[MoGAC
         settings = MoGAConfig(num_groups=m, window=window,
                               context_frames=int(meta.get("moga.context_frames", 1)),
                               fusion=meta.get("moga.fusion", "mean"),
-                              capacity=capacity)
+                              capacity=capacity, capacity_split=meta.get("moga.capacity_split", "runs"))
         warmup = float(meta.get("moga.dense_warmup", 0.0))
     except ValueError as exc:
         raise CheckpointError(f"{path}: invalid MoGA metadata: {exc}") from exc
@@ -674,7 +675,7 @@ class CheckpointInfo:
     dtypes: dict            # dtype name -> parameter count
     scaled_fp8: bool
     config: dict
-    moga: dict | None       # num_groups, window, context_frames, layers, fusion, dense_warmup, capacity
+    moga: dict | None       # num_groups, window, context_frames, layers, fusion, dense_warmup, capacity(_split)
     extras: str | None
     metadata: dict
 
@@ -697,7 +698,8 @@ class CheckpointInfo:
             m = self.moga
             lines.append(f"  MoGA:       {m['num_groups']} groups, window {m['window']}, context frames "
                          f"{m['context_frames']}, fusion {m['fusion']}, routers in layers {m['layers']}, "
-                         f"dense warm-up {m['dense_warmup']}, group capacity {m.get('capacity') or 'off'}")
+                         f"dense warm-up {m['dense_warmup']}, group capacity {m.get('capacity') or 'off'}"
+                         + (f" ({m.get('capacity_split', 'runs')})" if m.get('capacity') else ""))
         else:
             lines.append("  MoGA:       no routers (runs dense; `moga patch` adds them)")
         if self.extras:
@@ -727,7 +729,8 @@ def inspect_checkpoint(path, num_heads: int | None = None) -> CheckpointInfo:
     if plan.moga is not None:
         moga = dict(num_groups=plan.moga.num_groups, window=",".join(map(str, plan.moga.window)),
                     context_frames=plan.moga.context_frames, layers=format_layers(cfg.moga_layers),
-                    fusion=plan.moga.fusion, dense_warmup=plan.dense_warmup, capacity=plan.moga.capacity)
+                    fusion=plan.moga.fusion, dense_warmup=plan.dense_warmup, capacity=plan.moga.capacity,
+                    capacity_split=plan.moga.capacity_split)
     conf = asdict(cfg)
     conf["patch_size"] = list(cfg.patch_size)
     conf["moga_layers"] = list(cfg.moga_layers)

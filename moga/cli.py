@@ -294,7 +294,7 @@ def encode_plan(te, plan, use_wan_negative: bool):
     return [table[p] for p in prompts], table[negative]
 
 
-def effective_groups(model, capacity: float | None = None) -> float | None:
+def effective_groups(model, capacity: float | None = None, split: str = "runs") -> float | None:
     """M_eff = N^2 / sum |g|^2 of the routed branch, averaged over the MoGA layers' last call
     (with a group capacity, over the capped groups the layer attended in)."""
     from .attention.router import cap_routing
@@ -303,7 +303,7 @@ def effective_groups(model, capacity: float | None = None) -> float | None:
         routing = getattr(m, "last_routing", None)
         if routing is None:
             continue
-        ids = cap_routing(routing, capacity).group_ids.reshape(-1)
+        ids = cap_routing(routing, capacity, split).group_ids.reshape(-1)
         counts = ids.bincount().double()
         vals.append(float(ids.numel() ** 2 / (counts ** 2).sum()))
     return sum(vals) / len(vals) if vals else None
@@ -417,7 +417,7 @@ def cmd_generate(args) -> int:
         finally:
             if bar is not None:
                 bar.close()
-        m_eff = effective_groups(model, moga.capacity)
+        m_eff = effective_groups(model, moga.capacity, moga.capacity_split)
         _record_routing(model, False)
         if not lead:
             return 0

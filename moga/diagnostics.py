@@ -199,7 +199,8 @@ class InspectReport:
         head = (f"{self.tokens} tokens ({self.layout}), t = {self.timestep:g}, {self.queries} sampled queries, "
                 f"stream {self.stream}; MoGA: M = {self.config['num_groups']}, window "
                 f"{tuple(self.config['window'])}, fusion {self.config['fusion']}, group capacity "
-                f"{self.config.get('capacity') or 'off'}")
+                f"{self.config.get('capacity') or 'off'}"
+                f"{' (' + self.config.get('capacity_split', 'runs') + ')' if self.config.get('capacity') else ''}")
         lines = [head, "layer  mode   recall  p10     error   err_o   overlap  ov_mass  kept   groups (min/mean/max)"]
         for r in self.layers:
             sizes = (f"{min(r.group_sizes)}/{sum(r.group_sizes) / len(r.group_sizes):.0f}/{max(r.group_sizes)}"
@@ -270,7 +271,7 @@ def inspect_step(model, x: torch.Tensor, t, context, *, shot_frames=None, moga: 
             q, k, v = module.qkv(xin, rope)
             routing = module.router(xin, num_groups=lcfg.num_groups) if lcfg.routed else None
             if routing is not None:   # the groups the layer attends in (capped when lcfg.capacity is set)
-                routing = cap_routing(routing, lcfg.capacity)
+                routing = cap_routing(routing, lcfg.capacity, lcfg.capacity_split)
             fast = moga_attention(q, k, v, routing, layout, lcfg)
             exact = dense_attention(q, k, v)
             sizes = [] if routing is None else routing.group_sizes(0)
@@ -348,7 +349,8 @@ def attention_flops(model):
             for b in range(xin.shape[0]):
                 sizes = []
                 if sparse and lcfg.routed:
-                    routing = cap_routing(module.router(xin[b:b + 1], num_groups=lcfg.num_groups), lcfg.capacity)
+                    routing = cap_routing(module.router(xin[b:b + 1], num_groups=lcfg.num_groups), lcfg.capacity,
+                                          lcfg.capacity_split)
                     sizes = [s for s in routing.group_sizes(0) if s]
                 pairs, dense_pairs = _pairs(layout, lcfg, sparse, sizes)
                 total += per * pairs

@@ -1,5 +1,6 @@
 """Group capacity (MoGAConfig.capacity, moga.attention.router.cap_routing): routed groups over
-ceil(capacity * N / M) tokens are cut into near-equal runs of consecutive tokens.
+ceil(capacity * N / M) tokens are cut into near-equal parts: runs of consecutive tokens, or (split
+"stride") round-robin parts that each span the whole group.
 
 Checked against a plain python-loop reference of the definition, through the MoGA layer against the
 float64 dense masked reference of tests/test_attention_layer.py (over the reference's capped groups),
@@ -22,10 +23,10 @@ from test_attention_layer import LAYOUT_SHOTS, _qkv, _rel, reference_attention
 
 
 # ---------------------------------------------------------------- the reference: a python loop
-def reference_cap(ids: list[int], m: int, capacity: float) -> list[int]:
+def reference_cap(ids: list[int], m: int, capacity: float, split: str = "runs") -> list[int]:
     """Capped ids of one batch element: group g of s tokens over the limit L = ceil(capacity * N / M)
-    becomes r = ceil(s / L) runs of its members in sequence order, run k holding member positions
-    [ceil(k * s / r), ceil((k + 1) * s / r)), with id g + M * k."""
+    becomes r = ceil(s / L) parts with ids g + M * k: "runs": part k holds member positions
+    [ceil(k * s / r), ceil((k + 1) * s / r)) in sequence order; "stride": positions k, k + r, k + 2r..."""
     n = len(ids)
     limit = max(1, math.ceil(Fraction(capacity) * n / m))   # exact for the binary fractions used here
     out = list(ids)
@@ -37,7 +38,7 @@ def reference_cap(ids: list[int], m: int, capacity: float) -> list[int]:
         r = -(-s // limit)
         for k in range(r):
             lo, hi = -(-k * s // r), -(-(k + 1) * s // r)
-            for p in range(lo, hi):
+            for p in (range(lo, hi) if split == "runs" else range(k, s, r)):
                 out[members[p]] = g + m * k
     return out
 
@@ -74,13 +75,14 @@ KINDS = ["skewed", "empty_group", "exactly_at_capacity", "more_groups_than_token
          "quarter", "large_capacity"]
 
 
+@pytest.mark.parametrize("split", ["runs", "stride"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cap_matches_loop_reference(kind):
+def test_cap_matches_loop_reference(kind, split):
     gen = torch.Generator().manual_seed(zlib.crc32(kind.encode()))
     ids, m, capacity = _case(kind, gen)
     routing = _routing(ids, m, gen)
-    capped = cap_routing(routing, capacity)
-    want = torch.tensor([reference_cap(row, m, capacity) for row in ids.tolist()])
+    capped = cap_routing(routing, capacity, split)
+    want = torch.tensor([reference_cap(row, m, capacity, split) for row in ids.tolist()])
     assert torch.equal(capped.group_ids, want)
     assert torch.equal(capped.gate, routing.gate) and torch.equal(capped.probs, routing.probs)
     assert torch.equal(capped.group_ids % m, ids)           # every run stays in its router group
@@ -93,8 +95,8 @@ def test_cap_matches_loop_reference(kind):
             runs = sizes[g::m][sizes[g::m] > 0]
             if len(runs):
                 assert int(runs.max() - runs.min()) <= 1
-    assert torch.equal(cap_routing(routing, capacity).group_ids, capped.group_ids)   # deterministic
-    assert cap_routing(capped, capacity) is capped                                  # idempotent
+    assert torch.equal(cap_routing(routing, capacity, split).group_ids, capped.group_ids)   # deterministic
+    assert cap_routing(capped, capacity, split) is capped                                  # idempotent
 
 
 def test_specific_cuts():
@@ -107,6 +109,10 @@ def test_specific_cuts():
     assert cap_routing(_routing(ids, m, gen), c).group_ids[0].tolist() == [4, 13, 0, 22, 8]   # one token each
     assert capacity_limit(10, 3, 0.3) == 1       # 0.3 * 10 / 3 is 1.0000000000000002 in floats
     assert capacity_limit(1280, 8, 1.0) == 160
+    # stride: group 1's 8 tokens go to its two parts in turn, so both parts span the whole sequence
+    ids, m, c = _case("exactly_at_capacity", gen)
+    capped = cap_routing(_routing(ids, m, gen), c, "stride").group_ids[0].tolist()
+    assert capped == [1, 0, 4, 1, 0, 4, 1, 0, 4, 1, 0, 4]
 
 
 def test_capacity_off_and_errors():
@@ -120,6 +126,12 @@ def test_capacity_off_and_errors():
     capped = cap_routing(routing, 0.5)
     with pytest.raises(ValueError, match="already capped"):
         cap_routing(capped, 1.0)
+    with pytest.raises(ValueError, match="already capped"):
+        cap_routing(capped, 0.5, "stride")
+    with pytest.raises(ValueError, match="split"):
+        cap_routing(routing, 0.5, "random")
+    with pytest.raises(ValueError, match="capacity_split"):
+        MoGAConfig(capacity=1, capacity_split="interleave")
     with pytest.raises(ValueError, match="gather"):
         capped.gather(lambda t: t)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
@@ -147,15 +159,16 @@ def _layer_case(kind, gen):
 @pytest.mark.parametrize("kind", ["skewed", "empty_group", "capacity_below_one", "more_groups_than_tokens"])
 @pytest.mark.parametrize("fusion", ["mean", "lse"])
 @pytest.mark.parametrize("backend", ["sdpa", "reference"])
-def test_moga_attention_with_capacity_matches_reference(kind, fusion, backend):
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((kind, fusion, backend)).encode()))
+@pytest.mark.parametrize("split", ["runs", "stride"])
+def test_moga_attention_with_capacity_matches_reference(kind, fusion, backend, split):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((kind, fusion, backend, split)).encode()))
     lay, ids, m, capacity = _layer_case(kind, gen)
     routing = _routing(ids, m, gen)
     q, k, v = _qkv((2, lay.num_tokens, 2, 8), gen)
-    cfg = MoGAConfig(num_groups=m, fusion=fusion, backend=backend, capacity=capacity)
+    cfg = MoGAConfig(num_groups=m, fusion=fusion, backend=backend, capacity=capacity, capacity_split=split)
     out = moga_attention(q, k, v, routing, lay, cfg)
-    capped = Routing(torch.tensor([reference_cap(row, m, capacity) for row in ids.tolist()]), routing.gate,
-                     routing.probs)
+    capped = Routing(torch.tensor([reference_cap(row, m, capacity, split) for row in ids.tolist()]),
+                     routing.gate, routing.probs)
     assert not torch.equal(capped.group_ids, ids)     # every case cuts some group
     assert _rel(out, reference_attention(q, k, v, capped, lay, cfg)) < 1e-12
     uncapped = moga_attention(q, k, v, routing, lay, cfg.replace(capacity=None))
@@ -216,10 +229,16 @@ def test_patch_writes_and_load_reads_capacity(files):
     assert ckpt.inspect_checkpoint(files["trained"]).moga["capacity"] is None
     assert "group capacity 1.0" in str(ckpt.inspect_checkpoint(files["calibrated"]))
     assert "group capacity off" in str(ckpt.inspect_checkpoint(files["trained"]))
-    # save_checkpoint keeps it
+    # save_checkpoint keeps it, and the split with it
     model = ckpt.load_model(files["half"])
+    assert model.moga_config.capacity_split == "runs"
     back = ckpt.save_checkpoint(model, files["dir"] / "saved.safetensors")
     assert ckpt.load_model(back).moga_config.capacity == 0.5
+    model.moga_config = model.moga_config.replace(capacity_split="stride")
+    back = ckpt.save_checkpoint(model, files["dir"] / "saved-stride.safetensors")
+    assert ckpt.TensorSource(back).metadata["moga.capacity_split"] == "stride"
+    assert ckpt.load_model(back).moga_config.capacity_split == "stride"
+    assert "group capacity 0.5 (stride)" in str(ckpt.inspect_checkpoint(back))
 
 
 def test_capacity_metadata_absent_or_bad(files):
@@ -228,10 +247,11 @@ def test_capacity_metadata_absent_or_bad(files):
     meta = dict(ckpt.TensorSource(files["calibrated"]).metadata)
     old = dict(meta)
     del old["moga.capacity"]           # a file from before the key existed: off
+    old.pop("moga.capacity_split", None)
     save_file(tensors, str(files["dir"] / "old.safetensors"), old)
     assert ckpt.load_model(files["dir"] / "old.safetensors").moga_config.capacity is None
-    for bad in ("-1", "lots"):
-        save_file(tensors, str(files["dir"] / "bad.safetensors"), dict(meta, **{"moga.capacity": bad}))
+    for key, bad in (("moga.capacity", "-1"), ("moga.capacity", "lots"), ("moga.capacity_split", "diagonal")):
+        save_file(tensors, str(files["dir"] / "bad.safetensors"), dict(meta, **{key: bad}))
         with pytest.raises(ckpt.CheckpointError, match="capacity"):
             ckpt.load_model(files["dir"] / "bad.safetensors")
 
@@ -266,7 +286,7 @@ def test_cli_generate_capacity_flag(files):
 HEADS = 4
 
 
-def _sp_capacity(ex, seed):
+def _sp_capacity(ex, seed, split="runs"):
     """Over the exchange vs one process: the capped ids every rank computes, and the layer's output."""
     from moga.attention.router import cap_routing as cap
     layout = TokenLayout(frames=5, height=2, width=3, shot_frames=(2, 3))   # 30 tokens, 15 a rank
@@ -279,21 +299,22 @@ def _sp_capacity(ex, seed):
     x = torch.randn(1, n, dim, generator=gen)
     angle = torch.rand(n, 2, generator=gen) * 6.283
     rope = torch.polar(torch.ones_like(angle), angle)
-    cfg = layer.config.replace(window=(0, 1, 2), capacity=0.5)
+    cfg = layer.config.replace(window=(0, 1, 2), capacity=0.5, capacity_split=split)
     with torch.no_grad():
         local = layer.router(ex.shard(x, n), num_groups=3)
-        ids = cap(local.gather(lambda t: ex.all_gather_tokens(t, n)), 0.5).group_ids
+        ids = cap(local.gather(lambda t: ex.all_gather_tokens(t, n)), 0.5, split).group_ids
         full = ex.all_gather_tokens(layer(ex.shard(x, n), layout, rope=ex.shard(rope, n, dim=0), config=cfg,
                                           parallel=ex), n)
-        ref_ids = cap(layer.router(x, num_groups=3), 0.5).group_ids
+        ref_ids = cap(layer.router(x, num_groups=3), 0.5, split).group_ids
         ref = layer(x, layout, rope=rope, config=cfg)
         uncapped = layer(x, layout, rope=rope, config=cfg.replace(capacity=None))
     return {"ids": ids, "ref_ids": ref_ids, "rel": _rel(full, ref), "capped_vs_uncapped": _rel(ref, uncapped)}
 
 
-def test_sequence_parallel_capacity_matches_one_process():
+@pytest.mark.parametrize("split", ["runs", "stride"])
+def test_sequence_parallel_capacity_matches_one_process(split):
     from moga.parallel.group import run_on_ranks
-    ranks = run_on_ranks(_sp_capacity, 2, args=(31,), timeout=90)
+    ranks = run_on_ranks(_sp_capacity, 2, args=(31, split), timeout=90)
     for res in ranks:
         assert torch.equal(res["ids"], res["ref_ids"])     # the same cut on every rank as in one process
         assert res["rel"] < 1e-5

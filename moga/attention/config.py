@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, replace
 
 FUSIONS = ("mean", "lse")
+CAPACITY_SPLITS = ("runs", "stride")
 BACKENDS = ("auto", "fa4", "flash_attn", "torch", "sdpa", "reference")
 
 
@@ -26,6 +27,9 @@ class MoGAConfig:
         tokens (sequence order), each a group of its own (`moga.attention.router.cap_routing`). None
         (or 0) = off, the paper's behaviour. For calibrated routers, whose k-means groups are very
         unbalanced (docs/training-free.md); the gate stays the router's probability.
+    capacity_split: how an over-capacity group is cut: "runs" (consecutive tokens: each part stays
+        local) or "stride" (round robin, every r-th token: each part still spans the whole sequence, so
+        a group that follows one object across shots keeps its cross-shot pairs; docs/demo-model.md).
     dense: run plain dense attention instead (warm-up steps/layers, baselines).
     backend: varlen kernel ("auto" picks the fastest importable one).
     """
@@ -38,6 +42,7 @@ class MoGAConfig:
     per_frame: bool = True
     fusion: str = "mean"
     capacity: float | None = None
+    capacity_split: str = "runs"
     dense: bool = False
     backend: str = "auto"
 
@@ -66,6 +71,8 @@ class MoGAConfig:
                 raise ValueError(f"capacity must be None (off) or a finite number >= 0 (0 = off; 1 = the "
                                  f"balanced group size N / M), got {self.capacity!r}")
             object.__setattr__(self, "capacity", cap or None)  # 0 means off: one spelling, None
+        if self.capacity_split not in CAPACITY_SPLITS:
+            raise ValueError(f"capacity_split must be one of {CAPACITY_SPLITS}, got {self.capacity_split!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 

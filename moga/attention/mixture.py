@@ -11,7 +11,7 @@
 - per_frame: all tokens of one latent frame (contiguous in token order: no gather).
 
 With cfg.capacity the routed groups are first cut to the capacity (router.cap_routing: runs of
-consecutive tokens), so every backend, and every rank under sequence parallelism, sees the same
+consecutive tokens, or round-robin parts with cfg.capacity_split "stride"), so every backend, and every rank under sequence parallelism, sees the same
 capped groups; the gate stays the router's probability of the token's group.
 
 Fusion "mean" (the paper): mean over the active branches of (routed * gate, window, per_frame).
@@ -231,7 +231,7 @@ def moga_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
                              "Routing, or set routed=False in the MoGAConfig")
         _check_routing(routing, b, n)
         # group capacity: from the whole sequence's routing (after the SP all-gather), same on every rank
-        routing = cap_routing(routing, cfg.capacity)
+        routing = cap_routing(routing, cfg.capacity, cfg.capacity_split)
     use_lse = cfg.fusion == "lse" and len(branches) > 1  # one branch: its own softmax is the union
     if (use_lse and not LSE_HAS_GRAD[backend] and torch.is_grad_enabled()
             and any(t.requires_grad for t in (q, k, v))):

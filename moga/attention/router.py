@@ -36,6 +36,7 @@ class Routing:
     probs: torch.Tensor
     capacity: float | None = None
     runs: int = 1
+    split: str = "runs"
 
     @property
     def router_groups(self) -> int:
@@ -69,22 +70,26 @@ def capacity_limit(num_tokens: int, num_groups: int, capacity: float) -> int:
     return max(1, math.ceil(round(float(capacity) * num_tokens / num_groups, 9)))
 
 
-def cap_routing(routing: Routing, capacity: float | None) -> Routing:
-    """Cut every group of more than `capacity_limit(N, M', capacity)` tokens into near-equal runs.
+def cap_routing(routing: Routing, capacity: float | None, split: str = "runs") -> Routing:
+    """Cut every group of more than `capacity_limit(N, M', capacity)` tokens into near-equal parts.
 
     Per batch element, the tokens of router group g are taken in sequence order; a group of s tokens
-    over the limit L becomes r = ceil(s / L) runs, token at position p (0-based, within g) in run
-    floor(p * r / s), so runs differ by at most one token and none exceeds L. Run k of group g gets
-    id g + M' * k (groups within the limit keep their id). Gate and probs stay the router's.
-    capacity None/0 returns the routing unchanged; an already capped routing is returned as it is
-    when its capacity is the same, else ValueError. Deterministic: integer ops on the ids only.
+    over the limit L becomes r = ceil(s / L) parts, token at position p (0-based, within g) in part
+    floor(p * r / s) (split "runs": consecutive tokens) or p mod r (split "stride": round robin, so
+    every part spans the group's whole extent), so parts differ by at most one token and none
+    exceeds L. Part k of group g gets id g + M' * k (groups within the limit keep their id). Gate and
+    probs stay the router's. capacity None/0 returns the routing unchanged; an already capped routing
+    is returned as it is when its capacity and split are the same, else ValueError. Deterministic:
+    integer ops on the ids only.
     """
     if not capacity:
         return routing
+    if split not in ("runs", "stride"):
+        raise ValueError(f"split must be 'runs' or 'stride', got {split!r}")
     if routing.capacity is not None:
-        if routing.capacity != float(capacity):
-            raise ValueError(f"this routing is already capped at {routing.capacity}; cap the router's "
-                             f"routing at {capacity} instead")
+        if (routing.capacity, routing.split) != (float(capacity), split):
+            raise ValueError(f"this routing is already capped at {routing.capacity} ({routing.split}); cap "
+                             f"the router's routing at {capacity} ({split}) instead")
         return routing
     ids = routing.group_ids
     if ids.dim() != 2:
@@ -96,7 +101,7 @@ def cap_routing(routing: Routing, capacity: float | None) -> Routing:
     limit = capacity_limit(n, m, capacity)
     bound = -(-n // limit)  # runs of the largest possible group (all N tokens in one): a static bound
     if n == 0 or bound <= 1:
-        return Routing(ids, routing.gate, routing.probs, float(capacity), 1)
+        return Routing(ids, routing.gate, routing.probs, float(capacity), 1, split)
     ids = ids.long()
     lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
     if lo < 0 or hi >= m:
@@ -109,8 +114,9 @@ def cap_routing(routing: Routing, capacity: float | None) -> Routing:
     pos = torch.arange(b * n, device=ids.device) - (torch.cumsum(counts, 0) - counts)[sk]
     runs = (size + limit - 1) // limit
     capped = torch.empty_like(key)
-    capped[order] = sk % m + m * torch.div(pos * runs, size, rounding_mode="floor")
-    return Routing(capped.view(b, n), routing.gate, routing.probs, float(capacity), bound)
+    part = torch.div(pos * runs, size, rounding_mode="floor") if split == "runs" else pos % runs
+    capped[order] = sk % m + m * part
+    return Routing(capped.view(b, n), routing.gate, routing.probs, float(capacity), bound, split)
 
 
 def merge_rows(weight: torch.Tensor, num_groups: int) -> list[int]:
