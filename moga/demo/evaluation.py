@@ -22,8 +22,13 @@ MODES = ("moga", "dense", "window")
 COLUMNS = ("colour", "shape", "direction", "consistency", "smoothness", "background", "detected")
 
 
-def mode_config(model, mode: str):
+def mode_config(model, mode: str, capacity: float | None = None, split: str | None = None):
+    """The MoGA settings of an evaluation mode; `capacity` (0: off) and `split` override the file's."""
     base = model.moga_config
+    if capacity is not None:
+        base = base.replace(capacity=capacity)
+    if split is not None:
+        base = base.replace(capacity_split=split)
     if mode == "moga":
         return base
     if mode == "dense":
@@ -34,7 +39,8 @@ def mode_config(model, mode: str):
 
 
 def run(checkpoint=None, dense_checkpoint=None, stories: int = 32, shots: int = 4, modes=MODES, steps=None,
-        cfg=None, seed: int = 0, batch: int = 16, device="cpu", log=print) -> list[dict]:
+        cfg=None, seed: int = 0, batch: int = 16, device="cpu", capacity: float | None = None,
+        capacity_split: str | None = None, log=print) -> list[dict]:
     held = heldout_stories(stories, num_shots=shots, seed=seed)
     rows = []
     runs = [(checkpoint, m) for m in modes]
@@ -52,13 +58,16 @@ def run(checkpoint=None, dense_checkpoint=None, stories: int = 32, shots: int = 
         if mode in ("moga", "window") and not has_routers:
             log(f"skip {mode}: {key} has no routers")
             continue
-        mcfg = mode_config(model, mode) if has_routers and mode != "dense-trained" else None
+        mcfg = mode_config(model, mode, capacity, capacity_split) if has_routers and mode != "dense-trained" else None
         res = evaluate_model(model, held, steps=int(steps or s["steps"]), cfg=float(cfg or s["cfg"]),
                              shift=s["shift"], solver=s["solver"], moga=mcfg, batch=batch, device=device,
                              seed=seed)
         row = {"model": Path(key).name, "mode": mode, **res.summary,
                "attention_flops_ratio": round(res.flop_ratio, 4), "seconds": round(res.seconds, 1),
-               "steps": int(steps or s["steps"]), "training": info.get("training")}
+               "steps": int(steps or s["steps"]), "training": info.get("training"),
+               "capacity": mcfg.capacity if mcfg is not None and mode == "moga" else None,
+               "capacity_split": mcfg.capacity_split if mcfg is not None and mcfg.capacity and mode == "moga"
+               else None}
         rows.append(row)
         log(_row_text(row))
     return rows
@@ -85,6 +94,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--capacity", type=float, default=None,
+                   help="group capacity for the MoGA modes (0: off; default: the file's setting)")
+    p.add_argument("--capacity-split", choices=("runs", "stride"), default=None,
+                   help="how over-capacity groups are cut (default: the file's setting)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
@@ -93,7 +106,7 @@ def main(argv=None) -> int:
         p.error(f"unknown modes {bad}; choose from {MODES}")
     print(header())
     rows = run(args.checkpoint, args.dense_checkpoint, args.stories, args.shots, modes, args.steps, args.cfg,
-               args.seed, args.batch, args.device)
+               args.seed, args.batch, args.device, args.capacity, args.capacity_split)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
