@@ -58,6 +58,9 @@ def _add_generate(sub):
     p.add_argument("--capacity", type=float, default=None,
                    help="routed group capacity: groups over capacity * N / M tokens are cut into runs "
                         "(0 = off; default: the checkpoint's)")
+    p.add_argument("--capacity-split", choices=("runs", "stride"), default=None,
+                   help="how an over-capacity group is cut: consecutive runs, or round robin so every part "
+                        "spans all shots (default: the checkpoint's)")
     p.add_argument("--attention-backend", default=None,
                    choices=("auto", "fa4", "flash_attn", "torch", "sdpa", "reference"))
     p.add_argument("--dense", action="store_true", help="run dense attention everywhere (baseline)")
@@ -231,7 +234,7 @@ def moga_settings(args, info):
     else:
         base = MoGAConfig(num_groups=routers["num_groups"], window=MoGAConfig.parse_window(routers["window"]),
                           context_frames=routers["context_frames"], fusion=routers["fusion"],
-                          capacity=routers.get("capacity"))
+                          capacity=routers.get("capacity"), capacity_split=routers.get("capacity_split", "runs"))
     changes = {}
     if args.groups is not None:
         changes["num_groups"] = args.groups
@@ -244,6 +247,8 @@ def moga_settings(args, info):
             raise CliError(f"--capacity must be >= 0 (0 = off; 1 = the balanced group size N / M), "
                            f"got {args.capacity}")
         changes["capacity"] = args.capacity
+    if getattr(args, "capacity_split", None):
+        changes["capacity_split"] = args.capacity_split
     if args.attention_backend:
         changes["backend"] = args.attention_backend
     if args.dense:

@@ -131,7 +131,7 @@ def test_patch_calibrates_and_copies_every_other_tensor_unchanged(tmp_path, layo
     dst = tmp_path / "dst.safetensors"
     info = patch_checkpoint(src, dst, num_groups=4, window="0,2,2", **CALIB)
     assert info.moga == dict(num_groups=4, window="0,2,2", context_frames=1, layers="0-1", fusion="lse",
-                             dense_warmup=0.25, capacity=1.0)
+                             dense_warmup=0.25, capacity=1.0, capacity_split="runs")
     a, b = TensorSource(src), TensorSource(dst)
     added = set(b.keys()) - set(a.keys())
     assert len(added) == 2 and all("router" in k for k in added)

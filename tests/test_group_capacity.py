@@ -278,6 +278,11 @@ def test_cli_generate_capacity_flag(files):
     assert moga_settings(args(), info).capacity == 1.0
     assert moga_settings(args(capacity=0.0), info).capacity is None
     assert moga_settings(args(capacity=2.5), info).capacity == 2.5
+    assert moga_settings(args(), info).capacity_split == "runs"
+    assert moga_settings(args(capacity_split="stride"), info).capacity_split == "stride"
+    # the split written in a file reaches `moga generate` (the demo model's is "stride")
+    from moga.demo import DEMO_PATH
+    assert moga_settings(args(), ckpt.inspect_checkpoint(DEMO_PATH)).capacity_split == "stride"
     with pytest.raises(CliError, match="--capacity"):
         moga_settings(args(capacity=-1.0), info)
 
