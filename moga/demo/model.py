@@ -10,6 +10,7 @@ settings, the world's frame size and shot length, and the recommended sampling s
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from ..checkpoint import TensorSource, load_model, moga_metadata, register_extra
 from ..model import WanConfig, WanModel
 from .codec import ClipCodec, DemoCodec, make_codec
 from .text import DemoTextEncoder
-from .world import DEFAULT_SHOT_FRAMES, DEFAULT_SIZE
+from .world import DEFAULT_SHOT_FRAMES, DEFAULT_SIZE, SIZES
 
 DEMO_PATH = Path(__file__).with_name("moga-demo.safetensors")
 EXTRAS_NAME = "demo"
@@ -31,7 +32,7 @@ DIT = dict(dim=256, ffn_dim=1024, num_heads=4, num_layers=6, in_dim=16, out_dim=
 NUM_GROUPS = 8
 MOGA = MoGAConfig(num_groups=NUM_GROUPS, window=(0, 2, 2), context_frames=1, fusion="mean")
 # Sampling settings the demo model was tuned with (moga demo / moga.eval demo use them).
-SAMPLING = dict(steps=20, cfg=4.0, shift=3.0, solver="unipc", fps=8)
+SAMPLING = dict(steps=40, cfg=4.0, shift=3.0, solver="unipc", fps=8)
 
 
 def demo_wan_config(dense: bool = False, **overrides) -> WanConfig:
@@ -55,6 +56,21 @@ def build_demo(dense: bool = False, seed: int = 0, **overrides):
     return model, text
 
 
+def world_record() -> dict:
+    """What a demo model's pictures depend on: frame size, shot length, object sizes."""
+    return {"size": DEFAULT_SIZE, "shot_frames": DEFAULT_SHOT_FRAMES, "object_sizes": dict(SIZES)}
+
+
+def check_world(info: dict, path) -> None:
+    """Warn when a file was trained on another world than this code draws and scores (its objects'
+    sizes then read wrong); files without the record predate it (objects 0.075 / 0.125)."""
+    trained = (info.get("world") or {}).get("object_sizes", {"small": 0.075, "large": 0.125})
+    if {k: round(float(v), 4) for k, v in trained.items()} != {k: round(v, 4) for k, v in SIZES.items()}:
+        warnings.warn(f"{path} was trained on objects of half-size {trained}, but this world draws and "
+                      f"scores {dict(SIZES)}: size scores will be off; use the demo model shipped with "
+                      f"this code or retrain it (`python -m moga.train demo`)", stacklevel=3)
+
+
 def demo_metadata(model: WanModel, text: DemoTextEncoder, codec: ClipCodec, extra: dict | None = None) -> dict:
     cfg = model.config
     meta = {
@@ -63,7 +79,7 @@ def demo_metadata(model: WanModel, text: DemoTextEncoder, codec: ClipCodec, extr
         "moga.text_len": str(cfg.text_len),
         "moga.demo": json.dumps({
             "text_encoder": text.config(), "vae": codec.config(),
-            "world": {"size": DEFAULT_SIZE, "shot_frames": DEFAULT_SHOT_FRAMES},
+            "world": world_record(),
             "sampling": SAMPLING, "text_len": cfg.text_len, **(extra or {}),
         }, sort_keys=True),
     }
@@ -139,6 +155,7 @@ def load_demo(path=None, device="cpu") -> WanModel:
                                 f"`python -m moga.train demo`")
     model = load_model(path, device=device, dtype=torch.float32)
     info = demo_info(model)
+    check_world(info, path)
     _fix_text_len(model, int(info.get("text_len", model.config.text_len)))
     return model
 

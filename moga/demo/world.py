@@ -40,7 +40,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 # Half-extent of the object as a fraction of the frame side.
-SIZES: dict[str, float] = {"small": 0.075, "large": 0.125}
+SIZES: dict[str, float] = {"small": 0.15, "large": 0.24}
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 # Every word a caption may use, in a fixed order (the text encoder's vocabulary follows it).
