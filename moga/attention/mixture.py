@@ -11,8 +11,9 @@
 - per_frame: all tokens of one latent frame (contiguous in token order: no gather).
 
 With cfg.capacity the routed groups are first cut to the capacity (router.cap_routing: runs of
-consecutive tokens, or round-robin parts with cfg.capacity_split "stride"), so every backend, and every rank under sequence parallelism, sees the same
-capped groups; the gate stays the router's probability of the token's group.
+consecutive tokens, or round-robin parts with cfg.capacity_split "stride"), so every backend, and every
+rank under sequence parallelism, sees the same capped groups; the gate stays the router's probability of
+the token's group.
 
 Fusion "mean" (the paper): mean over the active branches of (routed * gate, window, per_frame).
 Fusion "lse": each branch also returns its log-sum-exp and the outputs merge as one softmax over

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CAPACITY_SPLITS
+
 
 @dataclass
 class Routing:
@@ -84,8 +86,8 @@ def cap_routing(routing: Routing, capacity: float | None, split: str = "runs") -
     """
     if not capacity:
         return routing
-    if split not in ("runs", "stride"):
-        raise ValueError(f"split must be 'runs' or 'stride', got {split!r}")
+    if split not in CAPACITY_SPLITS:
+        raise ValueError(f"split must be one of {CAPACITY_SPLITS}, got {split!r}")
     if routing.capacity is not None:
         if (routing.capacity, routing.split) != (float(capacity), split):
             raise ValueError(f"this routing is already capped at {routing.capacity} ({routing.split}); cap "
