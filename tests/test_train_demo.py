@@ -62,10 +62,10 @@ def test_object_map_follows_the_object():
 def test_loss_falls_and_balance_is_logged(codec):
     model, text = _tiny(False, 0)
     data = OneStory(codec, seed=1, shot_cycle=(2,))
-    cfg = TrainConfig(steps=60, batch_size=2, lr=3e-3, warmup=3, log_every=10, caption_dropout=0.0)
+    cfg = TrainConfig(steps=90, batch_size=2, lr=3e-3, warmup=3, log_every=10, caption_dropout=0.0)
     trainer = Trainer(model, data, cfg, modules={"text_encoder": text}, log=None)
     rows = trainer.run()
-    assert rows[-1]["flow"] < 0.8 * rows[0]["flow"], rows   # measured 0.69 (1.74 -> 1.20)
+    assert rows[-1]["flow"] < 0.7 * rows[0]["flow"], rows   # measured 0.64 (1.74 -> 1.11)
     for r in rows:
         assert 0 < r["balance"] < 1 and 1.0 <= r["group_max"] <= 8.0
         assert r["loss"] == pytest.approx(r["flow"] + r["balance"], rel=1e-6)
