@@ -168,3 +168,51 @@ def test_budget_fits_steps_once_and_resumed_chunks_keep_them(tmp_path):
     second = json.loads((out / "ckpt" / "state.json").read_text())
     assert second["config"]["steps"] == fitted and second["step"] > first["step"]
     assert second["seconds"] > first["seconds"]
+
+
+def test_trains_under_given_attention_settings_and_records_them(tmp_path):
+    """--context-frames / --capacity / --capacity-split: the DiT trains under them (the trainer's calls
+    see them), the exported file records them, and a resume with other settings is refused."""
+    from moga.demo.model import load_demo
+    from moga.train.__main__ import main
+
+    out = tmp_path / "run"
+    flags = ["--context-frames", "3", "--capacity", "1", "--capacity-split", "stride"]
+    common = ["demo", "--out", str(out), "--tiny", "--batch", "2", "--device", "cpu", "--warmup", "2"]
+    assert main(common + ["--steps", "2"] + flags) == 0
+    state = json.loads((out / "ckpt" / "state.json").read_text())
+    assert state["config"]["moga"] == {"context_frames": 3, "capacity": 1.0, "capacity_split": "stride"}
+    cfg = load_demo(out / "model.safetensors").moga_config
+    assert (cfg.context_frames, cfg.capacity, cfg.capacity_split) == (3, 1.0, "stride")
+    with pytest.raises(ValueError, match="resume with the same"):
+        main(common + ["--steps", "3", "--resume"])
+    with pytest.raises(ValueError, match="resume with the same"):
+        main(common + ["--steps", "3", "--resume", "--context-frames", "2", "--capacity", "1",
+                       "--capacity-split", "stride"])
+    assert main(common + ["--steps", "3", "--resume"] + flags) == 0
+    assert json.loads((out / "ckpt" / "state.json").read_text())["step"] == 3
+    with pytest.raises(ValueError, match="dense model"):
+        main(["demo", "--out", str(tmp_path / "d"), "--tiny", "--dense", "--steps", "1", "--device", "cpu",
+              "--capacity", "1"])
+    with pytest.raises(ValueError, match="context_frames must be >= 0"):
+        main(["demo", "--out", str(tmp_path / "e"), "--tiny", "--steps", "1", "--device", "cpu",
+              "--context-frames", "-1"])
+
+
+def test_training_under_capacity_reaches_the_router():
+    """With the capacity on in training, the routed branch still gives the router a gradient (the
+    capped groups keep the router's probabilities)."""
+    from moga.demo.training import _tiny
+
+    model, _ = _tiny(False, 0)
+    model.moga_config = model.moga_config.replace(capacity=1.0, capacity_split="stride", context_frames=3)
+    torch.manual_seed(1)
+    with torch.no_grad():  # Wan's init zeroes the output head, which would stop every gradient
+        for p in model.head.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(1, 16, 10, 2, 2)
+    ctx = torch.randn(1, 16, 32)
+    out = model(x, torch.tensor([500.0]), ctx, shot_frames=[5, 5])
+    out.float().pow(2).mean().backward()
+    grads = [m.router.weight.grad for m in model.modules() if getattr(m, "router", None) is not None]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..attention.config import CAPACITY_SPLITS
 from ..train.state import load_tensors, read_json, save_tensors
 from ..train.trainer import Trainer, TrainConfig
 from .codec import ClipCodec, DemoCodec, PatchCodec, make_codec
@@ -151,6 +152,7 @@ def _tiny(dense: bool, seed: int):
 
 
 def train_demo(args) -> dict:
+    attention = attention_changes(args)  # bad flags fail before the codec is trained
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -186,12 +188,14 @@ def train_demo(args) -> dict:
     codec.requires_grad_(False).eval()
 
     model, text = _tiny(args.dense, args.seed) if args.tiny else build_demo(args.dense, args.seed)
+    if attention:  # trained under the settings it will sample with; the exported file records them
+        model.moga_config = model.moga_config.replace(**attention)
     model.to(device)
     text.to(device)
     config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
                          seed=args.seed, ema_decay=args.ema, compute_dtype=args.compute_dtype,
                          log_every=args.log_every, save_every=args.save_every, shift=args.shift,
-                         max_file_mb=args.max_file_mb)
+                         max_file_mb=args.max_file_mb, moga=dict(attention))
     if args.init:
         init_from(args.init, model, text)
         log(f"weights from {args.init} (fresh optimizer)")
@@ -200,6 +204,11 @@ def train_demo(args) -> dict:
     modules = {"text_encoder": text}
     resumed = args.resume and (ckpt / "state.json").exists()
     if resumed:
+        saved = read_json(ckpt / "state.json")["config"].get("moga") or {}
+        if saved != attention:
+            raise ValueError(f"{ckpt} was trained with attention settings {saved or 'the defaults'}, not "
+                             f"{attention or 'the defaults'}: resume with the same --context-frames / "
+                             f"--capacity / --capacity-split, or start a new --out folder")
         if args.auto_steps:  # the step count was fitted to the budget when the run began: keep it
             config.steps = int(read_json(ckpt / "state.json")["config"]["steps"])
         trainer = Trainer.resume(ckpt, model, data, modules=modules, config=config, device=device,
@@ -237,6 +246,24 @@ def train_demo(args) -> dict:
     log(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB): {summary}", event="done", **summary)
     logf.close()
     return summary
+
+
+def attention_changes(args) -> dict:
+    """MoGA settings the DiT trains under, where they differ from the shipped defaults (`MOGA`)."""
+    changes = {}
+    if args.context_frames is not None:
+        changes["context_frames"] = int(args.context_frames)
+    if args.capacity is not None:
+        changes["capacity"] = float(args.capacity)
+    if args.capacity_split is not None:
+        changes["capacity_split"] = args.capacity_split
+    if changes and args.dense:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in changes)} set the MoGA branches; "
+                         f"the dense model (--dense) has none: drop them")
+    if changes:
+        from .model import MOGA
+        MOGA.replace(**changes)  # the config's own checks: a clear error before any training
+    return changes
 
 
 def init_from(path, model, text) -> None:
@@ -320,6 +347,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model.compile() (measured on an H100: dense step 0.174 -> 0.137 s; MoGA gains less "
                         "and compiles for ~100 s; benchmarks/demo_train_speed.py)")
     p.add_argument("--init", default=None, help="start from this demo model file's weights (fresh optimizer)")
+    p.add_argument("--context-frames", type=int, default=None,
+                   help="latent frames of each neighbouring shot in a window (default: the model's, 1)")
+    p.add_argument("--capacity", type=float, default=None,
+                   help="train with routed groups capped at this many times N/M tokens (default: off)")
+    p.add_argument("--capacity-split", choices=CAPACITY_SPLITS, default=None,
+                   help="how an over-full group is cut while training (default: runs)")
     p.add_argument("--object-weight", type=float, default=4.0,
                    help="extra flow-loss weight on latent pixels the object touches (0: plain MSE)")
     p.add_argument("--auto-steps", action="store_true", help="fit --steps to --time-limit after a timed probe")
