@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..sampling import SOLVERS
 from .generate import evaluate_model
 from .model import DEMO_PATH, demo_info, load_demo
 from .world import heldout_stories
@@ -40,7 +41,10 @@ def mode_config(model, mode: str, capacity: float | None = None, split: str | No
 
 def run(checkpoint=None, dense_checkpoint=None, stories: int = 32, shots: int = 4, modes=MODES, steps=None,
         cfg=None, seed: int = 0, batch: int = 16, device="cpu", capacity: float | None = None,
-        capacity_split: str | None = None, log=print) -> list[dict]:
+        capacity_split: str | None = None, shift: float | None = None, solver: str | None = None,
+        log=print) -> list[dict]:
+    """Each (model, mode) on the same held-out stories and noise; steps, cfg, shift and solver default
+    to each file's own sampling settings."""
     held = heldout_stories(stories, num_shots=shots, seed=seed)
     rows = []
     runs = [(checkpoint, m) for m in modes]
@@ -60,11 +64,13 @@ def run(checkpoint=None, dense_checkpoint=None, stories: int = 32, shots: int = 
             continue
         mcfg = mode_config(model, mode, capacity, capacity_split) if has_routers and mode != "dense-trained" else None
         res = evaluate_model(model, held, steps=int(steps or s["steps"]), cfg=float(cfg or s["cfg"]),
-                             shift=s["shift"], solver=s["solver"], moga=mcfg, batch=batch, device=device,
+                             shift=float(shift or s["shift"]), solver=solver or s["solver"], moga=mcfg, batch=batch, device=device,
                              seed=seed)
         row = {"model": Path(key).name, "mode": mode, **res.summary,
                "attention_flops_ratio": round(res.flop_ratio, 4), "seconds": round(res.seconds, 1),
-               "steps": int(steps or s["steps"]), "training": info.get("training"),
+               "steps": int(steps or s["steps"]), "cfg": float(cfg or s["cfg"]),
+               "shift": float(shift or s["shift"]), "solver": solver or s["solver"], "seed": seed,
+               "training": info.get("training"),
                "capacity": mcfg.capacity if mcfg is not None and mode == "moga" else None,
                "capacity_split": mcfg.capacity_split if mcfg is not None and mcfg.capacity and mode == "moga"
                else None}
@@ -91,7 +97,10 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the file's)")
+    p.add_argument("--solver", choices=SOLVERS, default=None, help="default: the file's")
+    p.add_argument("--seed", type=int, default=0,
+                   help="held-out stories and noise (0: the reported set; tune settings on another)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--capacity", type=float, default=None,
@@ -106,7 +115,7 @@ def main(argv=None) -> int:
         p.error(f"unknown modes {bad}; choose from {MODES}")
     print(header())
     rows = run(args.checkpoint, args.dense_checkpoint, args.stories, args.shots, modes, args.steps, args.cfg,
-               args.seed, args.batch, args.device, args.capacity, args.capacity_split)
+               args.seed, args.batch, args.device, args.capacity, args.capacity_split, args.shift, args.solver)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
