@@ -240,7 +240,9 @@ def train_demo(args) -> dict:
     extra = {"training": {"steps": trainer.step, "batch": config.batch_size, "seconds": round(trainer.seconds, 1),
                           "final_loss": last.get("loss"), "final_flow": last.get("flow"),
                           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                          "dense": bool(args.dense), "seed": args.seed}}
+                          "dense": bool(args.dense), "seed": args.seed, "lr": args.lr, "warmup": args.warmup,
+                          "ema": args.ema, "object_weight": args.object_weight,
+                          "date": time.strftime("%Y-%m-%d"), **({"attention": attention} if attention else {})}}
     path = save_demo(out / "model.safetensors", final_model.cpu(), final_text.cpu(), codec.cpu(), extra=extra)
     summary = {"model": str(path), "bytes": path.stat().st_size, **extra["training"]}
     log(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB): {summary}", event="done", **summary)
