@@ -130,6 +130,10 @@ def test_shipped_model_is_a_moga_wan_model_under_25_mb():
     assert model.moga_config.fusion == "mean" and model.moga_config.window[1:] == (2, 2)
     # groups capped at N / M, cut round robin (docs/demo-model.md: consecutive runs cost consistency)
     assert model.moga_config.capacity == 1.0 and model.moga_config.capacity_split == "stride"
+    # trained with 3 context frames a side and the capacity on: the file says so (it samples as trained)
+    assert model.moga_config.context_frames == 3
+    assert demo_info(model)["training"]["attention"] == {"context_frames": 3, "capacity": 1.0,
+                                                         "capacity_split": "stride"}
     info = demo_info(model)
     assert info["training"]["steps"] > 0 and set(info["sampling"]) >= {"steps", "cfg", "shift", "solver"}
     lat = model.vae.encode(w.render_story(w.sample_story(0, 1))[None])
@@ -148,7 +152,7 @@ def test_shipped_model_draws_the_world_and_a_broken_one_does_not():
     model = load_demo()
     stories = w.heldout_stories(3, num_shots=2, seed=11)
     good = _quality(model, stories)
-    # measured (the model shipped 2026-11-23, third session; CPU): colour, shape, direction and consistency
+    # measured (the models shipped 2026-11-23, third and fourth sessions; CPU): colour, shape, direction and consistency
     # 100, background 83, detected 100 (6 shots); chance is 17% colour, 33% shape and 25% direction
     assert good["background"] >= 80 and good["detected"] >= 80, good
     assert good["colour"] >= 66 and good["direction"] >= 66 and good["shape"] >= 66, good
