@@ -193,7 +193,7 @@ def main(argv=None) -> int:
                 r["linked"] = links[r["story"]][r["shot"]]
             link_table(rows)
         out[path] = {"summary": summary, "it_shots": rows}
-        table(rows, f"{Path(path).name} ({summary})")
+        table(rows, f"{Path(path).parent.name}/{Path(path).name} ({summary})")
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

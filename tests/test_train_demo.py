@@ -216,3 +216,33 @@ def test_training_under_capacity_reaches_the_router():
     out.float().pow(2).mean().backward()
     grads = [m.router.weight.grad for m in model.modules() if getattr(m, "router", None) is not None]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_router_learning_rate_scale(codec):
+    """router_lr_scale: the routers' AdamW group runs at lr x scale, every other parameter at lr; with the
+    same seed and data the DiT's first update is identical and the routers' is `scale` times larger."""
+    from moga.train.trainer import is_router_param
+
+    def first_update(scale):
+        model, text = _tiny(False, 0)
+        with torch.no_grad():  # Wan's zero output head would leave every gradient but its own at zero
+            for p in model.head.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.1)
+        data = WorldData(codec, seed=0)
+        cfg = TrainConfig(steps=1, batch_size=2, warmup=1, lr=1e-3, router_lr_scale=scale, ema_decay=0.0,
+                          weight_decay=0.0)  # no decay: every change below is the gradient's
+        trainer = Trainer(model, data, cfg, modules={"text_encoder": text})
+        before = {n: p.detach().clone() for n, p in trainer.params.items()}
+        trainer.train_step()
+        return {n: (p.detach() - before[n]) for n, p in trainer.params.items()}
+
+    plain, fast = first_update(1.0), first_update(10.0)
+    routers = [n for n in plain if is_router_param(n)]
+    assert routers and not is_router_param("blocks.0.self_attn.q.weight")
+    for n in routers:  # Adam's first step is about lr * sign(grad): scale x larger
+        assert plain[n].abs().sum() > 0
+        torch.testing.assert_close(fast[n], 10.0 * plain[n], rtol=1e-3, atol=1e-9)
+    other = next(n for n in plain if not is_router_param(n) and plain[n].abs().sum() > 0)
+    torch.testing.assert_close(fast[other], plain[other])
+    with pytest.raises(ValueError, match="router_lr_scale"):
+        TrainConfig(router_lr_scale=0.0)

@@ -195,7 +195,8 @@ def train_demo(args) -> dict:
     config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
                          seed=args.seed, ema_decay=args.ema, compute_dtype=args.compute_dtype,
                          log_every=args.log_every, save_every=args.save_every, shift=args.shift,
-                         max_file_mb=args.max_file_mb, moga=dict(attention))
+                         max_file_mb=args.max_file_mb, moga=dict(attention),
+                         router_lr_scale=args.router_lr_scale, balance_weight=args.balance_weight)
     if args.init:
         init_from(args.init, model, text)
         log(f"weights from {args.init} (fresh optimizer)")
@@ -242,6 +243,7 @@ def train_demo(args) -> dict:
                           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           "dense": bool(args.dense), "seed": args.seed, "lr": args.lr, "warmup": args.warmup,
                           "ema": args.ema, "object_weight": args.object_weight,
+                          "router_lr_scale": args.router_lr_scale, "balance_weight": args.balance_weight,
                           "date": time.strftime("%Y-%m-%d"), **({"attention": attention} if attention else {})}}
     path = save_demo(out / "model.safetensors", final_model.cpu(), final_text.cpu(), codec.cpu(), extra=extra)
     summary = {"model": str(path), "bytes": path.stat().st_size, **extra["training"]}
@@ -355,6 +357,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train with routed groups capped at this many times N/M tokens (default: off)")
     p.add_argument("--capacity-split", choices=CAPACITY_SPLITS, default=None,
                    help="how an over-full group is cut while training (default: runs)")
+    p.add_argument("--router-lr-scale", type=float, default=1.0,
+                   help="the routers' learning rate as a multiple of --lr (default 1)")
+    p.add_argument("--balance-weight", type=float, default=0.1, help="alpha of the group-balancing loss")
     p.add_argument("--object-weight", type=float, default=4.0,
                    help="extra flow-loss weight on latent pixels the object touches (0: plain MSE)")
     p.add_argument("--auto-steps", action="store_true", help="fit --steps to --time-limit after a timed probe")

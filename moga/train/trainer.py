@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     shift: float = 3.0              # timestep shift for the training sigmas
     balance_weight: float = 0.1     # alpha of Eq. 8
+    router_lr_scale: float = 1.0    # the routers' learning rate, as a multiple of lr
     balance_form: str = "paper"
     caption_dropout: float = 0.1    # share of samples trained with empty captions (for guidance)
     ema_decay: float = 0.0          # 0: no EMA
@@ -76,6 +77,10 @@ class TrainConfig:
             raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not (self.router_lr_scale > 0 and math.isfinite(self.router_lr_scale)):
+            raise ValueError(f"router_lr_scale must be a positive number, got {self.router_lr_scale}")
+        if self.balance_weight < 0:
+            raise ValueError(f"balance_weight must be >= 0, got {self.balance_weight}")
         self.betas = tuple(self.betas)
 
     @classmethod
@@ -102,12 +107,15 @@ class Trainer:
                 if p.requires_grad:
                     self.params[f"{prefix}.{name}" if prefix else name] = p
         self.names = {p: n for n, p in self.params.items()}
-        decay = [p for n, p in self.params.items() if p.dim() >= 2]
-        no_decay = [p for n, p in self.params.items() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=config.betas, foreach=True)
+        router = {n for n in self.params if is_router_param(n)}
+        decay = [p for n, p in self.params.items() if p.dim() >= 2 and n not in router]
+        no_decay = [p for n, p in self.params.items() if p.dim() < 2 and n not in router]
+        groups = [{"params": decay, "weight_decay": config.weight_decay, "lr_scale": 1.0},
+                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        if router:  # the routers may learn faster than the DiT they steer (router_lr_scale)
+            groups.append({"params": [self.params[n] for n in sorted(router)],
+                           "weight_decay": config.weight_decay, "lr_scale": config.router_lr_scale})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, foreach=True)
         self.ema = ({n: p.detach().float().clone() for n, p in self.params.items()}
                     if config.ema_decay > 0 else None)
         self.step = 0
@@ -198,7 +206,7 @@ class Trainer:
         for m in self.modules.values():
             m.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step)
+            group["lr"] = self.lr_at(step) * group["lr_scale"]
         batch = self.data.batch(step, self.config.batch_size, self.device)
         loss, stats = self.losses(batch, step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -312,6 +320,11 @@ def _format(row: dict) -> str:
             v = row[k]
             parts.append(f"{k} {v:.3g}" if k != "seconds" else f"{v:.0f}s")
     return "  ".join(parts)
+
+
+def is_router_param(name: str) -> bool:
+    """A MoGA router's weight (`blocks.{i}.self_attn.router.weight`), by its parameter name."""
+    return ".router." in f".{name}"
 
 
 def init_wan_weights(model: nn.Module, seed: int = 0) -> nn.Module:
