@@ -120,6 +120,8 @@ def _add_demo(sub):
     p.add_argument("--checkpoint", default=None, help="a demo model file (default: the shipped one)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--dense", action="store_true", help="run with dense attention (routers off)")
+    p.add_argument("--dense-steps", type=float, default=None,
+                   help="fraction of the first steps run dense (default: the model's dense warm-up)")
     p.set_defaults(func=cmd_demo)
 
 

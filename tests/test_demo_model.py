@@ -79,6 +79,10 @@ def test_text_encoder_pads_with_zeros_and_warns_on_unknown_words():
 
 def _tiny_demo(tmp_path, patch_codec, dense=False):
     model, text = _tiny(dense, 0)
+    with torch.no_grad():  # Wan's init zeroes the output head: every sample would equal its noise
+        gen = torch.Generator().manual_seed(3)
+        for p in model.head.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     path = save_demo(tmp_path / ("dense.safetensors" if dense else "moga.safetensors"), model, text, patch_codec)
     return path, model, text
 
@@ -117,6 +121,26 @@ def test_batched_generation_matches_moga_sampling(tmp_path, patch_codec):
     assert torch.allclose(lat, ref, atol=1e-4, rtol=1e-4)
     two = generate(model, [story, w.sample_story(5, 2)], steps=3, cfg=3.0, shift=3.0, seeds=[7, 8])
     assert torch.allclose(two[:1], ref, atol=1e-4, rtol=1e-4)
+    # a dense warm-up (the first third of the steps dense) is the same in both, and differs from none
+    warm = generate(model, [story], steps=3, cfg=3.0, shift=3.0, seeds=[7], dense_steps=1 / 3)
+    ref_warm = sample(model, pos, neg, shot_frames=shots, latent_size=(sum(shots), 16, 16), steps=3, cfg=3.0,
+                      shift=3.0, seed=7, dtype=torch.float32, dense_steps=1 / 3)
+    assert torch.allclose(warm, ref_warm, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(warm, lat, atol=1e-4, rtol=1e-4)
+
+
+def test_evaluator_counts_the_dense_warm_up_in_its_flops(tmp_path, patch_codec):
+    """`moga.eval demo`: the MoGA mode takes the file's dense warm-up (or --dense-steps), and the
+    attention FLOPs it reports count those dense steps: one dense step of two is half-way to dense."""
+    from moga.demo.evaluation import run
+
+    path, _, _ = _tiny_demo(tmp_path, patch_codec)
+    quiet = dict(stories=1, shots=2, modes=("moga",), steps=2, cfg=2.0, device="cpu", log=lambda m: None)
+    plain = run(path, **quiet)[0]
+    half = run(path, dense_steps=0.5, **quiet)[0]
+    assert plain["dense_steps"] == 0.0 and half["dense_steps"] == 0.5
+    assert 0 < plain["attention_flops_ratio"] < 1
+    assert abs(half["attention_flops_ratio"] - (1 + plain["attention_flops_ratio"]) / 2) < 0.01
 
 
 # ---------------------------------------------------------------- the shipped model

@@ -31,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint", default=None, help="a demo model file (default: the shipped one)")
     p.add_argument("--cfg", type=float, default=None)
     p.add_argument("--dense", action="store_true", help="run with dense attention (routers off)")
+    p.add_argument("--dense-steps", type=float, default=None,
+                   help="fraction of the first steps run dense (default: the model's dense warm-up)")
 
 
 def run_demo(args) -> int:
@@ -56,13 +58,16 @@ def run_demo(args) -> int:
     story = story_from_captions(list(captions), seed=seed)
     shots = latent_shot_frames(story)
     side = story.size // model.vae.spatial_ratio
-    moga = model.moga_config.replace(dense=True) if getattr(args, "dense", False) else None
+    dense = bool(getattr(args, "dense", False))
+    moga = model.moga_config.replace(dense=True) if dense else None
+    warmup = float(getattr(args, "dense_steps", None) if getattr(args, "dense_steps", None) is not None
+                   else (0.0 if dense else model.dense_warmup))
     positive = model.text_encoder.encode(list(captions))
     negative = model.text_encoder.encode([""])[0]
     bar = tqdm(total=steps, desc=f"demo: {len(captions)} shots", unit="step", disable=quiet, file=sys.stderr)
     latent = sample(model, positive, negative, shot_frames=shots, latent_size=(sum(shots), side, side),
                     steps=steps, cfg=cfg, shift=settings["shift"], solver=settings["solver"], seed=seed,
-                    moga=moga, device=device, dtype=torch.float32,
+                    moga=moga, device=device, dtype=torch.float32, dense_steps=warmup,
                     callback=lambda i, n, x: bar.update(1))
     bar.close()
     with torch.inference_mode():

@@ -42,9 +42,10 @@ def mode_config(model, mode: str, capacity: float | None = None, split: str | No
 def run(checkpoint=None, dense_checkpoint=None, stories: int = 32, shots: int = 4, modes=MODES, steps=None,
         cfg=None, seed: int = 0, batch: int = 16, device="cpu", capacity: float | None = None,
         capacity_split: str | None = None, shift: float | None = None, solver: str | None = None,
-        log=print) -> list[dict]:
+        dense_steps: float | None = None, log=print) -> list[dict]:
     """Each (model, mode) on the same held-out stories and noise; steps, cfg, shift and solver default
-    to each file's own sampling settings."""
+    to each file's own sampling settings, and the MoGA mode's dense warm-up (`dense_steps`, a fraction of
+    the steps) to the file's `moga.dense_warmup`."""
     held = heldout_stories(stories, num_shots=shots, seed=seed)
     rows = []
     runs = [(checkpoint, m) for m in modes]
@@ -63,13 +64,17 @@ def run(checkpoint=None, dense_checkpoint=None, stories: int = 32, shots: int = 
             log(f"skip {mode}: {key} has no routers")
             continue
         mcfg = mode_config(model, mode, capacity, capacity_split) if has_routers and mode != "dense-trained" else None
+        warmup = 0.0
+        if mode == "moga":
+            warmup = float(model.dense_warmup if dense_steps is None else dense_steps)
         res = evaluate_model(model, held, steps=int(steps or s["steps"]), cfg=float(cfg or s["cfg"]),
                              shift=float(shift or s["shift"]), solver=solver or s["solver"], moga=mcfg, batch=batch, device=device,
-                             seed=seed)
+                             seed=seed, dense_steps=warmup)
         row = {"model": Path(key).name, "mode": mode, **res.summary,
                "attention_flops_ratio": round(res.flop_ratio, 4), "seconds": round(res.seconds, 1),
                "steps": int(steps or s["steps"]), "cfg": float(cfg or s["cfg"]),
                "shift": float(shift or s["shift"]), "solver": solver or s["solver"], "seed": seed,
+               "dense_steps": warmup,
                "training": info.get("training"),
                "capacity": mcfg.capacity if mcfg is not None and mode == "moga" else None,
                "capacity_split": mcfg.capacity_split if mcfg is not None and mcfg.capacity and mode == "moga"
@@ -97,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None)
+    p.add_argument("--dense-steps", type=float, default=None,
+                   help="fraction of the first steps the MoGA mode runs dense (default: the file's dense warm-up)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the file's)")
     p.add_argument("--solver", choices=SOLVERS, default=None, help="default: the file's")
     p.add_argument("--seed", type=int, default=0,
@@ -115,7 +122,8 @@ def main(argv=None) -> int:
         p.error(f"unknown modes {bad}; choose from {MODES}")
     print(header())
     rows = run(args.checkpoint, args.dense_checkpoint, args.stories, args.shots, modes, args.steps, args.cfg,
-               args.seed, args.batch, args.device, args.capacity, args.capacity_split, args.shift, args.solver)
+               args.seed, args.batch, args.device, args.capacity, args.capacity_split, args.shift, args.solver,
+               args.dense_steps)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.json}", file=sys.stderr)

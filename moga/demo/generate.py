@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling import initial_noise, make_schedule, make_solver
+from ..sampling import dense_step_count, initial_noise, make_schedule, make_solver
 from .evaluate import score_story, summarize
 from .world import Story
 
@@ -28,8 +28,9 @@ def _pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(model, stories: list[Story], *, steps: int, cfg: float, shift: float, solver: str = "unipc",
-             seeds=None, moga=None, device=None, callback=None) -> torch.Tensor:
-    """Latents [B, C, F, H, W] (float32) for stories of one shape; seeds default to each story's index."""
+             seeds=None, moga=None, device=None, callback=None, dense_steps: float = 0.0) -> torch.Tensor:
+    """Latents [B, C, F, H, W] (float32) for stories of one shape; seeds default to each story's index.
+    The first `dense_steps` fraction of the steps run dense attention (`moga.sampling.dense_step_count`)."""
     if not stories:
         raise ValueError("no stories to generate")
     shapes = {(tuple(s.shot_frames), s.size) for s in stories}
@@ -57,10 +58,15 @@ def generate(model, stories: list[Story], *, steps: int, cfg: float, shift: floa
     x = torch.cat([initial_noise((1, codec.latent_channels, sum(shots), size, size), s) for s in seeds]).to(device)
     schedule = make_schedule(steps, shift)
     stepper = make_solver(solver, schedule)
+    n_dense = dense_step_count(dense_steps, steps)
+    base = moga if moga is not None else model.moga_config
+    if n_dense and base is None:
+        raise ValueError("dense_steps needs a MoGA model (or moga=)")
+    dense = base.replace(dense=True) if n_dense else None
     for i in range(schedule.steps):
         t = torch.full((1,), schedule.timesteps[i], device=device, dtype=torch.float32)
         xin = torch.cat([x, x]) if cfg != 1.0 else x
-        v = model(xin, t, context, shot_frames=shots, moga=moga).float()
+        v = model(xin, t, context, shot_frames=shots, moga=dense if i < n_dense else moga).float()
         if cfg != 1.0:
             v_cond, v_uncond = v[:b], v[b:]
             v = v_uncond + cfg * (v_cond - v_uncond)
@@ -91,7 +97,8 @@ class EvalResult:
 
 
 def evaluate_model(model, stories: list[Story], *, steps: int, cfg: float, shift: float,
-                   solver: str = "unipc", moga=None, batch: int = 16, device=None, seed: int = 0) -> EvalResult:
+                   solver: str = "unipc", moga=None, batch: int = 16, device=None, seed: int = 0,
+                   dense_steps: float = 0.0) -> EvalResult:
     """Generate every story (seed = seed + its index), decode, score; count attention FLOPs."""
     from ..diagnostics import attention_flops
 
@@ -101,7 +108,8 @@ def evaluate_model(model, stories: list[Story], *, steps: int, cfg: float, shift
         for lo in range(0, len(stories), batch):
             part = stories[lo:lo + batch]
             lat = generate(model, part, steps=steps, cfg=cfg, shift=shift, solver=solver,
-                           seeds=[seed + lo + i for i in range(len(part))], moga=moga, device=device)
+                           seeds=[seed + lo + i for i in range(len(part))], moga=moga, device=device,
+                           dense_steps=dense_steps)
             video = decode(model, lat, part[0]).cpu()
             scores += [score_story(video[i], s) for i, s in enumerate(part)]
     seconds = time.perf_counter() - start
