@@ -100,7 +100,7 @@ def object_tokens(video: torch.Tensor, shot_frames, temporal: int = 4, token_px:
 
 
 def routed_links(model, stories, *, steps, cfg, shift, solver, moga, device, seed, at=(4, 12, 24),
-                 batch: int = 16):
+                 batch: int = 16, dense_steps: float = 0.0):
     """(scores, links): links[n][k] = {step: [linked share per layer]} for every 'it' shot k of story n."""
     layers = [m for m in model.modules() if getattr(m, "router", None) is not None and hasattr(m, "record_routing")]
     scores, links = [], []
@@ -110,7 +110,7 @@ def routed_links(model, stories, *, steps, cfg, shift, solver, moga, device, see
         taken = {}
 
         def keep(i, n, x):
-            if i in at:
+            if i in at and all(layer.last_routing is not None for layer in layers):  # not a dense step
                 taken[i] = [cap_routing(layer.last_routing, moga.capacity, moga.capacity_split).group_ids[:b].cpu()
                             if moga.capacity else layer.last_routing.group_ids[:b].cpu() for layer in layers]
 
@@ -118,7 +118,8 @@ def routed_links(model, stories, *, steps, cfg, shift, solver, moga, device, see
             layer.record_routing = True
         try:
             lat = generate(model, part, steps=steps, cfg=cfg, shift=shift, solver=solver,
-                           seeds=[seed + lo + i for i in range(b)], moga=moga, device=device, callback=keep)
+                           seeds=[seed + lo + i for i in range(b)], moga=moga, device=device, callback=keep,
+                           dense_steps=dense_steps)
         finally:
             for layer in layers:
                 layer.record_routing = False
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--cfg", type=float, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dense-steps", type=float, default=None,
+                    help="fraction of the first steps run dense (default: the file's dense warm-up)")
     ap.add_argument("--routing", action="store_true", help="also measure the routed links across each cut")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -180,19 +183,21 @@ def main(argv=None) -> int:
         s = demo_info(model)["sampling"]
         moga = mode_config(model, "moga") if model.config.moga_layers else None
         kw = dict(steps=args.steps or s["steps"], cfg=args.cfg or s["cfg"], shift=s["shift"], solver=s["solver"],
-                  moga=moga, device=args.device, seed=args.seed)
+                  moga=moga, device=args.device, seed=args.seed,
+                  dense_steps=0.0 if moga is None else
+                  float(model.dense_warmup if args.dense_steps is None else args.dense_steps))
         if args.routing and moga is not None:
             scores, links = routed_links(model, stories, **kw)
             summary = summarize(scores)
         else:
             res = evaluate_model(model, stories, **kw)
-            scores, links, summary = res.scores, None, res.summary
+            scores, links, summary = res.scores, None, dict(res.summary, attention_flops_ratio=round(res.flop_ratio, 4))
         rows = it_shots(stories, scores)
         if links is not None:
             for r in rows:
                 r["linked"] = links[r["story"]][r["shot"]]
             link_table(rows)
-        out[path] = {"summary": summary, "it_shots": rows}
+        out[path] = {"summary": summary, "dense_steps": kw["dense_steps"], "it_shots": rows}
         table(rows, f"{Path(path).parent.name}/{Path(path).name} ({summary})")
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
