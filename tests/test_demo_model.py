@@ -156,12 +156,24 @@ def test_shipped_model_is_a_moga_wan_model_under_25_mb():
     assert model.moga_config.capacity == 1.0 and model.moga_config.capacity_split == "stride"
     # trained with 3 context frames a side and the capacity on: the file says so (it samples as trained)
     assert model.moga_config.context_frames == 3
+    # samples the first 3 of its 40 default steps dense (docs/demo-model.md: the warm-up)
+    assert model.dense_warmup == 0.075
     assert demo_info(model)["training"]["attention"] == {"context_frames": 3, "capacity": 1.0,
                                                          "capacity_split": "stride"}
     info = demo_info(model)
     assert info["training"]["steps"] > 0 and set(info["sampling"]) >= {"steps", "cfg", "shift", "solver"}
     lat = model.vae.encode(w.render_story(w.sample_story(0, 1))[None])
     assert lat.shape[1] == cfg.in_dim
+
+
+def test_shipped_defaults_stay_under_a_third_of_dense_flops():
+    """Issue 7's bar: the shipped model at its own sampling settings (40 steps, the dense warm-up
+    included) spends at most a third of dense attention's FLOPs (measured on 128 stories: 0.318)."""
+    from moga.demo.evaluation import run
+
+    row = run(None, stories=1, shots=4, modes=("moga",), device="cpu", log=lambda m: None)[0]  # 4 shots, as scored
+    assert row["steps"] == 40 and row["dense_steps"] == 0.075
+    assert 0.25 < row["attention_flops_ratio"] <= 1 / 3, row
 
 
 def _quality(model, stories, steps=10):
