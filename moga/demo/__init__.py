@@ -60,8 +60,8 @@ def run_demo(args) -> int:
     side = story.size // model.vae.spatial_ratio
     dense = bool(getattr(args, "dense", False))
     moga = model.moga_config.replace(dense=True) if dense else None
-    warmup = float(getattr(args, "dense_steps", None) if getattr(args, "dense_steps", None) is not None
-                   else (0.0 if dense else model.dense_warmup))
+    given = getattr(args, "dense_steps", None)
+    warmup = float(given) if given is not None else (0.0 if dense else model.dense_warmup)
     positive = model.text_encoder.encode(list(captions))
     negative = model.text_encoder.encode([""])[0]
     bar = tqdm(total=steps, desc=f"demo: {len(captions)} shots", unit="step", disable=quiet, file=sys.stderr)

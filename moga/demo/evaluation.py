@@ -67,15 +67,13 @@ def run(checkpoint=None, dense_checkpoint=None, stories: int = 32, shots: int = 
         warmup = 0.0
         if mode == "moga":
             warmup = float(model.dense_warmup if dense_steps is None else dense_steps)
-        res = evaluate_model(model, held, steps=int(steps or s["steps"]), cfg=float(cfg or s["cfg"]),
-                             shift=float(shift or s["shift"]), solver=solver or s["solver"], moga=mcfg, batch=batch, device=device,
-                             seed=seed, dense_steps=warmup)
+        sampling = dict(steps=int(steps or s["steps"]), cfg=float(cfg or s["cfg"]),
+                        shift=float(shift or s["shift"]), solver=solver or s["solver"])
+        res = evaluate_model(model, held, **sampling, moga=mcfg, batch=batch, device=device, seed=seed,
+                             dense_steps=warmup)
         row = {"model": Path(key).name, "mode": mode, **res.summary,
                "attention_flops_ratio": round(res.flop_ratio, 4), "seconds": round(res.seconds, 1),
-               "steps": int(steps or s["steps"]), "cfg": float(cfg or s["cfg"]),
-               "shift": float(shift or s["shift"]), "solver": solver or s["solver"], "seed": seed,
-               "dense_steps": warmup,
-               "training": info.get("training"),
+               **sampling, "seed": seed, "dense_steps": warmup, "training": info.get("training"),
                "capacity": mcfg.capacity if mcfg is not None and mode == "moga" else None,
                "capacity_split": mcfg.capacity_split if mcfg is not None and mcfg.capacity and mode == "moga"
                else None}

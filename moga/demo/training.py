@@ -205,13 +205,14 @@ def train_demo(args) -> dict:
     modules = {"text_encoder": text}
     resumed = args.resume and (ckpt / "state.json").exists()
     if resumed:
-        saved = read_json(ckpt / "state.json")["config"].get("moga") or {}
+        saved_config = read_json(ckpt / "state.json")["config"]
+        saved = saved_config.get("moga") or {}
         if saved != attention:
             raise ValueError(f"{ckpt} was trained with attention settings {saved or 'the defaults'}, not "
                              f"{attention or 'the defaults'}: resume with the same --context-frames / "
                              f"--capacity / --capacity-split, or start a new --out folder")
         if args.auto_steps:  # the step count was fitted to the budget when the run began: keep it
-            config.steps = int(read_json(ckpt / "state.json")["config"]["steps"])
+            config.steps = int(saved_config["steps"])
         trainer = Trainer.resume(ckpt, model, data, modules=modules, config=config, device=device,
                                  log=lambda m: log(m))
         log(f"resumed at step {trainer.step} of {config.steps} ({trainer.seconds:.0f}s trained)")
