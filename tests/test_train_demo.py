@@ -246,3 +246,22 @@ def test_router_learning_rate_scale(codec):
     torch.testing.assert_close(fast[other], plain[other])
     with pytest.raises(ValueError, match="router_lr_scale"):
         TrainConfig(router_lr_scale=0.0)
+
+
+def test_train_demo_with_another_group_count(tmp_path):
+    """--num-groups M: the routers get M rows, the exported file says M, and the dense model refuses it."""
+    from moga.demo.model import load_demo
+    from moga.train.__main__ import main
+
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), "--tiny", "--steps", "1", "--batch", "1", "--device", "cpu",
+                 "--warmup", "1", "--num-groups", "6"]) == 0
+    model = load_demo(out / "model.safetensors")
+    assert model.config.num_groups == 6 and model.moga_config.num_groups == 6
+    assert model.blocks[0].self_attn.router.weight.shape[0] == 6
+    with pytest.raises(ValueError, match="dense model"):
+        main(["demo", "--out", str(tmp_path / "d"), "--tiny", "--dense", "--steps", "1", "--device", "cpu",
+              "--num-groups", "6"])
+    with pytest.raises(ValueError, match="at least 2"):
+        main(["demo", "--out", str(tmp_path / "e"), "--tiny", "--steps", "1", "--device", "cpu",
+              "--num-groups", "1"])

@@ -133,7 +133,7 @@ def load_codec(path, device="cpu") -> ClipCodec:
 
 # ---- the DiT -------------------------------------------------------------------------------------
 
-def _tiny(dense: bool, seed: int):
+def _tiny(dense: bool, seed: int, num_groups: int | None = None):
     from ..model import WanModel
     from ..train.trainer import init_wan_weights
     from .model import MOGA, NUM_GROUPS, demo_wan_config
@@ -143,12 +143,25 @@ def _tiny(dense: bool, seed: int):
     layers = 2
     over = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=layers, text_dim=32)
     if not dense:
-        over["moga_layers"] = tuple(range(layers))
+        over.update(moga_layers=tuple(range(layers)), num_groups=num_groups or NUM_GROUPS)
     model = WanModel(demo_wan_config(dense, **over))
     init_wan_weights(model, seed)
     if not dense:
-        model.moga_config = MOGA.replace(num_groups=NUM_GROUPS)
+        model.moga_config = MOGA.replace(num_groups=num_groups or NUM_GROUPS)
     return model, DemoTextEncoder(dim=32, layers=1, heads=2, max_len=16)
+
+
+def fresh_models(args):
+    """(DiT, text encoder) as the command line asks: tiny or full size, dense or MoGA with M groups."""
+    if args.tiny:
+        return _tiny(args.dense, args.seed, args.num_groups)
+    if args.num_groups and not args.dense:
+        from .model import MOGA
+
+        model, text = build_demo(False, args.seed, num_groups=args.num_groups)
+        model.moga_config = MOGA.replace(num_groups=args.num_groups)
+        return model, text
+    return build_demo(args.dense, args.seed)
 
 
 def train_demo(args) -> dict:
@@ -187,7 +200,7 @@ def train_demo(args) -> dict:
         log(f"codec trained in {time.perf_counter() - t0:.0f}s: {q}", event="codec", seconds=time.perf_counter() - t0, **q)
     codec.requires_grad_(False).eval()
 
-    model, text = _tiny(args.dense, args.seed) if args.tiny else build_demo(args.dense, args.seed)
+    model, text = fresh_models(args)
     if attention:  # trained under the settings it will sample with; the exported file records them
         model.moga_config = model.moga_config.replace(**attention)
     model.to(device)
@@ -233,7 +246,7 @@ def train_demo(args) -> dict:
 
     # export the EMA (or plain) weights as the shippable file
     weights = trainer.weights(ema=True)
-    final_model, final_text = (_tiny(args.dense, args.seed) if args.tiny else build_demo(args.dense, args.seed))
+    final_model, final_text = fresh_models(args)
     final_model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("text_encoder.")})
     final_text.load_state_dict({k[len("text_encoder."):]: v for k, v in weights.items()
                                 if k.startswith("text_encoder.")})
@@ -262,6 +275,11 @@ def attention_changes(args) -> dict:
         changes["capacity"] = float(args.capacity)
     if args.capacity_split is not None:
         changes["capacity_split"] = args.capacity_split
+    if args.num_groups is not None:
+        if args.dense:
+            raise ValueError("--num-groups sets the routers' rows; the dense model (--dense) has none: drop it")
+        if args.num_groups < 2:
+            raise ValueError(f"--num-groups must be at least 2 (router rows M), got {args.num_groups}")
     if changes and args.dense:
         raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in changes)} set the MoGA branches; "
                          f"the dense model (--dense) has none: drop them")
@@ -358,6 +376,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train with routed groups capped at this many times N/M tokens (default: off)")
     p.add_argument("--capacity-split", choices=CAPACITY_SPLITS, default=None,
                    help="how an over-full group is cut while training (default: runs)")
+    p.add_argument("--num-groups", type=int, default=None,
+                   help="router rows M of every MoGA layer (default: the shipped model's, 8)")
     p.add_argument("--router-lr-scale", type=float, default=1.0,
                    help="the routers' learning rate as a multiple of --lr (default 1)")
     p.add_argument("--balance-weight", type=float, default=0.1, help="alpha of the group-balancing loss")
