@@ -143,6 +143,37 @@ def test_evaluator_counts_the_dense_warm_up_in_its_flops(tmp_path, patch_codec):
     assert abs(half["attention_flops_ratio"] - (1 + plain["attention_flops_ratio"]) / 2) < 0.01
 
 
+def test_evaluator_samples_the_dense_trained_model_as_the_moga_model(tmp_path, patch_codec):
+    """--dense-checkpoint: the dense-trained row uses the MoGA file's sampling settings, not its own (a
+    dense file recording 2 steps would otherwise be compared at 2 steps against the MoGA file's 3)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moga.demo.evaluation import run
+
+    path, _, _ = _tiny_demo(tmp_path, patch_codec)
+    dense_path, _, _ = _tiny_demo(tmp_path, patch_codec, dense=True)
+
+    def with_steps(p, steps):
+        with safe_open(str(p), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        info = json.loads(meta["moga.demo"])
+        info["sampling"] = dict(info["sampling"], steps=steps)
+        save_file(tensors, str(p), metadata=dict(meta, **{"moga.demo": json.dumps(info)}))
+
+    with_steps(path, 3)
+    with_steps(dense_path, 2)
+    notes = []
+    rows = run(path, dense_checkpoint=dense_path, stories=1, shots=2, modes=("moga",), cfg=2.0, device="cpu",
+               log=notes.append)
+    assert [(r["mode"], r["steps"]) for r in rows] == [("moga", 3), ("dense-trained", 3)]
+    assert any("other sampling settings" in n for n in notes)
+    assert run(dense_path, stories=1, shots=2, modes=("dense",), cfg=2.0, device="cpu",
+               log=notes.append)[0]["steps"] == 2  # alone, a file samples with its own settings
+
+
 # ---------------------------------------------------------------- the shipped model
 
 def test_shipped_model_is_a_moga_wan_model_under_25_mb():

@@ -255,8 +255,66 @@ def test_train_demo_with_another_group_count(tmp_path):
     assert model.blocks[0].self_attn.router.weight.shape[0] == 6
 
 
+def test_dense_warmup_trains_the_top_of_the_noise_range_dense(codec):
+    """dense_warmup w: the steps the seeded coin picks draw s from shift(u), u in (1 - w, 1], and run
+    dense attention; the others draw u below 1 - w and run MoGA. The same steps on a second trainer
+    (resumable), and the sampler's dense steps at the shipped 3 of 40 fall in the dense range."""
+    from moga.sampling import dense_step_count, make_schedule
+
+    w = 0.3
+    trainer = _trainer(codec, steps=24, dense_warmup=w)
+    calls = []
+    forward = trainer.model.forward
+
+    def spy(x, t, context, **kw):
+        calls.append(((t / 1000.0).detach().clone(), kw.get("moga")))
+        return forward(x, t, context, **kw)
+
+    trainer.model.forward = spy
+    trainer.run()
+    cut = float(shift_sigma(torch.tensor(1.0 - w, dtype=torch.float64), trainer.config.shift))
+    picked = [trainer.dense_warmup_step(k) for k in range(24)]
+    assert 0 < sum(picked) < 24, "both kinds of step must occur in 24 steps at w = 0.3"
+    for (s, moga), dense in zip(calls, picked):
+        if dense:
+            assert moga is not None and moga.dense and bool((s >= cut - 1e-6).all()), (s, cut)
+        else:
+            assert (moga is None or not moga.dense) and bool((s < cut + 1e-6).all()), (s, cut)
+    again = _trainer(codec, steps=24, dense_warmup=w)
+    assert [again.dense_warmup_step(k) for k in range(24)] == picked
+    # a dense model has no warm-up to train: every step as before
+    dense_model = _trainer(codec, dense=True, dense_warmup=w)
+    assert not any(dense_model.dense_warmup_step(k) for k in range(24))
+    # the shipped setting: the sampler's dense steps (3 of 40) lie above the cut, the first MoGA step below
+    sched = make_schedule(40, 3.0)
+    n = dense_step_count(0.075, 40)
+    cut = float(shift_sigma(torch.tensor(1.0 - 0.075, dtype=torch.float64), 3.0))
+    assert n == 3 and min(sched.sigmas[:n]) > cut > sched.sigmas[n]
+    with pytest.raises(ValueError, match="dense_warmup"):
+        TrainConfig(dense_warmup=1.0)
+
+
+def test_train_demo_dense_warmup_is_recorded_and_kept_on_resume(tmp_path):
+    """--dense-warmup: the exported file samples with it (moga.dense_warmup), the training record says
+    so, and a resume with another value is refused."""
+    from moga.demo.model import demo_info, load_demo
+    from moga.train.__main__ import main
+
+    out = tmp_path / "run"
+    common = ["demo", "--out", str(out), "--tiny", "--batch", "1", "--device", "cpu", "--warmup", "2"]
+    assert main(common + ["--steps", "2", "--dense-warmup", "0.075"]) == 0
+    model = load_demo(out / "model.safetensors")
+    assert model.dense_warmup == pytest.approx(0.075)
+    assert demo_info(model)["training"]["dense_warmup"] == pytest.approx(0.075)
+    with pytest.raises(ValueError, match="--dense-warmup"):
+        main(common + ["--steps", "3", "--resume"])
+    assert main(common + ["--steps", "3", "--resume", "--dense-warmup", "0.075"]) == 0
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--dense", "--capacity", "1"], "dense model"),
+    (["--dense", "--dense-warmup", "0.1"], "dense model"),
+    (["--dense-warmup", "1"], "dense-warmup"),
     (["--dense", "--num-groups", "6"], "dense model"),
     (["--context-frames", "-1"], "context_frames must be >= 0"),
     (["--num-groups", "1"], "at least 2"),

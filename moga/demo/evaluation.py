@@ -43,22 +43,27 @@ def run(checkpoint=None, dense_checkpoint=None, stories: int = 32, shots: int = 
         cfg=None, seed: int = 0, batch: int = 16, device="cpu", capacity: float | None = None,
         capacity_split: str | None = None, shift: float | None = None, solver: str | None = None,
         dense_steps: float | None = None, log=print) -> list[dict]:
-    """Each (model, mode) on the same held-out stories and noise; steps, cfg, shift and solver default
-    to each file's own sampling settings, and the MoGA mode's dense warm-up (`dense_steps`, a fraction of
-    the steps) to the file's `moga.dense_warmup`."""
+    """Each (model, mode) on the same held-out stories, noise and sampling settings: steps, cfg, shift and
+    solver default to the (first) checkpoint's own, for the dense-trained model too, and the MoGA mode's
+    dense warm-up (`dense_steps`, a fraction of the steps) to the file's `moga.dense_warmup`."""
     held = heldout_stories(stories, num_shots=shots, seed=seed)
     rows = []
     runs = [(checkpoint, m) for m in modes]
     if dense_checkpoint:
         runs.append((dense_checkpoint, "dense-trained"))
     models = {}
+    s = None  # the sampling settings every row shares: the first file's, where not given
     for path, mode in runs:
         key = str(path or DEMO_PATH)
         if key not in models:
             models[key] = load_demo(path, device=device)
         model = models[key]
         info = demo_info(model)
-        s = info["sampling"]
+        if s is None:
+            s = info["sampling"]
+        elif info["sampling"] != s:
+            log(f"note: {Path(key).name} records other sampling settings ({info['sampling']}); "
+                f"it is sampled as {Path(str(checkpoint or DEMO_PATH)).name} is, for a like-for-like row")
         has_routers = bool(model.config.moga_layers)
         if mode in ("moga", "window") and not has_routers:
             log(f"skip {mode}: {key} has no routers")

@@ -84,7 +84,8 @@ def demo_metadata(model: WanModel, text: DemoTextEncoder, codec: ClipCodec, extr
         }, sort_keys=True),
     }
     if cfg.moga_layers:
-        meta.update(moga_metadata(model.moga_config.replace(num_groups=cfg.num_groups), cfg.moga_layers))
+        meta.update(moga_metadata(model.moga_config.replace(num_groups=cfg.num_groups), cfg.moga_layers,
+                                  getattr(model, "dense_warmup", 0.0)))
     return meta
 
 

@@ -209,7 +209,8 @@ def train_demo(args) -> dict:
                          seed=args.seed, ema_decay=args.ema, compute_dtype=args.compute_dtype,
                          log_every=args.log_every, save_every=args.save_every, shift=args.shift,
                          max_file_mb=args.max_file_mb, moga=dict(attention),
-                         router_lr_scale=args.router_lr_scale, balance_weight=args.balance_weight)
+                         router_lr_scale=args.router_lr_scale, balance_weight=args.balance_weight,
+                         dense_warmup=args.dense_warmup)
     if args.init:
         init_from(args.init, model, text)
         log(f"weights from {args.init} (fresh optimizer)")
@@ -224,6 +225,9 @@ def train_demo(args) -> dict:
             raise ValueError(f"{ckpt} was trained with attention settings {saved or 'the defaults'}, not "
                              f"{attention or 'the defaults'}: resume with the same --context-frames / "
                              f"--capacity / --capacity-split, or start a new --out folder")
+        if float(saved_config.get("dense_warmup", 0.0)) != args.dense_warmup:
+            raise ValueError(f"{ckpt} was trained with --dense-warmup {saved_config.get('dense_warmup', 0.0)}, "
+                             f"not {args.dense_warmup}: resume with the same, or start a new --out folder")
         if args.auto_steps:  # the step count was fitted to the budget when the run began: keep it
             config.steps = int(saved_config["steps"])
         trainer = Trainer.resume(ckpt, model, data, modules=modules, config=config, device=device,
@@ -251,6 +255,7 @@ def train_demo(args) -> dict:
     final_text.load_state_dict({k[len("text_encoder."):]: v for k, v in weights.items()
                                 if k.startswith("text_encoder.")})
     final_model.moga_config = model.moga_config
+    final_model.dense_warmup = args.dense_warmup  # it samples as it trained: the file's moga.dense_warmup
     last = trainer.history[-1] if trainer.history else {}
     extra = {"training": {"steps": trainer.step, "batch": config.batch_size, "seconds": round(trainer.seconds, 1),
                           "final_loss": last.get("loss"), "final_flow": last.get("flow"),
@@ -258,6 +263,7 @@ def train_demo(args) -> dict:
                           "dense": bool(args.dense), "seed": args.seed, "lr": args.lr, "warmup": args.warmup,
                           "ema": args.ema, "object_weight": args.object_weight,
                           "router_lr_scale": args.router_lr_scale, "balance_weight": args.balance_weight,
+                          "dense_warmup": args.dense_warmup,
                           "date": time.strftime("%Y-%m-%d"), **({"attention": attention} if attention else {})}}
     path = save_demo(out / "model.safetensors", final_model.cpu(), final_text.cpu(), codec.cpu(), extra=extra)
     summary = {"model": str(path), "bytes": path.stat().st_size, **extra["training"]}
@@ -280,6 +286,12 @@ def attention_changes(args) -> dict:
             raise ValueError("--num-groups sets the routers' rows; the dense model (--dense) has none: drop it")
         if args.num_groups < 2:
             raise ValueError(f"--num-groups must be at least 2 (router rows M), got {args.num_groups}")
+    if args.dense_warmup and args.dense:
+        raise ValueError("--dense-warmup trains a MoGA model's dense first sampling steps; the dense model "
+                         "(--dense) is dense at every step: drop it")
+    if not 0.0 <= args.dense_warmup < 1.0:
+        raise ValueError(f"--dense-warmup is the share of sampling steps (the first ones) run dense, in [0, 1); "
+                         f"got {args.dense_warmup}")
     if changes and args.dense:
         raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in changes)} set the MoGA branches; "
                          f"the dense model (--dense) has none: drop them")
@@ -381,6 +393,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-lr-scale", type=float, default=1.0,
                    help="the routers' learning rate as a multiple of --lr (default 1)")
     p.add_argument("--balance-weight", type=float, default=0.1, help="alpha of the group-balancing loss")
+    p.add_argument("--dense-warmup", type=float, default=0.0,
+                   help="train (and record for sampling) a dense warm-up: this share of the noise range, "
+                        "from the top, runs dense attention (0.075: the first 3 of 40 steps; default 0)")
     p.add_argument("--object-weight", type=float, default=4.0,
                    help="extra flow-loss weight on latent pixels the object touches (0: plain MSE)")
     p.add_argument("--auto-steps", action="store_true", help="fit --steps to --time-limit after a timed probe")

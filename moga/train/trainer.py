@@ -8,7 +8,9 @@
 Objective (rectified flow, as Wan2.1 and `moga.sampling`): x_s = (1 - s) * x0 + s * noise, the model
 sees t = 1000 * s and predicts v = noise - x0; s = shift(u) with u ~ U(0, 1) and Wan's shift
 s = k * u / (1 + (k - 1) * u). Loss = MSE(v) + the mean over MoGA layers of
-`moga.attention.loss.balance_loss` (the paper's Eq. 8, weight 0.1).
+`moga.attention.loss.balance_loss` (the paper's Eq. 8, weight 0.1). With `dense_warmup` w, a MoGA
+model trains as it samples with a dense warm-up: a share w of the steps draw u from (1 - w, 1] and run
+dense attention, the others draw u from [0, 1 - w) and run MoGA.
 
 The data source is anything with `batch(index, size, device) -> Batch` that returns the same batch
 for the same index (so a resumed run sees exactly the data it would have seen). Batches carry either
@@ -61,6 +63,7 @@ class TrainConfig:
     shift: float = 3.0              # timestep shift for the training sigmas
     balance_weight: float = 0.1     # alpha of Eq. 8
     router_lr_scale: float = 1.0    # the routers' learning rate, as a multiple of lr
+    dense_warmup: float = 0.0       # top share of u trained with dense attention (the sampler's first steps)
     balance_form: str = "paper"
     caption_dropout: float = 0.1    # share of samples trained with empty captions (for guidance)
     ema_decay: float = 0.0          # 0: no EMA
@@ -81,6 +84,9 @@ class TrainConfig:
             raise ValueError(f"router_lr_scale must be a positive number, got {self.router_lr_scale}")
         if self.balance_weight < 0:
             raise ValueError(f"balance_weight must be >= 0, got {self.balance_weight}")
+        if not 0.0 <= self.dense_warmup < 1.0:
+            raise ValueError(f"dense_warmup is the share of the noise range trained dense, in [0, 1); "
+                             f"got {self.dense_warmup}")
         self.betas = tuple(self.betas)
 
     @classmethod
@@ -122,6 +128,12 @@ class Trainer:
         self.history: list[dict] = []
         self.seconds = 0.0
         self.moga = model.moga_config.replace(**config.moga) if config.moga else None
+        # MoGA models sampled with a dense warm-up (the first steps dense) train that way too: a batch
+        # is dense with probability dense_warmup, its noise levels drawn from the top of the range
+        # (u > 1 - dense_warmup), the MoGA batches' from below it; the marginal of u stays uniform
+        base = self.moga or getattr(model, "moga_config", None)
+        self._dense_config = (base.replace(dense=True) if config.dense_warmup and base is not None
+                              and getattr(getattr(model, "config", None), "moga_layers", ()) else None)
         self._routers = [m for m in model.modules()
                          if getattr(m, "router", None) is not None and hasattr(m, "record_routing")]
         for layer in self._routers:
@@ -148,6 +160,12 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
+    def dense_warmup_step(self, step: int) -> bool:
+        """Whether step `step` trains the dense warm-up (seeded by (seed, step): the same on resume)."""
+        if self._dense_config is None:
+            return False
+        return bool(torch.rand(1, generator=self._generator(step, 4)).item() < self.config.dense_warmup)
+
     def conditioning(self, batch: Batch, step: int) -> list[torch.Tensor]:
         """Per shot [B, L, D] text embeddings, with caption dropout applied per sample."""
         b = batch.latent.shape[0]
@@ -170,11 +188,17 @@ class Trainer:
         dev = self.device
         noise = torch.randn(x0.shape, generator=self._generator(step, 2, dev), device=dev)
         u = torch.rand(b, generator=self._generator(step, 3, dev), dtype=torch.float64, device=dev)
+        moga = self.moga
+        if self.dense_warmup_step(step):  # the whole batch in the top of the noise range, dense
+            u = 1.0 - c.dense_warmup * u
+            moga = self._dense_config
+        elif c.dense_warmup and self._dense_config is not None:
+            u = (1.0 - c.dense_warmup) * u
         s = shift_sigma(u, c.shift).float()
         view = (b,) + (1,) * (x0.dim() - 1)
         xt = (1 - s.view(view)) * x0 + s.view(view) * noise
         context = self.conditioning(batch, step)
-        pred = self.model(xt, s * 1000.0, context, shot_frames=batch.shot_frames, moga=self.moga)
+        pred = self.model(xt, s * 1000.0, context, shot_frames=batch.shot_frames, moga=moga)
         err = (pred.float() - (noise - x0)) ** 2
         if batch.weight is not None:  # e.g. more weight where the subject is (normalised: same scale)
             w = batch.weight.to(dev, torch.float32).expand_as(err)
