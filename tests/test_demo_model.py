@@ -129,6 +129,36 @@ def test_batched_generation_matches_moga_sampling(tmp_path, patch_codec):
     assert not torch.allclose(warm, lat, atol=1e-4, rtol=1e-4)
 
 
+def test_step_configs_schedule_the_attention_of_each_step(tmp_path, patch_codec):
+    """generate(step_configs=...): a per-step schedule; dense for the first of 3 steps equals dense_steps=1/3,
+    and benchmarks/demo_schedules.py's specs build such schedules (bad ones fail clearly)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_schedules", Path(__file__).parents[1] / "benchmarks" /
+                                                  "demo_schedules.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path, _, _ = _tiny_demo(tmp_path, patch_codec)
+    model = load_demo(path)
+    story = w.sample_story(4, 2)
+    base = model.moga_config
+    name, phases = bench.parse_schedule("d1=dense:1")
+    configs = bench.step_configs(base, phases, 3)
+    assert name == "d1" and [c.dense for c in configs] == [True, False, False]
+    run = lambda **kw: generate(model, [story], steps=3, cfg=3.0, shift=3.0, seeds=[7], **kw)  # noqa: E731
+    assert torch.allclose(run(step_configs=configs), run(dense_steps=1 / 3), atol=1e-5, rtol=1e-5)
+    merged = bench.step_configs(base, bench.parse_schedule("m=2:2")[1], 3)
+    assert [c.num_groups for c in merged] == [2, 2, base.num_groups]
+    assert not torch.allclose(run(step_configs=merged), run(), atol=1e-4, rtol=1e-4)
+    for bad in ("nophases", "x=dense", "x=three:2", "=dense:1"):
+        with pytest.raises(ValueError, match="schedule"):
+            bench.parse_schedule(bad)
+    with pytest.raises(ValueError, match="more than the 3"):
+        bench.step_configs(base, [("dense", 4)], 3)
+    with pytest.raises(ValueError, match="one per step"):
+        run(step_configs=configs[:2])
+
+
 def test_evaluator_counts_the_dense_warm_up_in_its_flops(tmp_path, patch_codec):
     """`moga.eval demo`: the MoGA mode takes the file's dense warm-up (or --dense-steps), and the
     attention FLOPs it reports count those dense steps: one dense step of two is half-way to dense."""
@@ -146,8 +176,6 @@ def test_evaluator_counts_the_dense_warm_up_in_its_flops(tmp_path, patch_codec):
 def test_evaluator_samples_the_dense_trained_model_as_the_moga_model(tmp_path, patch_codec):
     """--dense-checkpoint: the dense-trained row uses the MoGA file's sampling settings, not its own (a
     dense file recording 2 steps would otherwise be compared at 2 steps against the MoGA file's 3)."""
-    import json
-
     from safetensors import safe_open
     from safetensors.torch import save_file
 

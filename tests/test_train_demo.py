@@ -327,3 +327,21 @@ def test_bad_model_flags_are_refused_before_training(tmp_path, flags, match):
     with pytest.raises(ValueError, match=match):
         main(["demo", "--out", str(out), "--tiny", "--steps", "1", "--device", "cpu", *flags])
     assert not out.exists()
+
+
+def test_auto_steps_probe_is_kept_inside_the_warmup(tmp_path, capsys):
+    """A probe longer than the warm-up is cut to fit it (said in the log), so the LR schedule is the one
+    a run with the fitted step count would have; a warm-up too short to time anything is refused."""
+    from moga.train.__main__ import main
+
+    out = tmp_path / "run"
+    common = ["demo", "--out", str(out), "--tiny", "--batch", "1", "--device", "cpu", "--log-every", "1",
+              "--auto-steps", "--export-margin", "1", "--time-limit", "4"]
+    assert main(common + ["--warmup", "10", "--probe", "100"]) == 0
+    assert "--probe 100 cut to 9" in capsys.readouterr().out
+    log = (out / "log.jsonl").read_text()
+    assert json.loads((out / "ckpt" / "state.json").read_text())["step"] > 9
+    with pytest.raises(ValueError, match="warm-up"):
+        main(["demo", "--out", str(tmp_path / "short"), "--tiny", "--batch", "1", "--device", "cpu",
+              "--auto-steps", "--time-limit", "4", "--warmup", "3"])
+    assert "auto_steps" in log

@@ -28,9 +28,11 @@ def _pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(model, stories: list[Story], *, steps: int, cfg: float, shift: float, solver: str = "unipc",
-             seeds=None, moga=None, device=None, callback=None, dense_steps: float = 0.0) -> torch.Tensor:
+             seeds=None, moga=None, device=None, callback=None, dense_steps: float = 0.0,
+             step_configs=None) -> torch.Tensor:
     """Latents [B, C, F, H, W] (float32) for stories of one shape; seeds default to each story's index.
-    The first `dense_steps` fraction of the steps run dense attention (`moga.sampling.dense_step_count`)."""
+    The first `dense_steps` fraction of the steps run dense attention (`moga.sampling.dense_step_count`).
+    step_configs: one MoGAConfig per step instead (attention schedules, `benchmarks/demo_schedules.py`)."""
     if not stories:
         raise ValueError("no stories to generate")
     shapes = {(tuple(s.shot_frames), s.size) for s in stories}
@@ -63,10 +65,16 @@ def generate(model, stories: list[Story], *, steps: int, cfg: float, shift: floa
     if n_dense and base is None:
         raise ValueError("dense_steps needs a MoGA model (or moga=)")
     dense = base.replace(dense=True) if n_dense else None
+    configs = [dense if i < n_dense else moga for i in range(steps)]
+    if step_configs is not None:
+        configs = list(step_configs)
+        if len(configs) != steps or n_dense:
+            raise ValueError(f"step_configs gives {len(configs)} configs for {steps} steps"
+                             f"{' and dense_steps too' if n_dense else ''}: give one per step, without dense_steps")
     for i in range(schedule.steps):
         t = torch.full((1,), schedule.timesteps[i], device=device, dtype=torch.float32)
         xin = torch.cat([x, x]) if cfg != 1.0 else x
-        v = model(xin, t, context, shot_frames=shots, moga=dense if i < n_dense else moga).float()
+        v = model(xin, t, context, shot_frames=shots, moga=configs[i]).float()
         if cfg != 1.0:
             v_cond, v_uncond = v[:b], v[b:]
             v = v_uncond + cfg * (v_cond - v_uncond)
@@ -98,7 +106,7 @@ class EvalResult:
 
 def evaluate_model(model, stories: list[Story], *, steps: int, cfg: float, shift: float,
                    solver: str = "unipc", moga=None, batch: int = 16, device=None, seed: int = 0,
-                   dense_steps: float = 0.0) -> EvalResult:
+                   dense_steps: float = 0.0, step_configs=None) -> EvalResult:
     """Generate every story (seed = seed + its index), decode, score; count attention FLOPs."""
     from ..diagnostics import attention_flops
 
@@ -109,7 +117,7 @@ def evaluate_model(model, stories: list[Story], *, steps: int, cfg: float, shift
             part = stories[lo:lo + batch]
             lat = generate(model, part, steps=steps, cfg=cfg, shift=shift, solver=solver,
                            seeds=[seed + lo + i for i in range(len(part))], moga=moga, device=device,
-                           dense_steps=dense_steps)
+                           dense_steps=dense_steps, step_configs=step_configs)
             video = decode(model, lat, part[0]).cpu()
             scores += [score_story(video[i], s) for i, s in enumerate(part)]
     seconds = time.perf_counter() - start
