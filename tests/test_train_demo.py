@@ -296,23 +296,48 @@ def test_dense_warmup_trains_the_top_of_the_noise_range_dense(codec):
 
 def test_train_demo_dense_warmup_is_recorded_and_kept_on_resume(tmp_path):
     """--dense-warmup: the exported file samples with it (moga.dense_warmup), the training record says
-    so, and a resume with another value is refused."""
+    so (and --router-init-std), and a resume with another value is refused."""
     from moga.demo.model import demo_info, load_demo
     from moga.train.__main__ import main
 
     out = tmp_path / "run"
     common = ["demo", "--out", str(out), "--tiny", "--batch", "1", "--device", "cpu", "--warmup", "2"]
-    assert main(common + ["--steps", "2", "--dense-warmup", "0.075"]) == 0
+    assert main(common + ["--steps", "2", "--dense-warmup", "0.075", "--router-init-std", "0.09"]) == 0
     model = load_demo(out / "model.safetensors")
     assert model.dense_warmup == pytest.approx(0.075)
     assert demo_info(model)["training"]["dense_warmup"] == pytest.approx(0.075)
+    assert demo_info(model)["training"]["router_init_std"] == pytest.approx(0.09)
     with pytest.raises(ValueError, match="--dense-warmup"):
         main(common + ["--steps", "3", "--resume"])
     assert main(common + ["--steps", "3", "--resume", "--dense-warmup", "0.075"]) == 0
 
 
+def test_router_init_std_redraws_only_the_router_rows():
+    """--router-init-std: the routers' rows are drawn at that scale, every other weight as by default."""
+    import argparse
+
+    from moga.demo.training import fresh_models
+
+    args = lambda **kw: argparse.Namespace(**dict(dict(tiny=True, dense=False, seed=0, num_groups=None,  # noqa: E731
+                                                       router_init_std=None), **kw))
+    plain, _ = fresh_models(args())
+    wide, _ = fresh_models(args(router_init_std=0.2))
+    again, _ = fresh_models(args(router_init_std=0.2))
+    p, q = dict(plain.named_parameters()), dict(wide.named_parameters())
+    routers = [n for n in p if n.endswith("router.weight")]
+    assert routers
+    for n in p:
+        if n in routers:
+            assert abs(q[n].std().item() - 0.2) < 0.04 and abs(p[n].std().item() - 0.02) < 0.004
+            assert torch.equal(q[n], dict(again.named_parameters())[n])  # seeded
+        else:
+            assert torch.equal(p[n], q[n]), n
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--dense", "--capacity", "1"], "dense model"),
+    (["--dense", "--router-init-std", "0.1"], "router-init-std"),
+    (["--router-init-std", "0"], "router-init-std"),
     (["--dense", "--dense-warmup", "0.1"], "dense model"),
     (["--dense-warmup", "1"], "dense-warmup"),
     (["--dense", "--num-groups", "6"], "dense model"),

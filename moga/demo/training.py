@@ -152,16 +152,30 @@ def _tiny(dense: bool, seed: int, num_groups: int | None = None):
 
 
 def fresh_models(args):
-    """(DiT, text encoder) as the command line asks: tiny or full size, dense or MoGA with M groups."""
+    """(DiT, text encoder) as the command line asks: tiny or full size, dense or MoGA with M groups,
+    router rows drawn at --router-init-std."""
     if args.tiny:
-        return _tiny(args.dense, args.seed, args.num_groups)
-    if args.num_groups and not args.dense:
+        model, text = _tiny(args.dense, args.seed, args.num_groups)
+    elif args.num_groups and not args.dense:
         from .model import MOGA
 
         model, text = build_demo(False, args.seed, num_groups=args.num_groups)
         model.moga_config = MOGA.replace(num_groups=args.num_groups)
-        return model, text
-    return build_demo(args.dense, args.seed)
+    else:
+        model, text = build_demo(args.dense, args.seed)
+    std = getattr(args, "router_init_std", None)
+    if std is not None:
+        redraw_routers(model, std, args.seed)
+    return model, text
+
+
+def redraw_routers(model, std: float, seed: int) -> None:
+    """Router rows ~ N(0, std^2), seeded (Wan-style init draws them at 0.02: near-uniform routing at first)."""
+    gen = torch.Generator().manual_seed(seed * 7919 + 17)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def train_demo(args) -> dict:
@@ -263,7 +277,7 @@ def train_demo(args) -> dict:
                           "dense": bool(args.dense), "seed": args.seed, "lr": args.lr, "warmup": args.warmup,
                           "ema": args.ema, "object_weight": args.object_weight,
                           "router_lr_scale": args.router_lr_scale, "balance_weight": args.balance_weight,
-                          "dense_warmup": args.dense_warmup,
+                          "dense_warmup": args.dense_warmup, "router_init_std": args.router_init_std,
                           "date": time.strftime("%Y-%m-%d"), **({"attention": attention} if attention else {})}}
     path = save_demo(out / "model.safetensors", final_model.cpu(), final_text.cpu(), codec.cpu(), extra=extra)
     summary = {"model": str(path), "bytes": path.stat().st_size, **extra["training"]}
@@ -286,6 +300,9 @@ def attention_changes(args) -> dict:
             raise ValueError("--num-groups sets the routers' rows; the dense model (--dense) has none: drop it")
         if args.num_groups < 2:
             raise ValueError(f"--num-groups must be at least 2 (router rows M), got {args.num_groups}")
+    if args.router_init_std is not None and (args.dense or not args.router_init_std > 0):
+        raise ValueError("--router-init-std draws the routers' rows: it must be > 0, and the dense model "
+                         f"(--dense) has no routers (got {args.router_init_std}{', --dense' if args.dense else ''})")
     if args.dense_warmup and args.dense:
         raise ValueError("--dense-warmup trains a MoGA model's dense first sampling steps; the dense model "
                          "(--dense) is dense at every step: drop it")
@@ -397,6 +414,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-lr-scale", type=float, default=1.0,
                    help="the routers' learning rate as a multiple of --lr (default 1)")
     p.add_argument("--balance-weight", type=float, default=0.1, help="alpha of the group-balancing loss")
+    p.add_argument("--router-init-std", type=float, default=None,
+                   help="draw the router rows from N(0, std^2) (default: Wan-style 0.02, near-uniform routing at "
+                        "first; about 0.09 is the DiT's own linear scale at dim 256)")
     p.add_argument("--dense-warmup", type=float, default=0.0,
                    help="train (and record for sampling) a dense warm-up: this share of the noise range, "
                         "from the top, runs dense attention (0.075: the first 3 of 40 steps; default 0)")
