@@ -65,8 +65,9 @@ def generate(model, stories: list[Story], *, steps: int, cfg: float, shift: floa
     if n_dense and base is None:
         raise ValueError("dense_steps needs a MoGA model (or moga=)")
     dense = base.replace(dense=True) if n_dense else None
-    configs = [dense if i < n_dense else moga for i in range(steps)]
-    if step_configs is not None:
+    if step_configs is None:
+        configs = [dense if i < n_dense else moga for i in range(steps)]
+    else:
         configs = list(step_configs)
         if len(configs) != steps or n_dense:
             raise ValueError(f"step_configs gives {len(configs)} configs for {steps} steps"

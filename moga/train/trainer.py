@@ -192,7 +192,7 @@ class Trainer:
         if self.dense_warmup_step(step):  # the whole batch in the top of the noise range, dense
             u = 1.0 - c.dense_warmup * u
             moga = self._dense_config
-        elif c.dense_warmup and self._dense_config is not None:
+        elif self._dense_config is not None:  # set only when dense_warmup > 0
             u = (1.0 - c.dense_warmup) * u
         s = shift_sigma(u, c.shift).float()
         view = (b,) + (1,) * (x0.dim() - 1)
