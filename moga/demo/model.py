@@ -43,15 +43,15 @@ def demo_wan_config(dense: bool = False, **overrides) -> WanConfig:
     return WanConfig(**cfg)
 
 
-def build_demo(dense: bool = False, seed: int = 0, **overrides):
-    """(WanModel, DemoTextEncoder) with fresh weights, deterministic in `seed`."""
+def build_demo(dense: bool = False, seed: int = 0, router_std: float = 0.02, **overrides):
+    """(WanModel, DemoTextEncoder) with fresh weights, deterministic in `seed` (router rows at router_std)."""
     from ..train.trainer import init_wan_weights
 
     torch.manual_seed(seed)
     model = WanModel(demo_wan_config(dense, **overrides))
-    init_wan_weights(model, seed)
+    init_wan_weights(model, seed, router_std)
     if not dense:
-        model.moga_config = MOGA
+        model.moga_config = MOGA.replace(num_groups=model.config.num_groups)
     text = DemoTextEncoder(**{k: overrides.get(f"text_{k}", v) for k, v in TEXT.items()})
     return model, text
 

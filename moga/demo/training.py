@@ -133,7 +133,7 @@ def load_codec(path, device="cpu") -> ClipCodec:
 
 # ---- the DiT -------------------------------------------------------------------------------------
 
-def _tiny(dense: bool, seed: int, num_groups: int | None = None):
+def _tiny(dense: bool, seed: int, num_groups: int | None = None, router_std: float = 0.02):
     from ..model import WanModel
     from ..train.trainer import init_wan_weights
     from .model import MOGA, NUM_GROUPS, demo_wan_config
@@ -145,7 +145,7 @@ def _tiny(dense: bool, seed: int, num_groups: int | None = None):
     if not dense:
         over.update(moga_layers=tuple(range(layers)), num_groups=num_groups or NUM_GROUPS)
     model = WanModel(demo_wan_config(dense, **over))
-    init_wan_weights(model, seed)
+    init_wan_weights(model, seed, router_std)
     if not dense:
         model.moga_config = MOGA.replace(num_groups=num_groups or NUM_GROUPS)
     return model, DemoTextEncoder(dim=32, layers=1, heads=2, max_len=16)
@@ -153,29 +153,12 @@ def _tiny(dense: bool, seed: int, num_groups: int | None = None):
 
 def fresh_models(args):
     """(DiT, text encoder) as the command line asks: tiny or full size, dense or MoGA with M groups,
-    router rows drawn at --router-init-std."""
+    router rows drawn at --router-init-std (default Wan's 0.02)."""
+    std = getattr(args, "router_init_std", None) or 0.02
     if args.tiny:
-        model, text = _tiny(args.dense, args.seed, args.num_groups)
-    elif args.num_groups and not args.dense:
-        from .model import MOGA
-
-        model, text = build_demo(False, args.seed, num_groups=args.num_groups)
-        model.moga_config = MOGA.replace(num_groups=args.num_groups)
-    else:
-        model, text = build_demo(args.dense, args.seed)
-    std = getattr(args, "router_init_std", None)
-    if std is not None:
-        redraw_routers(model, std, args.seed)
-    return model, text
-
-
-def redraw_routers(model, std: float, seed: int) -> None:
-    """Router rows ~ N(0, std^2), seeded (Wan-style init draws them at 0.02: near-uniform routing at first)."""
-    gen = torch.Generator().manual_seed(seed * 7919 + 17)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("router.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return _tiny(args.dense, args.seed, args.num_groups, router_std=std)
+    groups = {"num_groups": args.num_groups} if args.num_groups and not args.dense else {}
+    return build_demo(args.dense, args.seed, router_std=std, **groups)
 
 
 def train_demo(args) -> dict:

@@ -351,10 +351,11 @@ def is_router_param(name: str) -> bool:
     return ".router." in f".{name}"
 
 
-def init_wan_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+def init_wan_weights(model: nn.Module, seed: int = 0, router_std: float = 0.02) -> nn.Module:
     """Fresh weights for a WanModel built from a config, as Wan2.1 initialises: xavier-uniform
     linears, zero biases, normal(0.02) time embedding, random modulation, zero output head, and
-    small router rows. Deterministic in `seed`."""
+    router rows normal(router_std) (small: near-uniform routing at first). Deterministic in `seed`;
+    router_std scales the router rows' draws and nothing else."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, m in model.named_modules():
@@ -375,7 +376,7 @@ def init_wan_weights(model: nn.Module, seed: int = 0) -> nn.Module:
             elif name.startswith("time_embedding") and name.endswith("weight"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
             elif name.endswith("router.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=gen) * router_std)
             elif name.endswith(("norm_q.weight", "norm_k.weight")):
                 p.fill_(1.0)
         model.head.head.weight.zero_()
