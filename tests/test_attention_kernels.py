@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from moga.attention.kernels import resolve_backend, varlen_attention
+from moga.attention import kernels
+from moga.attention.kernels import length_class, resolve_backend, varlen_attention
 
 
 def _segment_softmax(q, k, v, lq, lk):
@@ -55,6 +56,56 @@ def test_cpu_backends_match_segment_softmax(backend, case, dtype):
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     fin = torch.isfinite(ref_lse)
     assert torch.allclose(lse.double()[fin], ref_lse[fin], atol=tol)
+
+
+def _many_lengths(seed):
+    """Segments of many distinct (query, key) lengths, with an empty query set and keyless ones."""
+    gen = torch.Generator().manual_seed(seed)
+    lq = torch.randint(1, 40, (14,), generator=gen).tolist() + [0, 3, 5]
+    lk = torch.randint(1, 40, (14,), generator=gen).tolist() + [4, 0, 0]
+    return lq, lk
+
+
+@pytest.mark.parametrize("pad_buckets", [0, 4, 10_000])  # always padded, the default, never padded
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sdpa_padded_length_classes_match_segment_softmax(monkeypatch, pad_buckets, dtype):
+    monkeypatch.setattr(kernels, "PAD_BUCKETS", pad_buckets)
+    lq, lk = _many_lengths(pad_buckets + 3)
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(sum(lq), 2, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(sum(lk), 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    ref_out, ref_lse = _segment_softmax(q, k, v, lq, lk)
+    args = (q.to(dtype), k.to(dtype), v.to(dtype), _cu(lq), _cu(lk), max(lq), max(lk), "sdpa")
+    out, lse = varlen_attention(*args, return_lse=True)
+    plain = varlen_attention(*args)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(out.double(), ref_out, atol=tol)
+    assert torch.allclose(plain.double(), ref_out, atol=tol)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert torch.allclose(lse.double()[fin], ref_lse[fin], atol=tol)
+
+
+def test_sdpa_padded_gradients(monkeypatch):
+    """Padded rows must give no gradient (they repeat real rows, which would otherwise collect it)."""
+    monkeypatch.setattr(kernels, "PAD_BUCKETS", 0)
+    lq, lk = [1, 3, 10, 2, 0], [2, 9, 4, 5, 3]  # (a keyless segment's lse is -inf: no finite gradient)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(sum(lq), 1, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(sum(lk), 1, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: varlen_attention(a, b, c, _cu(lq), _cu(lk), 10, 9, "sdpa", True), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: varlen_attention(a, b, c, _cu(lq), _cu(lk), 10, 9, "sdpa"), (q, k, v))
+
+
+def test_length_classes_pad_at_most_a_quarter():
+    classes = [length_class(n) for n in range(0, 5000)]
+    assert classes[:9] == list(range(9))
+    assert all(n <= c <= max(n, 1.25 * n) for n, c in enumerate(classes))
+    assert len(set(c for c in classes if 1024 < c <= 2048)) == 4  # four sizes per octave
+    assert all(length_class(c) == c for c in classes)  # a class is its own class
 
 
 def test_lse_merge_of_disjoint_key_sets_is_attention_over_the_union():

@@ -163,61 +163,90 @@ def _reference(q, k, v, lq, lk, return_lse, scale):
     return (out, lse.transpose(0, 1)) if return_lse else out
 
 
+# More distinct (query, key) length pairs than this and `_sdpa` pads segments into length classes:
+# routed groups come in dozens of sizes, and one small call per size is launch-bound on a GPU
+# (and slower on a CPU) than a few padded calls with a key mask.
+PAD_BUCKETS = 4
+
+
+def length_class(n: int) -> int:
+    """n rounded up to one of 4 sizes per octave (1..8 exact): at most 25% padding."""
+    if n <= 8:
+        return n
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
 def _sdpa(q, k, v, lq, lk, return_lse, scale):
-    """Segments bucketed by (query length, key length); one batched call per bucket."""
+    """Segments bucketed by (query length, key length), one batched call per bucket; with more than
+    PAD_BUCKETS buckets, by length class instead, padded rows masked out of the keys and dropped
+    from the output."""
     tq, h, d = q.shape
-    starts_q = [0] * len(lq)
-    starts_k = [0] * len(lk)
-    for i in range(1, len(lq)):
-        starts_q[i] = starts_q[i - 1] + lq[i - 1]
-        starts_k[i] = starts_k[i - 1] + lk[i - 1]
-    buckets: dict[tuple[int, int], list[int]] = {}
+    dev = q.device
+    exact: dict[tuple[int, int], list[int]] = {}
     for i, (a, b) in enumerate(zip(lq, lk)):
         if a > 0:
-            buckets.setdefault((a, b), []).append(i)
-    dev = q.device
-    pieces, places, lses = [], [], []
-    for (nq, nk), segs in buckets.items():
-        sq = torch.tensor([starts_q[i] for i in segs], device=dev)
-        if len(segs) == len(lq) and nq * len(segs) == tq:  # uniform: a plain view, no gather
-            qb = q.reshape(len(segs), nq, h, d)
-            qidx = None
-        else:
-            qidx = (sq[:, None] + torch.arange(nq, device=dev)).flatten()
-            qb = take_rows(q, qidx).view(len(segs), nq, h, d)
-        if nk == 0:
-            ob = q.new_zeros(len(segs), nq, h, d)
-            lb = torch.full((len(segs), nq, h), float("-inf"), dtype=_lse_dtype(q.dtype), device=dev)
-        else:
-            if len(segs) == len(lk) and nk * len(segs) == k.shape[0]:
-                kb, vb = k.reshape(len(segs), nk, h, d), v.reshape(len(segs), nk, h, d)
-            else:
-                sk = torch.tensor([starts_k[i] for i in segs], device=dev)
-                kidx = (sk[:, None] + torch.arange(nk, device=dev)).flatten()
-                kb = take_rows(k, kidx).view(len(segs), nk, h, d)
-                vb = take_rows(v, kidx).view(len(segs), nk, h, d)
-            qt, kt, vt = (t.transpose(1, 2) for t in (qb, kb, vb))  # [S, H, L, D]
-            if return_lse:
-                ob, lb = _chunked_softmax(qt, kt, vt, scale)
-            else:
-                ob, lb = F.scaled_dot_product_attention(qt, kt, vt, scale=scale), None
-            ob = ob.transpose(1, 2)
-            lb = None if lb is None else lb.transpose(1, 2)
-        if qidx is None:
+            exact.setdefault((a, b), []).append(i)
+    if len(exact) == 1 and len(lq) > 0:  # uniform: plain views, no gather
+        (nq, nk), segs = next(iter(exact.items()))
+        s_ = len(segs)
+        if s_ == len(lq) and nq * s_ == tq and nk * s_ == k.shape[0] and nk > 0:
+            ob, lb = _attend(*(t.reshape(s_, -1, h, d) for t in (q, k, v)), None, return_lse, scale)
             out = ob.reshape(tq, h, d)
             return (out, lb.reshape(tq, h)) if return_lse else out
-        pieces.append(ob.reshape(-1, h, d))
-        places.append(qidx)
+    padded = len(exact) > PAD_BUCKETS
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for (a, b), segs in exact.items():
+        key = (length_class(a), length_class(b)) if padded else (a, b)
+        buckets.setdefault(key, []).extend(segs)
+    len_q, len_k = torch.tensor(lq, dtype=torch.long), torch.tensor(lk, dtype=torch.long)
+    start_q, start_k = len_q.cumsum(0) - len_q, len_k.cumsum(0) - len_k
+    pieces, places, lses = [], [], []
+    for (pq, pk), segs in buckets.items():
+        seg = torch.tensor(segs, dtype=torch.long)
+        nq, nk = len_q[seg][:, None], len_k[seg][:, None]
+        pos_q = torch.arange(pq)[None]
+        # padded query rows repeat the segment's last row: finite scores, outputs dropped below
+        qidx = (start_q[seg][:, None] + torch.minimum(pos_q, nq - 1)).flatten()
+        qb = take_rows(q, qidx.to(dev)).view(len(segs), pq, h, d)
+        if pk == 0:  # keyless segments (length class 0 holds only them): out 0, lse -inf
+            ob = q.new_zeros(len(segs), pq, h, d)
+            lb = torch.full((len(segs), pq, h), float("-inf"), dtype=_lse_dtype(q.dtype), device=dev)
+        else:
+            pos_k = torch.arange(pk)[None]
+            kidx = (start_k[seg][:, None] + torch.minimum(pos_k, nk - 1)).flatten().to(dev)
+            kb = take_rows(k, kidx).view(len(segs), pk, h, d)
+            vb = take_rows(v, kidx).view(len(segs), pk, h, d)
+            mask = None if bool((nk == pk).all()) else (pos_k < nk).to(dev).view(len(segs), 1, 1, pk)
+            ob, lb = _attend(qb, kb, vb, mask, return_lse, scale)
+        keep = None if bool((nq == pq).all()) else (pos_q < nq).flatten().nonzero().flatten()
+        rows = ob.reshape(-1, h, d)
+        pieces.append(rows if keep is None else take_rows(rows, keep.to(dev)))
+        places.append(qidx if keep is None else qidx[keep])
         if return_lse:
-            lses.append(lb.reshape(-1, h))
-    order = torch.argsort(torch.cat(places))  # rows back to packed order
+            lrows = lb.reshape(-1, h)
+            lses.append(lrows if keep is None else take_rows(lrows, keep.to(dev)))
+    if not pieces:  # no queries at all (tq == 0)
+        out = q.new_zeros(tq, h, d)
+        return (out, torch.zeros(tq, h, dtype=_lse_dtype(q.dtype), device=dev)) if return_lse else out
+    order = torch.argsort(torch.cat(places)).to(dev)  # rows back to packed order
     out = take_rows(torch.cat(pieces), order)
     return (out, take_rows(torch.cat(lses), order)) if return_lse else out
 
 
-def _chunked_softmax(q, k, v, scale, budget=1 << 26):
+def _attend(qb, kb, vb, mask, return_lse, scale):
+    """[S, L, H, D] batches -> (out [S, Lq, H, D], lse [S, Lq, H] or None); mask [S, 1, 1, Lk]
+    marks the keys each segment may see (None: all)."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (qb, kb, vb))  # [S, H, L, D]
+    if return_lse:
+        ob, lb = _chunked_softmax(qt, kt, vt, scale, mask)
+        return ob.transpose(1, 2), lb.transpose(1, 2)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale).transpose(1, 2), None
+
+
+def _chunked_softmax(q, k, v, scale, mask=None, budget=1 << 26):
     """Explicit softmax returning (out, lse) for [S, H, L, D] inputs, in query chunks so the
-    score tensor stays under `budget` elements."""
+    score tensor stays under `budget` elements; mask [S, 1, 1, Lk] (True: key taken part)."""
     s_, h, nq, _ = q.shape
     nk = k.shape[2]
     work = _lse_dtype(q.dtype)
@@ -226,6 +255,8 @@ def _chunked_softmax(q, k, v, scale, budget=1 << 26):
     outs, lses = [], []
     for a in range(0, nq, step):
         s = torch.matmul(q[:, :, a:a + step].to(work), kw.transpose(-1, -2)) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
         outs.append(torch.matmul(torch.exp(s - lse[..., None]), vw))
         lses.append(lse)
