@@ -14,7 +14,9 @@ MoGAConfig(dense=True): PyTorch SDPA forced to the cuDNN backend (--dense-backen
 three-branch layer (routed + 2x2 window + per-frame, mean fusion) with the fastest varlen backend
 importable there. Time: wall clock around a synchronised step after a warm-up step at a small
 size; the median of --repeats steps where the step is short (< 20 s), else one step. Peak memory:
-torch.cuda.max_memory_allocated over the step (weights included).
+torch.cuda.max_memory_allocated over the step (weights included). `--capacity 1` cuts oversized routed
+groups as the files `moga patch` writes do (docs/training-free.md); the JSON then also holds the last
+layer's group sizes after the cut.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from common import FRAME, SHOT, WAN_CONFIGS, build_random_model, layout_for  # n
 
 from moga.attention import MoGAConfig  # noqa: E402
 from moga.attention import layer as attention_layer  # noqa: E402
+from moga.attention.router import cap_routing  # noqa: E402
 from moga.checkpoint import calibrate_routers  # noqa: E402
 from moga.attention.kernels import resolve_backend  # noqa: E402
 
@@ -125,12 +128,14 @@ def measure(model, tokens, moga, args, device, frame):
             break
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     routed = model.blocks[-1].self_attn.last_routing
-    sizes = None
+    sizes = capped = None
     if routed is not None:
         sizes = torch.bincount(routed.group_ids.flatten(), minlength=routed.num_groups).tolist()
+        if moga != "rest" and moga.capacity:  # the segments the routed branch actually attends over
+            capped = cap_routing(routed, moga.capacity, moga.capacity_split).group_sizes()
     del out, x
     return dict(tokens=frames * frame[0] * frame[1], frames=frames, shots=shots, time_s=statistics.median(times),
-                times_s=times, peak_gib=peak, last_layer_group_sizes=sizes)
+                times_s=times, peak_gib=peak, last_layer_group_sizes=sizes, last_layer_capped_sizes=capped)
 
 
 def main():
@@ -147,6 +152,10 @@ def main():
                          "cannot route evenly by itself)")
     ap.add_argument("--fusion", default=None, choices=["mean", "lse"],
                     help="default: lse for calibrated routers (as moga patch), mean for random ones")
+    ap.add_argument("--capacity", type=float, default=0.0,
+                    help="group capacity of the routed branch (units of N / M; 0: off, the paper's routing). "
+                         "Calibrated k-means groups are uneven; `moga patch` writes capacity 1")
+    ap.add_argument("--capacity-split", default="runs", choices=["runs", "stride"])
     ap.add_argument("--no-dense", action="store_true", help="skip the dense step (already measured)")
     ap.add_argument("--no-rest", action="store_true", help="skip the attention-free 'rest' timing")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what remains after this many seconds")
@@ -169,7 +178,8 @@ def main():
                 device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                 torch=torch.__version__, dtype=str(dtype), varlen_backend=varlen,
                 dense_backend=args.dense_backend, window=list(window), routers=args.routers,
-                fusion=args.fusion or ("lse" if args.routers == "calibrated" else "mean"), shot_frames=SHOT, frame_tokens=list(frame),
+                fusion=args.fusion or ("lse" if args.routers == "calibrated" else "mean"),
+                capacity=args.capacity or None, capacity_split=args.capacity_split, shot_frames=SHOT, frame_tokens=list(frame),
                 command=" ".join(sys.argv), results=[])
     print(f"# {info['device']}, torch {torch.__version__}, varlen {varlen}, dense SDPA {args.dense_backend}", flush=True)
 
@@ -196,7 +206,8 @@ def main():
                 calibrate(model, max(groups), frame)
                 print(f"# {name}: routers calibrated in {time.perf_counter() - t0:.1f} s", flush=True)
             model.blocks[-1].self_attn.record_routing = True
-            base = MoGAConfig(num_groups=max(groups), window=window, fusion=info["fusion"])
+            base = MoGAConfig(num_groups=max(groups), window=window, fusion=info["fusion"],
+                              capacity=info["capacity"], capacity_split=args.capacity_split)
             modes = ([] if args.no_dense else [("dense", base.replace(dense=True))]) + [(f"moga M={m}", base.replace(num_groups=m)) for m in groups]
             if not args.no_rest:
                 modes.append(("rest", "rest"))
@@ -229,6 +240,9 @@ def print_table(info):
         speed = f"{d / r['time_s']:.2f}x" if d and r["mode"] != "rest" else "-"
         sizes = r.get("last_layer_group_sizes")
         big = f" (largest group {max(sizes) / sum(sizes):.0%})" if sizes and r["mode"].startswith("moga") else ""
+        capped = r.get("last_layer_capped_sizes")
+        if capped and big:
+            big = f"{big[:-1]}, capped {max(capped) / sum(capped):.0%})"
         print(f"| {r['model']} | {r['tokens']:,} | {r['mode']}{big} | {r['time_s']:.2f} | {speed} | {r['peak_gib']:.1f} |")
 
 

@@ -3,6 +3,7 @@ generation against moga.sampling, the shipped model, and `moga demo`."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -303,3 +304,31 @@ def test_a_model_of_another_world_is_flagged(tmp_path):
                   dict(meta, **{"moga.demo": json.dumps(dict(info, world=world))}))
         with pytest.warns(UserWarning, match="0.075"):
             load_demo(tmp_path / f"{name}.safetensors")
+
+
+def test_demo_figure_draws_every_mode(tmp_path):
+    """benchmarks/demo_figure.py: one row per mode (+ the dense-trained file), the ground-truth row holds
+    the world's own frames, and the evaluator's reading of the truth is right on every shot."""
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("demo_figure", Path(__file__).parents[1] / "benchmarks" /
+                                                  "demo_figure.py")
+    fig = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fig)
+    out = tmp_path / "modes.jpg"
+    assert fig.main(["--steps", "2", "--out", str(out), "--dense-checkpoint", str(DEMO_PATH)]) == 0
+    img = np.asarray(Image.open(out).convert("RGB")).astype(np.float64)
+    rows = 1 + 4 + 1
+    assert img.shape[0] == fig.HEAD_H + 34 + rows * (fig.CELL + fig.FOOT_H + 6)
+    story = w.story_from_captions(w.DEMO_CAPTIONS, seed=0)
+    assert img.shape[1] == fig.LABEL_W + len(story.shots) * (3 * fig.CELL + fig.GAP)
+    truth = w.to_uint8(w.render_story(story))
+    # the truth row's first tile is the story's first frame, scaled (JPEG: compare loosely)
+    first = Image.fromarray(truth[:, 0].permute(1, 2, 0).numpy()).resize((fig.CELL, fig.CELL), Image.NEAREST)
+    y, x = fig.HEAD_H + 34, fig.LABEL_W
+    tile = img[y:y + fig.CELL, x:x + fig.CELL]
+    assert np.abs(tile - np.asarray(first, dtype=np.float64)).mean() < 6
+    assert all(s.colour and s.shape and s.direction and s.consistency is not False
+               for s in ev.score_story(truth, story))

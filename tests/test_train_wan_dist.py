@@ -106,17 +106,20 @@ def test_fsdp_run_resumes_exactly_and_exports(runs):
 
 
 def _rank_bf16(exchange, ckpt, shards, root):
-    """Full fine-tune in bfloat16 with sequence parallel, without and with FSDP."""
+    """Full fine-tune and LoRA (bf16 frozen weights beside float32 trained ones in one FSDP unit) in
+    bfloat16 with sequence parallel, without and with FSDP: {mode: [(losses, grad norms) plain, fsdp]}."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     rank = dist.get_rank()
-    kw = dict(mode="full", steps=2, batch=1, lr=1e-3, sp=2, dtype="bfloat16", save_every=0)
-    out = []
-    for fsdp in (False, True):
-        tr = WanTrainer.from_checkpoint(ckpt, D.ShardDataset(shards), TrainSettings(**kw, fsdp=fsdp),
-                                        f"{root}/bf16-{fsdp}-rank{rank}", device="cpu", progress=False, log=None)
-        tr.run()
-        out.append(([h.loss for h in tr.history], [h.grad_norm for h in tr.history]))
+    out = {}
+    for mode in ("full", "lora"):
+        kw = dict(mode=mode, lora_rank=4, steps=2, batch=1, lr=1e-3, sp=2, dtype="bfloat16", save_every=0)
+        for fsdp in (False, True):
+            tr = WanTrainer.from_checkpoint(ckpt, D.ShardDataset(shards), TrainSettings(**kw, fsdp=fsdp),
+                                            f"{root}/bf16-{mode}-{fsdp}-rank{rank}", device="cpu", progress=False,
+                                            log=None)
+            tr.run()
+            out.setdefault(mode, []).append(([h.loss for h in tr.history], [h.grad_norm for h in tr.history]))
     return out
 
 
@@ -128,12 +131,13 @@ def test_fsdp_in_bfloat16_computes_what_the_unsharded_run_does(tmp_path):
               log=None)
     ckpt = str(write_tiny_checkpoint(tmp_path / "tiny.safetensors", num_groups=4, text_dim=TEXT_DIM))
     ranks = run_on_ranks(_rank_bf16, 2, args=(ckpt, str(shards), str(tmp_path / "dist")), timeout=300)
-    (plain_loss, plain_norm), (fsdp_loss, fsdp_norm) = ranks[0]
-    assert len(plain_loss) == 2 and all(np.isfinite(plain_loss + plain_norm))
-    # step 1 computes on the same weights: the same loss (the old cast moved it by 0.7%) and gradient norm
-    np.testing.assert_allclose(fsdp_loss[0], plain_loss[0], rtol=1e-6)
-    np.testing.assert_allclose(fsdp_norm[0], plain_norm[0], rtol=1e-4)
-    # after one AdamW step (lr 1e-3): AdamW moves every weight by ~lr whatever its gradient's size, so the
-    # last bits of near-zero bfloat16 gradients, which differ under FSDP, reach the loss at ~1e-4; the old
-    # cast gave 5e-3
-    np.testing.assert_allclose(fsdp_loss[1], plain_loss[1], rtol=1e-3)
+    for mode in ("full", "lora"):
+        (plain_loss, plain_norm), (fsdp_loss, fsdp_norm) = ranks[0][mode]
+        assert len(plain_loss) == 2 and all(np.isfinite(plain_loss + plain_norm)), mode
+        # step 1 computes on the same weights: the same loss (the old cast moved it by 0.7%) and gradient norm
+        np.testing.assert_allclose(fsdp_loss[0], plain_loss[0], rtol=1e-6, err_msg=mode)
+        np.testing.assert_allclose(fsdp_norm[0], plain_norm[0], rtol=1e-4, err_msg=mode)
+        # after one AdamW step (lr 1e-3): AdamW moves every weight by ~lr whatever its gradient's size, so the
+        # last bits of near-zero bfloat16 gradients, which differ under FSDP, reach the loss at ~1e-4; the old
+        # cast gave 5e-3
+        np.testing.assert_allclose(fsdp_loss[1], plain_loss[1], rtol=1e-3, err_msg=mode)
