@@ -373,3 +373,30 @@ def test_generate_reports_effective_groups_of_the_capped_groups():
     layer.last_routing = Routing(torch.zeros(1, 12, dtype=torch.long), probs[..., 0], probs)   # one group of 12
     assert effective_groups(layer) == pytest.approx(1.0)
     assert effective_groups(layer, 1.0) == pytest.approx(3.0)     # limit 4: three runs of 4
+
+
+def test_dit_benchmark_caps_groups(tmp_path):
+    """benchmarks/dit.py --capacity: the MoGA steps run capped, and the JSON's capped sizes are the router's
+    groups cut to at most ceil(N / M) tokens (the smoke config's calibrated groups are uneven)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "dit.json"
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "benchmarks" / "dit.py"), "--smoke", "--capacity", "1",
+                    "--capacity-split", "stride", "--json", str(out)], check=True, cwd=root, timeout=300,
+                   capture_output=True)
+    info = json.loads(out.read_text())
+    assert (info["capacity"], info["capacity_split"]) == (1.0, "stride")
+    rows = [r for r in info["results"] if r["mode"].startswith("moga")]
+    assert rows
+    for r in rows:
+        m = int(r["mode"].split("=")[1])
+        sizes, capped = r["last_layer_group_sizes"], r["last_layer_capped_sizes"]
+        n = sum(sizes)
+        assert sum(capped) == n and max(capped) <= capacity_limit(n, m, 1.0)
+        assert max(sizes) > capacity_limit(n, m, 1.0) or capped == sizes
+    assert any(max(r["last_layer_group_sizes"]) > capacity_limit(sum(r["last_layer_group_sizes"]), 8, 1.0)
+               for r in rows if r["mode"] == "moga M=8")
