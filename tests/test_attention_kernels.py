@@ -41,14 +41,18 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cpu_backends_match_segment_softmax(backend, case, dtype):
     lq, lk = CASES[case]
-    gen = torch.Generator().manual_seed(len(case) * 7 + len(backend))
-    q = torch.randn(sum(lq), 3, 8, generator=gen, dtype=torch.float64)
-    k, v = (torch.randn(sum(lk), 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    _check_against_segment_softmax(lq, lk, backend, dtype, heads=3, seed=len(case) * 7 + len(backend))
+
+
+def _check_against_segment_softmax(lq, lk, backend, dtype, heads, seed):
+    """varlen_attention (with and without lse) on fresh random q, k, v against the float64 per-segment softmax."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lq), heads, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(sum(lk), heads, 8, generator=gen, dtype=torch.float64) for _ in range(2))
     ref_out, ref_lse = _segment_softmax(q, k, v, lq, lk)
-    out, lse = varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), _cu(lq), _cu(lk), max(lq),
-                                max(lk), backend, return_lse=True)
-    plain = varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), _cu(lq), _cu(lk), max(lq),
-                             max(lk), backend)
+    args = (q.to(dtype), k.to(dtype), v.to(dtype), _cu(lq), _cu(lk), max(lq), max(lk), backend)
+    out, lse = varlen_attention(*args, return_lse=True)
+    plain = varlen_attention(*args)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert out.shape == q.shape and lse.shape == q.shape[:2] and out.dtype == dtype
     assert torch.allclose(out.double(), ref_out, atol=tol)
@@ -71,19 +75,7 @@ def _many_lengths(seed):
 def test_sdpa_padded_length_classes_match_segment_softmax(monkeypatch, pad_buckets, dtype):
     monkeypatch.setattr(kernels, "PAD_BUCKETS", pad_buckets)
     lq, lk = _many_lengths(pad_buckets + 3)
-    gen = torch.Generator().manual_seed(11)
-    q = torch.randn(sum(lq), 2, 8, generator=gen, dtype=torch.float64)
-    k, v = (torch.randn(sum(lk), 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-    ref_out, ref_lse = _segment_softmax(q, k, v, lq, lk)
-    args = (q.to(dtype), k.to(dtype), v.to(dtype), _cu(lq), _cu(lk), max(lq), max(lk), "sdpa")
-    out, lse = varlen_attention(*args, return_lse=True)
-    plain = varlen_attention(*args)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert torch.allclose(out.double(), ref_out, atol=tol)
-    assert torch.allclose(plain.double(), ref_out, atol=tol)
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
-    fin = torch.isfinite(ref_lse)
-    assert torch.allclose(lse.double()[fin], ref_lse[fin], atol=tol)
+    _check_against_segment_softmax(lq, lk, "sdpa", dtype, heads=2, seed=11)
 
 
 def test_sdpa_padded_gradients(monkeypatch):
