@@ -106,7 +106,6 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="default: the file's")
     ap.add_argument("--out", default="docs/images/demo-modes.jpg")
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
     model = load_demo(args.checkpoint)
     s = demo_info(model)["sampling"]
     sampling = dict(steps=args.steps or int(s["steps"]), cfg=float(s["cfg"]), shift=float(s["shift"]),

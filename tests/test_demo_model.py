@@ -319,6 +319,7 @@ def test_demo_figure_draws_every_mode(tmp_path):
     spec.loader.exec_module(fig)
     out = tmp_path / "modes.jpg"
     assert fig.main(["--steps", "2", "--out", str(out), "--dense-checkpoint", str(DEMO_PATH)]) == 0
+    assert torch.is_grad_enabled()  # the script leaves the process's autograd state as it found it
     img = np.asarray(Image.open(out).convert("RGB")).astype(np.float64)
     rows = 1 + 4 + 1
     assert img.shape[0] == fig.HEAD_H + 34 + rows * (fig.CELL + fig.FOOT_H + 6)
