@@ -55,7 +55,7 @@ def _render(model, story, cfg, *, sampling, seed, dense_steps):
     return video, score_story(video, story), ratio
 
 
-def _found_text(score, shot) -> tuple[str, bool]:
+def _found_text(score) -> tuple[str, bool]:
     f = score.found
     if f.get("colour") is None:
         return "nothing detected", False
@@ -79,19 +79,18 @@ def draw(rows, story, path: Path, title: str):
         x = LABEL_W + k * (frames_per * CELL + GAP)
         caption = "\n".join(textwrap.wrap(f"{k + 1}. {shot.caption}", 48))
         pen.text((x + 2, 32), caption, fill=(40, 40, 40), font=small)
-    for r, (label, video, scores, _) in enumerate(rows):
+    for r, (label, video, scores) in enumerate(rows):
         y = HEAD_H + 34 + r * (row_h + 6)
         pen.multiline_text((10, y + 8), label, fill=(20, 20, 20), font=small, spacing=3)
-        for k, shot in enumerate(shots):
+        for k in range(len(shots)):
             x = LABEL_W + k * (frames_per * CELL + GAP)
             a, b = int(starts[k]), int(starts[k + 1]) - 1
             for j, t in enumerate((a, (a + b) // 2, b)):
                 frame = video[:, t].permute(1, 2, 0).numpy()
                 tile = Image.fromarray(frame).resize((CELL, CELL), Image.NEAREST)
                 img.paste(tile, (x + j * CELL, y))
-            if scores is not None:
-                text, ok = _found_text(scores[k], shot)
-                pen.text((x + 2, y + CELL + 6), text, fill=(30, 120, 30) if ok else (200, 30, 30), font=small)
+            text, ok = _found_text(scores[k])
+            pen.text((x + 2, y + CELL + 6), text, fill=(30, 120, 30) if ok else (200, 30, 30), font=small)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, quality=85)
 
@@ -121,18 +120,18 @@ def main(argv=None) -> int:
              ("window branch alone", "window", 0.0),
              ("routers off\n(dense attention, MoGA weights)", "dense", 0.0)]
     truth = to_uint8(render_story(story))
-    rows = [("the captions\n(the world's own drawing)", truth, score_story(truth, story), None)]
+    rows = [("the captions\n(the world's own drawing)", truth, score_story(truth, story))]
     for label, mode, dense_steps in modes:
         video, scores, ratio = _render(model, story, mode_config(model, mode), sampling=sampling,
                                        seed=args.seed, dense_steps=dense_steps)
-        rows.append((f"{label}\n{ratio:.2f} of dense's attention FLOPs", video, scores, ratio))
+        rows.append((f"{label}\n{ratio:.2f} of dense's attention FLOPs", video, scores))
         print(f"{label.replace(chr(10), ' ')}: FLOPs {ratio:.3f}, "
-              + "; ".join(_found_text(sc, sh)[0] for sc, sh in zip(scores, story.shots)))
+              + "; ".join(_found_text(sc)[0] for sc in scores))
     if args.dense_checkpoint:
         dense = load_demo(args.dense_checkpoint)
         video, scores, _ = _render(dense, story, None, sampling=sampling, seed=args.seed, dense_steps=0.0)
-        rows.append(("dense-trained model\n1.00 (its own attention)", video, scores, 1.0))
-        print("dense-trained: " + "; ".join(_found_text(sc, sh)[0] for sc, sh in zip(scores, story.shots)))
+        rows.append(("dense-trained model\n1.00 (its own attention)", video, scores))
+        print("dense-trained: " + "; ".join(_found_text(sc)[0] for sc in scores))
     title = (f"One story, noise seed {args.seed}, {sampling['steps']} {sampling['solver']} steps, guidance "
              f"{sampling['cfg']:g}: first, middle and last frame of each shot")
     draw(rows, story, Path(args.out), title)
