@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moga.demo.data import WorldData, object_map
 from moga.demo.training import _tiny
@@ -370,3 +371,78 @@ def test_auto_steps_probe_is_kept_inside_the_warmup(tmp_path, capsys):
         main(["demo", "--out", str(tmp_path / "short"), "--tiny", "--batch", "1", "--device", "cpu",
               "--auto-steps", "--time-limit", "4", "--warmup", "3"])
     assert "auto_steps" in log
+
+
+def _dense_file(tmp_path):
+    from moga.train.__main__ import main
+
+    dense = tmp_path / "dense"
+    assert main(["demo", "--out", str(dense), "--tiny", "--dense", "--steps", "2", "--batch", "1",
+                 "--device", "cpu", "--warmup", "2", "--codec-steps", "2"]) == 0
+    return dense
+
+
+def test_moga_model_starts_from_a_dense_file_with_calibrated_routers(tmp_path):
+    """--init DENSE on a MoGA model (the paper's dense-to-MoGA fine-tune): every DiT and text weight is the
+    file's; the routers, which the file lacks, become unit k-means centroids of the layers' inputs, so a
+    token joins the group of the centroid nearest to it; the exported file records how it began."""
+    from safetensors.torch import load_file
+
+    from moga.demo.model import load_demo
+    from moga.demo.training import calibrate_routers, init_from
+    from moga.train.__main__ import main
+
+    dense = _dense_file(tmp_path)
+    source = load_file(str(dense / "model.safetensors"))
+    model, text = _tiny(False, 3)
+    drawn = {i: b.self_attn.router.weight.detach().clone() for i, b in enumerate(model.blocks)}
+    fresh = init_from(dense / "model.safetensors", model, text)
+    assert fresh == [0, 1]
+    for k, v in model.state_dict().items():
+        if "router" not in k:
+            assert torch.equal(v, source[k].float()), k
+    for k, v in text.state_dict().items():
+        assert torch.equal(v, source["text_encoder." + k].float()), k
+
+    from moga.demo.training import load_codec
+    data = WorldData(load_codec(dense / "codec.safetensors"), seed=0)
+    seen = {}
+    hook = model.blocks[1].self_attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.setdefault("x", (a[0] if a else kw["x"]).detach().clone()), with_kwargs=True)
+    calibrate_routers(model, text, data, [0, 1], batches=1, batch=2, tokens=4096, log=lambda m: None)
+    hook.remove()
+    for i, block in enumerate(model.blocks):
+        rows = block.self_attn.router.weight.detach()
+        assert not torch.allclose(rows, drawn[i]) and torch.allclose(rows.norm(dim=1), torch.ones(len(rows)), atol=1e-5)
+    x = seen["x"].flatten(0, -2).float()
+    rows = model.blocks[1].self_attn.router.weight.detach()
+    routing = model.blocks[1].self_attn.router(x[None])
+    nearest = (F.normalize(x, dim=-1) @ rows.T).argmax(-1)
+    assert torch.equal(routing.group_ids[0], nearest)
+    assert len(set(nearest.tolist())) >= 3  # the centroids split the tokens, not one group for all
+    assert float(routing.gate.mean()) > 2.0 / rows.shape[0]  # gates start well above the 1/M of fresh rows
+
+    out = tmp_path / "moga"
+    assert main(["demo", "--out", str(out), "--tiny", "--steps", "2", "--batch", "1", "--device", "cpu",
+                 "--warmup", "2", "--init", str(dense / "model.safetensors"), "--codec",
+                 str(dense / "codec.safetensors")]) == 0
+    from moga.demo.model import demo_info
+    training = demo_info(load_demo(out / "model.safetensors"))["training"]
+    assert training["init"] == "model.safetensors" and training["init_routers"] == "calibrate"
+
+
+def test_init_refuses_a_file_of_another_model(tmp_path):
+    from moga.demo.training import init_from
+
+    dense = _dense_file(tmp_path)
+    model, text = _tiny(False, 0, num_groups=4)
+    init_from(dense / "model.safetensors", model, text)  # dense into MoGA with any M: fine
+    from moga.demo.model import save_demo
+    from moga.demo.training import load_codec
+    moga8 = save_demo(tmp_path / "m8.safetensors", _tiny(False, 0)[0], _tiny(False, 0)[1],
+                      load_codec(dense / "codec.safetensors"))
+    with pytest.raises(ValueError, match="does not fit this model.*router"):
+        init_from(moga8, model, text)  # 8 router rows into a model of 4
+    dense_model, dense_text = _tiny(True, 0)
+    with pytest.raises(ValueError, match="does not fit this model.*lacks"):
+        init_from(moga8, dense_model, dense_text)  # routers into a model without them

@@ -208,10 +208,17 @@ def train_demo(args) -> dict:
                          max_file_mb=args.max_file_mb, moga=dict(attention),
                          router_lr_scale=args.router_lr_scale, balance_weight=args.balance_weight,
                          dense_warmup=args.dense_warmup)
-    if args.init:
-        init_from(args.init, model, text)
-        log(f"weights from {args.init} (fresh optimizer)")
     data = WorldData(codec, seed=args.seed, object_weight=args.object_weight)
+    init_record = out / "init.json"  # how the run began, for the exported file's record after resumes
+    if args.init and not (args.resume and (out / "ckpt" / "state.json").exists()):
+        fresh = init_from(args.init, model, text)
+        how = "file"
+        if fresh:
+            how = args.init_routers
+            if how == "calibrate":
+                calibrate_routers(model, text, data, fresh, seed=args.seed, shift=args.shift, log=log)
+        init_record.write_text(json.dumps({"init": Path(args.init).name, "init_routers": how}))
+        log(f"weights from {args.init} (fresh optimizer; routers: {how})")
     ckpt = out / "ckpt"
     modules = {"text_encoder": text}
     resumed = args.resume and (ckpt / "state.json").exists()
@@ -261,6 +268,7 @@ def train_demo(args) -> dict:
                           "ema": args.ema, "object_weight": args.object_weight,
                           "router_lr_scale": args.router_lr_scale, "balance_weight": args.balance_weight,
                           "dense_warmup": args.dense_warmup, "router_init_std": args.router_init_std,
+                          **(read_json(init_record) if args.init and init_record.exists() else {}),
                           "date": time.strftime("%Y-%m-%d"), **({"attention": attention} if attention else {})}}
     path = save_demo(out / "model.safetensors", final_model.cpu(), final_text.cpu(), codec.cpu(), extra=extra)
     summary = {"model": str(path), "bytes": path.stat().st_size, **extra["training"]}
@@ -301,15 +309,82 @@ def attention_changes(args) -> dict:
     return changes
 
 
-def init_from(path, model, text) -> None:
-    """Start from a demo model file's DiT and text encoder weights (a second training phase)."""
+def init_from(path, model, text) -> list[int]:
+    """Start from a demo model file's DiT and text encoder weights (a second training phase).
+
+    A dense file may start a MoGA model, as the paper fine-tunes dense Wan into MoGA: every weight but the
+    routers' rows must match; returns the layers whose routers the file lacks (they keep their fresh rows
+    until `calibrate_routers` replaces them). Anything else that differs is an error naming it."""
     from safetensors.torch import load_file
 
     sd = load_file(str(path))
     own = {k: v.float() for k, v in sd.items() if not k.startswith(("text_encoder.", "vae."))}
-    model.load_state_dict(own)
+    expected = model.state_dict()
+    routers = {k for k in expected if k.endswith("self_attn.router.weight")}
+    missing = sorted(set(expected) - set(own))
+    unexpected = sorted(set(own) - set(expected))
+    reshaped = sorted(k for k in set(own) & set(expected) if own[k].shape != expected[k].shape)
+    if unexpected or reshaped or (missing and (set(missing) - routers or any(k in own for k in routers))):
+        what = (f"weights this model lacks: {unexpected[:3]}" if unexpected else
+                f"other shapes: {reshaped[0]} {tuple(own[reshaped[0]].shape)} against "
+                f"{tuple(expected[reshaped[0]].shape)}" if reshaped else f"no {sorted(set(missing) - routers or missing)[:3]}")
+        raise ValueError(f"--init {path} does not fit this model ({what}): give a demo model file of the same "
+                         f"size (a dense file may start a MoGA model; its routers are then calibrated), and the "
+                         f"same --num-groups as the file's routers")
+    model.load_state_dict(own, strict=False)
     text.load_state_dict({k[len("text_encoder."):]: v.float() for k, v in sd.items()
                           if k.startswith("text_encoder.")})
+    return sorted(int(k.split(".")[1]) for k in missing)
+
+
+@torch.no_grad()
+def calibrate_routers(model, text, data: WorldData, layers, batches: int = 2, batch: int = 8,
+                      tokens: int = 32768, seed: int = 0, shift: float = 3.0, log=print) -> None:
+    """Router rows from content: unit k-means centroids (cosine) of each routed layer's self-attention input
+    on training stories at training noise levels, the model run dense (its routers are not trained yet).
+    A token then joins the group whose centroid it is nearest, and its gate starts near 1 (fresh rows at
+    std 0.02 give every group about 1/M, a routed branch scaled to near silence)."""
+    from ..checkpoint import spherical_kmeans
+    from ..train.trainer import shift_sigma
+
+    layers = sorted(layers)
+    dev = next(model.parameters()).device
+    per_call = max(1, -(-tokens // batches))
+    feats: dict[int, list] = {i: [] for i in layers}
+    pick = torch.Generator().manual_seed(seed)
+
+    def hook(index):
+        def grab(module, args, kwargs):
+            rows = (args[0] if args else kwargs["x"]).flatten(0, -2).float()
+            sel = torch.randperm(rows.shape[0], generator=pick)[:per_call].to(rows.device)
+            feats[index].append(F.normalize(rows[sel], dim=-1))
+        return grab
+
+    handles = [model.blocks[i].self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
+    dense = model.moga_config.replace(dense=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for k in range(batches):
+            b = data.batch(10 ** 7 + k, batch, dev)  # story indices no training step draws
+            g = torch.Generator(device=dev).manual_seed(seed * 1009 + k)
+            x0 = b.latent.to(dev, torch.float32)
+            u = torch.rand(x0.shape[0], generator=g, device=dev, dtype=torch.float64)
+            s = shift_sigma(u, shift).float().view(-1, *([1] * (x0.dim() - 1)))
+            xt = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g, device=dev)
+            n = x0.shape[0]
+            context = list(text.encode_batch([c for shot in b.captions for c in shot]).to(dev).split(n))
+            model(xt, s.flatten() * 1000.0, context, shot_frames=b.shot_frames, moga=dense)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for i in layers:
+        router = model.blocks[i].self_attn.router
+        rows = spherical_kmeans(torch.cat(feats.pop(i)), router.num_groups, seed=seed + i)
+        router.weight.copy_(rows.to(router.weight))
+    log(f"routers of layers {layers} calibrated: k-means of {per_call * batches} tokens each "
+        f"({batches} batches of {batch} stories, dense pass)")
 
 
 def auto_size(trainer: Trainer, args, log) -> list[dict]:
@@ -385,7 +460,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="model.compile() (measured on an H100: dense step 0.174 -> 0.137 s; MoGA gains less "
                         "and compiles for ~100 s; benchmarks/demo_train_speed.py)")
-    p.add_argument("--init", default=None, help="start from this demo model file's weights (fresh optimizer)")
+    p.add_argument("--init", default=None, help="start from this demo model file's weights (fresh optimizer); "
+                   "a dense file may start a MoGA model (the paper's dense-to-MoGA fine-tune)")
+    p.add_argument("--init-routers", choices=("calibrate", "random"), default="calibrate",
+                   help="routers of a MoGA model started from a dense --init file: k-means centroids of its "
+                        "tokens (calibrate) or fresh rows at --router-init-std (random)")
     p.add_argument("--context-frames", type=int, default=None,
                    help="latent frames of each neighbouring shot in a window (default: the model's, 1)")
     p.add_argument("--capacity", type=float, default=None,
