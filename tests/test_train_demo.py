@@ -407,8 +407,11 @@ def test_moga_model_starts_from_a_dense_file_with_calibrated_routers(tmp_path):
     from moga.demo.training import load_codec
     data = WorldData(load_codec(dense / "codec.safetensors"), seed=0)
     seen = {}
-    hook = model.blocks[1].self_attn.register_forward_pre_hook(
-        lambda m, a, kw: seen.setdefault("x", (a[0] if a else kw["x"]).detach().clone()), with_kwargs=True)
+
+    def keep_first_input(module, args, kwargs):  # returns None: the hook only looks
+        seen.setdefault("x", (args[0] if args else kwargs["x"]).detach().clone())
+
+    hook = model.blocks[1].self_attn.register_forward_pre_hook(keep_first_input, with_kwargs=True)
     calibrate_routers(model, text, data, [0, 1], batches=1, batch=2, tokens=4096, log=lambda m: None)
     hook.remove()
     for i, block in enumerate(model.blocks):
