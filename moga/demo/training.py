@@ -209,8 +209,10 @@ def train_demo(args) -> dict:
                          router_lr_scale=args.router_lr_scale, balance_weight=args.balance_weight,
                          dense_warmup=args.dense_warmup)
     data = WorldData(codec, seed=args.seed, object_weight=args.object_weight)
+    ckpt = out / "ckpt"
+    resumed = args.resume and (ckpt / "state.json").exists()
     init_record = out / "init.json"  # how the run began, for the exported file's record after resumes
-    if args.init and not (args.resume and (out / "ckpt" / "state.json").exists()):
+    if args.init and not resumed:
         fresh = init_from(args.init, model, text)
         how = "file"
         if fresh:
@@ -219,9 +221,7 @@ def train_demo(args) -> dict:
                 calibrate_routers(model, text, data, fresh, seed=args.seed, shift=args.shift, log=log)
         init_record.write_text(json.dumps({"init": Path(args.init).name, "init_routers": how}))
         log(f"weights from {args.init} (fresh optimizer; routers: {how})")
-    ckpt = out / "ckpt"
     modules = {"text_encoder": text}
-    resumed = args.resume and (ckpt / "state.json").exists()
     if resumed:
         saved_config = read_json(ckpt / "state.json")["config"]
         saved = saved_config.get("moga") or {}
