@@ -189,3 +189,37 @@ def test_workers_exit_when_the_host_dies(checkpoint):
     while any(_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_running(p) for p in pids), "orphaned workers must exit by themselves"
+
+
+def test_model_with_own_encoders_the_workers_import_what_the_host_registered(checkpoint, tmp_path):
+    """moga.parallel names no module above it: the host tells the workers which module registered the
+    loader of a file's own encoders (the demo model's), and a fresh worker process imports it by name."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moga.checkpoint import EXTRA_LOADERS, save_checkpoint
+    from moga.checkpoint import load_model as load
+    from moga.parallel.pool import extras_module
+
+    # a plain file that asks for unregistered extras is refused in the host, before any worker starts
+    odd = save_checkpoint(load(checkpoint), tmp_path / "odd.safetensors", {"moga.extras": "nobody-registered"})
+    with pytest.raises(ValueError, match="no loader is registered"):
+        WorkerPool(DEVICES, odd)
+    assert extras_module(checkpoint) is None
+
+    import moga.demo  # the entry point's part (CLI, nodes): bring the demo, which registers its loader
+    assert extras_module(moga.demo.DEMO_PATH) == EXTRA_LOADERS["demo"].__module__ == "moga.demo.model"
+    worker = ("import sys\n"
+              "from moga.parallel.pool import _load_model\n"
+              "assert 'moga.demo' not in sys.modules\n"
+              "m = _load_model(sys.argv[1], 'cpu', {'dtype': None}, sys.argv[2] or None)\n"
+              "print(type(m.text_encoder).__name__, type(m.vae).__name__)\n")
+    root = str(Path(__file__).resolve().parents[1])
+    run = lambda module: subprocess.run([sys.executable, "-c", worker, str(moga.demo.DEMO_PATH), module],  # noqa: E731
+                                        capture_output=True, text=True, timeout=120,
+                                        env=dict(os.environ, PYTHONPATH=root))
+    ok = run("moga.demo.model")
+    assert ok.returncode == 0 and ok.stdout.split() == ["DemoTextEncoder", "DemoCodec"], ok.stdout + ok.stderr
+    bare = run("")
+    assert bare.returncode != 0 and "no loader is registered" in bare.stderr

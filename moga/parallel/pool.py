@@ -109,14 +109,32 @@ def check_job(job: dict) -> dict:
 
 
 # ---- the worker process ----------------------------------------------------------------------
-def _load_model(checkpoint: str, device: str, settings: dict):
-    import importlib.util
-
-    from moga.checkpoint import EXTRA_LOADERS, inspect_checkpoint, load_model
+def extras_module(checkpoint) -> str | None:
+    """For a checkpoint that brings its own text encoder / VAE (`moga.extras`, the demo model): the
+    module whose import registered its loader in this (host) process. Workers import that module by
+    name, so this floor never names the modules above it; the entry point (CLI, nodes) that brought
+    the loader decides. Raises ValueError when no loader is registered here."""
+    from moga.checkpoint import EXTRA_LOADERS, inspect_checkpoint
 
     extras = inspect_checkpoint(checkpoint).extras
-    if extras and extras not in EXTRA_LOADERS and importlib.util.find_spec("moga.demo") is not None:
-        importlib.import_module("moga.demo")  # a model that brings its own encoders (the demo) registers here
+    if not extras:
+        return None
+    loader = EXTRA_LOADERS.get(extras)
+    if loader is None:
+        raise ValueError(f"{checkpoint} brings its own text encoder/VAE ('moga.extras' = {extras!r}) but no "
+                         f"loader is registered for it in this process (registered: "
+                         f"{sorted(EXTRA_LOADERS) or 'none'}): import the module that defines it (e.g. the "
+                         f"demo package) before starting the pool")
+    return loader.__module__
+
+
+def _load_model(checkpoint: str, device: str, settings: dict, extras_from: str | None = None):
+    import importlib
+
+    from moga.checkpoint import load_model
+
+    if extras_from:
+        importlib.import_module(extras_from)  # registers the loader of the model's own encoders
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
     model = load_model(checkpoint, device=device, dtype=dtype)
     return model.eval().requires_grad_(False)
@@ -196,6 +214,7 @@ class WorkerPool:
         self.devices = devices
         self.checkpoint = str(path)
         self.settings = _canonical_settings(settings)
+        self.extras_from = extras_module(path)
         self.start_timeout = float(start_timeout)
         self.stall_timeout = float(stall_timeout)
         self.key = pool_key(devices, path, self.settings)
@@ -245,7 +264,7 @@ class WorkerPool:
                     w = _Worker(r, dev, env)
                     self._workers.append(w)
                     w.send(dict(rank=r, world_size=self.world_size, device=dev, port=self._store.port,
-                                checkpoint=self.checkpoint, settings=self.settings,
+                                checkpoint=self.checkpoint, settings=self.settings, extras_from=self.extras_from,
                                 timeout=self.start_timeout))
                 ready, deadline = set(), time.monotonic() + self.start_timeout
                 self._last_event = time.monotonic()

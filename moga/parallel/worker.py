@@ -32,7 +32,7 @@ def _serve(cfg: dict, inbox: Connection, outbox: Connection) -> None:
             threads = cfg["settings"].get("threads") or max(1, (os.cpu_count() or 1) // world_size)
             torch.set_num_threads(threads)
         exchange = init_rank(rank, world_size, device, cfg["port"], cfg["timeout"])
-        model = _load_model(cfg["checkpoint"], device, cfg["settings"])
+        model = _load_model(cfg["checkpoint"], device, cfg["settings"], cfg.get("extras_from"))
         check_heads(model.config.num_heads, world_size)
         outbox.send(("ready", rank, os.getpid()))
     except BaseException as err:  # noqa: BLE001 - reported, then this worker ends
