@@ -28,7 +28,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from . import fused
 from .attention import MoGAAttention, MoGAConfig, RMSNorm, TokenLayout
+from .attention.layer import norm_rope
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 ROPE_THETA = 10000.0
@@ -183,10 +185,7 @@ def rope_freqs(layout: TokenLayout, head_dim: int, device=None, dtype=torch.comp
     return out.reshape(f * h * w, c).to(dtype)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm without affine (float32), then x * (1 + scale) + shift."""
-    xf = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return torch.addcmul(shift, xf, 1 + scale)
+modulate = fused.modulate  # LayerNorm without affine (float32), then x * (1 + scale) + shift
 
 
 def shard_range(num_tokens: int, rank: int, world_size: int) -> tuple[int, int, int]:
@@ -266,7 +265,8 @@ class WanCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        q = norm_rope(self.norm_q, self.q(x), None, self.num_heads)
+        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -282,18 +282,18 @@ class WanBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, cfg.dim))
 
-    def _norm3(self, x: torch.Tensor) -> torch.Tensor:
+    def _norm3(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """norm3 (float32), cast to the compute dtype in the same pass (moga.fused)."""
         if self.norm3 is None:
-            return x.float()
-        w, b = self.norm3.weight.float(), self.norm3.bias.float()
-        return F.layer_norm(x.float(), (x.shape[-1],), w, b, self.eps)
+            return x.to(dtype)
+        return fused.layer_norm_cast(x, self.norm3.weight, self.norm3.bias, self.eps, dtype)
 
     def forward(self, x, e, rope, context_kv, layout, cfg, shot_ranges, chunk, cdtype, parallel=None):
         """x [B, n, dim] float32 residual; e [B, 6, dim] float32; context_kv: per shot (k, v).
         With gradients off (inference) x is updated in place, chunk by chunk: no full-size temporaries."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).chunk(6, dim=1)
         inplace = not torch.is_grad_enabled()
-        y = self.self_attn(modulate(x, shift1, scale1, self.eps).to(cdtype), layout, rope=rope,
+        y = self.self_attn(fused.modulate_cast(x, shift1, scale1, self.eps, cdtype), layout, rope=rope,
                            config=cfg, parallel=parallel)
         x = x.addcmul_(y, gate1) if inplace else torch.addcmul(x, y.float(), gate1)
         del y
@@ -305,7 +305,7 @@ class WanBlock(nn.Module):
             k, v = context_kv[s]
             for lo in range(a, b, chunk):
                 hi = min(lo + chunk, b)
-                out = self.cross_attn(self._norm3(x[:, lo:hi]).to(cdtype), k, v)
+                out = self.cross_attn(self._norm3(x[:, lo:hi], cdtype), k, v)
                 if inplace:
                     x[:, lo:hi] += out
                 else:
@@ -318,7 +318,7 @@ class WanBlock(nn.Module):
         y = None if inplace else x.new_empty(x.shape)
         for lo in range(0, x.shape[1], chunk):
             hi = min(lo + chunk, x.shape[1])
-            out = self.ffn(modulate(x[:, lo:hi], shift2, scale2, self.eps).to(cdtype))
+            out = self.ffn(fused.modulate_cast(x[:, lo:hi], shift2, scale2, self.eps, cdtype))
             if inplace:
                 x[:, lo:hi].addcmul_(out, gate2)
             else:

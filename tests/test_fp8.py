@@ -65,8 +65,7 @@ def test_reference_linear_is_the_quantised_maths():
         got = fp8.reference_linear(x.double(), w8, ws, b, mode=mode, dtype=torch.float64)
         x2 = x.reshape(-1, 32).double()
         amax = x2.abs().amax(dim=1, keepdim=True) if mode == "token" else x2.abs().amax()
-        sx = torch.clamp(amax, min=1e-12).float().double() / 448     # float32 scales, as the module
-        sx = (torch.clamp(amax.float(), min=1e-12) / 448).double()
+        sx = (torch.clamp(amax.float(), min=1e-12) / 448).double()   # float32 scales, as the module
         xd = e4m3_round(x2 / sx) * sx
         wd = e4m3_round(w.double() / ws.double()[:, None]) * ws.double()[:, None]
         want = (xd @ wd.t() + b.double()).reshape(2, 5, 16)
@@ -164,13 +163,16 @@ def test_triton_row_quantisation_matches_torch():
     s_ref = fp8.activation_scales(x, "token")
     assert torch.equal(s, s_ref)
     got, want = q.float(), fp8.quantize(x, s_ref).float()
-    # Triton 3.6's interpreter drops the carry when a value rounds up into the next binade (it writes 64 for
-    # 127 -> 128); the GPU's conversion does not (the CUDA test below checks exact equality). Every other
-    # element must match.
+    # Triton 3.6's interpreter converts to e4m3 in its own way: a value that rounds up into the next binade
+    # loses the carry (64 for 127 -> 128) and exact ties go away from zero. The GPU's conversion rounds to
+    # nearest even (the CUDA test below checks exact equality). Every other element must match.
     off = got != want
     assert off.float().mean() < 0.1
-    w = want[off]
-    assert torch.equal(got[off] * 2, w) and torch.all(torch.log2(w.abs()) == torch.log2(w.abs()).round())
+    v = (x.float() / s[:, None])[off].double()
+    w, o = want[off].double(), got[off].double()
+    carry = (o * 2 == w) & (torch.log2(w.abs()) == torch.log2(w.abs()).round())
+    tie = (v - o).abs() == (v - w).abs()
+    assert torch.all(carry | tie)
 
 
 needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or fp8.fp8_problem("cuda") is not None,

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import fused
 from .config import MoGAConfig
 from .layout import TokenLayout
 
@@ -55,6 +56,20 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.type_as(x)
 
 
+def norm_rope(norm: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, num_heads: int) -> torch.Tensor:
+    """q or k [B, N, dim] -> norm (RMSNorm or Identity), then RoPE per head when `rope` is given.
+    One fused in-place pass (moga.fused) where it applies, else the plain ops."""
+    if isinstance(norm, RMSNorm):
+        done = fused.rms_norm_rope(x, norm.weight, norm.eps, rope, num_heads)
+        if done is not None:
+            return done
+    x = norm(x)
+    if rope is None:
+        return x
+    b, n, dim = x.shape
+    return apply_rope(x.view(b, n, num_heads, dim // num_heads), rope).view(b, n, dim)
+
+
 class MoGAAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_groups: int = 0, qk_norm: bool = True,
                  eps: float = 1e-6, config: MoGAConfig | None = None):
@@ -79,12 +94,9 @@ class MoGAAttention(nn.Module):
     def qkv(self, x: torch.Tensor, rope: torch.Tensor | None):
         b, n, _ = x.shape
         shape = (b, n, self.num_heads, self.head_dim)
-        q = self.norm_q(self.q(x)).view(shape)
-        k = self.norm_k(self.k(x)).view(shape)
-        v = self.v(x).view(shape)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return q, k, v
+        q = norm_rope(self.norm_q, self.q(x), rope, self.num_heads).view(shape)
+        k = norm_rope(self.norm_k, self.k(x), rope, self.num_heads).view(shape)
+        return q, k, self.v(x).view(shape)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, rope: torch.Tensor | None = None,
                 config: MoGAConfig | None = None, parallel=None) -> torch.Tensor:
