@@ -14,6 +14,10 @@ Variants per shape (tokens, heads, M groups):
   routing                     the router alone (linear + softmax + top-1)
   permutation                 moga_attention with the attention kernel replaced by the identity:
                               group sort, size sync, gathers, unsorts, merge
+--peers: one table of dense flash-attn-4, MoGA (fa4 backend) and, when `comfy_kitchen` imports, its
+Sol-Attn (`sol_attn`: tau 1.3 with 256 extra tokens per query block, ComfyUI's default; tau 1.0; SLA top-k
+10%) and its dense INT8 attention, at 187,200 and 561,600 tokens with 40 heads (each output's relative
+error against dense fa4 in the JSON).
 Routing: a Router with random weights on random hidden states: each token's logits are independent
 draws, so the groups come out roughly balanced (their sizes are in the JSON). FLOPs are the ones a
 variant does: 4 * (query-key pairs) * heads * head_dim (forward). Times: median of CUDA-event timed
@@ -273,6 +277,99 @@ def check_fused_merge(device, dtype):
         return dict(check="fused_merge", error=str(e)[:300], ok=False)
 
 
+def peer_fns(device):
+    """name -> fn(q, k, v) on [1, N, H, 128] for comfy-kitchen's attention kernels, when importable."""
+    try:
+        import comfy_kitchen as ck
+    except Exception as err:
+        print(f"# comfy_kitchen peers skipped: {err}", flush=True)
+        return {}, f"not importable: {err}"
+    fns = {}
+    if ck.sol_attn_is_available(device):
+        fns["sol_attn tau1.3+256"] = lambda q, k, v: ck.sol_attn(q, k, v, tau=1.3, token_aug=256)
+        fns["sol_attn tau1.0"] = lambda q, k, v: ck.sol_attn(q, k, v, tau=1.0)
+        fns["sol_attn SLA top-k 10%"] = lambda q, k, v: ck.sol_attn(q, k, v, topk_ratio=0.1)
+    else:
+        print("# sol_attn skipped: comfy_kitchen.sol_attn_is_available() is False here", flush=True)
+    if ck.int8_attention_is_available(device):
+        fns["int8 dense"] = lambda q, k, v: ck.int8_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    else:
+        print("# int8 attention skipped: comfy_kitchen.int8_attention_is_available() is False here", flush=True)
+    return fns, getattr(ck, "__version__", "?")
+
+
+PEER_SHAPES = [dict(frames=120, height=30, width=52, shot=20, heads=40, head_dim=128, groups=(5, 20)),
+               dict(frames=360, height=30, width=52, shot=20, heads=40, head_dim=128, groups=(20,))]
+
+
+def bench_peers(device, dtype, backend, budget_s=1e9):
+    """Dense fa4, MoGA and comfy-kitchen's kernels on the same q, k, v; rows with ms and error vs dense."""
+    peers, version = peer_fns(device)
+    dense = {k: v for k, v in dense_fns(device).items() if k == "dense_fa4"} or \
+        {k: v for k, v in dense_fns(device).items() if k == "dense_cudnn"}
+    rows, start = [], time.time()
+    for spec in PEER_SHAPES:
+        if time.time() - start > budget_s:
+            print(f"# peers at {spec['frames']} frames skipped: over the budget", flush=True)
+            continue
+        frames, shot, heads = spec["frames"], spec["shot"], spec["heads"]
+        shots = [shot] * (frames // shot)
+        layout = TokenLayout(frames, spec["height"], spec["width"], tuple(shots))
+        n = layout.num_tokens
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, n, heads, spec["head_dim"], device=device, dtype=dtype, generator=gen)
+                   for _ in range(3))
+        x = torch.randn(1, n, heads * spec["head_dim"], device=device, dtype=dtype, generator=gen)
+        big = n > 300_000  # one timed call each (kernels compiled at the smaller shape); 3 after a warm-up below
+        tm = timer(device, 0 if big else 1, 1 if big else 3)
+        ref = None
+        fns = dict(dense)
+        for m in spec["groups"]:
+            router = Router(heads * spec["head_dim"], m).to(device, dtype)
+            with torch.no_grad():
+                router.weight.normal_(0, 1 / math.sqrt(heads * spec["head_dim"]), generator=gen)
+            cfg = MoGAConfig(num_groups=m, backend=backend)
+            fns[f"moga M={m}"] = (lambda r, c: lambda q, k, v: mixture.moga_attention(q, k, v, r(x), layout, c))(router, cfg)
+        fns.update(peers)
+        for name, fn in fns.items():
+            try:
+                held = {}
+                with torch.no_grad():
+                    ms = tm(lambda: held.__setitem__("out", fn(q, k, v)))
+                out = held.pop("out")
+                err = None
+                if ref is None:
+                    ref = out.float()
+                else:
+                    err = ((out.float() - ref).norm() / ref.norm()).item()
+                rows.append(dict(tokens=n, heads=heads, variant=name, ms=ms, rel_err_vs_dense=err))
+                print(f"# peers {n:>7} {name:<24} {ms:10.1f} ms" + (f"  err {err:.3f}" if err is not None else ""),
+                      flush=True)
+                del out
+            except Exception as e:
+                rows.append(dict(tokens=n, heads=heads, variant=name, error=str(e)[:300]))
+                print(f"# peers {n} {name} failed: {str(e)[:200]}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del q, k, v, x, ref
+    return rows, version
+
+
+def peers_table(rows):
+    lines = ["| tokens | heads | kernel | ms | vs dense | rel. error vs dense |", "|---|---|---|---|---|---|"]
+    dense = {r["tokens"]: r["ms"] for r in rows if r["variant"].startswith("dense") and "ms" in r}
+    for r in rows:
+        if "ms" not in r:
+            lines.append(f"| {r['tokens']:,} | {r['heads']} | {r['variant']} | failed | - | - |")
+            continue
+        d = dense.get(r["tokens"])
+        e = r.get("rel_err_vs_dense")
+        lines.append(f"| {r['tokens']:,} | {r['heads']} | {r['variant']} | {r['ms']:.1f} | "
+                     f"{d / r['ms']:.2f}x | {'-' if e is None else f'{e:.3f}'} |" if d else "")
+    return "\n".join(lines)
+
+
 SHAPES = {
     "cuda": [  # Wan: 30x52 tokens a latent frame, head dim 128, shots of 20 latent frames
         dict(frames=120, height=30, width=52, shot=20, heads=40, head_dim=128, groups=(5, 20)),
@@ -302,6 +399,8 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=None, help="skip shapes above this many tokens")
     ap.add_argument("--no-check", action="store_true", help="skip the small correctness check")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this long")
+    ap.add_argument("--peers", action="store_true",
+                    help="only the peers table: dense fa4, MoGA, comfy-kitchen sol_attn / INT8 (CUDA)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -317,6 +416,17 @@ def main(argv=None):
                 command="python " + " ".join(sys.argv), torch=torch.__version__, dtype=str(dtype),
                 backends=backends, warmup=warmup, reps=reps)
     print(f"# {meta}", flush=True)
+    if args.peers:
+        if device.type != "cuda":
+            raise SystemExit("--peers needs a CUDA GPU (fa4, comfy-kitchen)")
+        rows, version = bench_peers(device, dtype, backends[0], args.budget_s)
+        path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention-peers.json")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(dict(meta=dict(meta, comfy_kitchen=version), rows=rows), f, indent=1)
+        print(peers_table(rows))
+        print(f"# wrote {path}")
+        return rows
     checks = [] if args.no_check else check_backends(device, dtype, backends)
     if device.type == "cuda":
         checks.append(check_fused_merge(device, dtype))

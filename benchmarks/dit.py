@@ -36,6 +36,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import FRAME, SHOT, WAN_CONFIGS, build_random_model, layout_for  # noqa: E402
+import step_profile  # noqa: E402
+
+from moga import fp8, fused  # noqa: E402
 
 from moga.attention import MoGAConfig  # noqa: E402
 from moga.attention import layer as attention_layer  # noqa: E402
@@ -54,8 +57,60 @@ def sdpa_context(name: str):
                          "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]])
 
 
-def build(name: str, groups: int, device, dtype, seed: int = 0):
-    return build_random_model(CONFIGS[name], groups, device, dtype, seed)
+def build(name: str, groups: int, device, dtype, seed: int = 0, blocks: int = 0):
+    spec = dict(CONFIGS[name], **({"num_layers": blocks} if blocks else {}))
+    return build_random_model(spec, groups, device, dtype, seed)
+
+
+class BlockClock:
+    """CUDA events around every block's forward: the blocks' share of a step (to scale a few blocks to 40)."""
+
+    def __init__(self, model, cuda: bool):
+        self.cuda, self.pairs, self.handles = cuda, [], []
+        if cuda:
+            for b in model.blocks:
+                self.handles.append(b.register_forward_pre_hook(self._start))
+                self.handles.append(b.register_forward_hook(self._stop))
+
+    def _start(self, module, args):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self.pairs.append([e, None])
+
+    def _stop(self, module, args, out):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self.pairs[-1][1] = e
+
+    def take_s(self) -> float:
+        """Seconds spent in blocks since the last call (after a synchronize)."""
+        s = sum(a.elapsed_time(b) for a, b in self.pairs if b is not None) / 1e3
+        self.pairs = []
+        return s
+
+
+def block_bytes(block) -> int:
+    return sum(t.numel() * t.element_size() for t in list(block.parameters()) + list(block.buffers()))
+
+
+VARIANTS = ("baseline", "fused", "fp8", "fp8-tensor")
+
+
+def use_variant(name: str, models: dict, chunk: int):
+    """Switch the process to a variant; returns its model. baseline: fused kernels off; fused: on;
+    fp8: fused + fp8 matmuls (per-row weights, per-token activations); fp8-tensor: per-tensor both."""
+    fused.FUSED = name != "baseline"
+    model = models["fp8" if name.startswith("fp8") else "bf16"]
+    if name == "fp8-tensor":
+        for m in model.modules():
+            if isinstance(m, fp8.Fp8Linear):
+                m.act_scaling = "tensor"
+    elif name == "fp8":
+        for m in model.modules():
+            if isinstance(m, fp8.Fp8Linear):
+                m.act_scaling = "token"
+    model.chunk_tokens = chunk
+    return model
 
 
 def step(model, x, t, ctx, shots, moga, sync):
@@ -105,7 +160,7 @@ def use_balanced_routing(seed: int = 0):
     router_mod.Router.forward = forward
 
 
-def measure(model, tokens, moga, args, device, frame):
+def measure(model, tokens, moga, args, device, frame, clock=None, keep=False):
     cfg = model.config
     frames, shots = layout_for(tokens, frame)
     g = torch.Generator(device=device).manual_seed(1)
@@ -118,10 +173,15 @@ def measure(model, tokens, moga, args, device, frame):
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    block_s = []
     for rep in range(max(1, args.repeats)):
+        if clock is not None:
+            clock.take_s()
         t0 = time.perf_counter()
         out = step(model, x, t, ctx, shots, moga, sync)
         times.append(time.perf_counter() - t0)
+        if clock is not None:
+            block_s.append(clock.take_s())
         if not torch.isfinite(out).all():
             raise RuntimeError(f"non-finite output at {tokens} tokens")
         if times[-1] > 20:
@@ -133,9 +193,136 @@ def measure(model, tokens, moga, args, device, frame):
         sizes = torch.bincount(routed.group_ids.flatten(), minlength=routed.num_groups).tolist()
         if moga != "rest" and moga.capacity:  # the segments the routed branch actually attends over
             capped = cap_routing(routed, moga.capacity, moga.capacity_split).group_sizes()
+    kept = out.float().cpu() if keep else None
     del out, x
-    return dict(tokens=frames * frame[0] * frame[1], frames=frames, shots=shots, time_s=statistics.median(times),
-                times_s=times, peak_gib=peak, last_layer_group_sizes=sizes, last_layer_capped_sizes=capped)
+    r = dict(tokens=frames * frame[0] * frame[1], frames=frames, shots=shots, time_s=statistics.median(times),
+             times_s=times, peak_gib=peak, last_layer_group_sizes=sizes, last_layer_capped_sizes=capped)
+    if block_s and clock.cuda:
+        r["blocks_s"] = statistics.median(block_s)
+    return (r, kept) if keep else r
+
+
+def inputs(cfg, tokens, device, frame):
+    frames, shots = layout_for(tokens, frame)
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(1, cfg.in_dim, frames, frame[0] * 2, frame[1] * 2, device=device, generator=g)
+    ctx = [torch.randn(1, 120, cfg.text_dim, device=device, generator=g) * 0.1 for _ in shots]
+    return x, torch.tensor([800.0], device=device), ctx, shots
+
+
+def linear_params_per_block(cfg) -> int:
+    """Weights of the matmuls a token goes through in one block (self q k v o, cross q o, FFN)."""
+    return 6 * cfg.dim * cfg.dim + 2 * cfg.dim * cfg.ffn_dim
+
+
+def run_variants(args, info, device, dtype, frame, name, tokens, groups, window, save):
+    """--variants / --blocks / --profile: baseline vs fused vs fp8 on one model config (the last of --models)."""
+    import copy
+
+    from moga.model import WanModel
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    variants = (args.variants or "fused").split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variants {bad}: choose from {VARIANTS}")
+    default_chunk = WanModel.chunk_tokens
+    chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else [default_chunk]
+    models = {"bf16": build(name, max(groups), device, dtype, blocks=args.blocks)}
+    if args.routers == "calibrated":
+        t0 = time.perf_counter()
+        calibrate(models["bf16"], max(groups), frame)
+        print(f"# {name}: routers calibrated in {time.perf_counter() - t0:.1f} s", flush=True)
+    if any(v.startswith("fp8") for v in variants):
+        m8 = copy.deepcopy(models["bf16"])
+        rep = fp8.enable_fp8(m8, device, force=args.smoke)
+        info["fp8"] = dict(enabled=rep.enabled, summary=rep.summary(), layers=rep.layers,
+                           reason=fp8.fp8_problem(device))
+        print(f"# {rep.summary()}", flush=True)
+        if rep.enabled:
+            models["fp8"] = m8
+        else:
+            variants = [v for v in variants if not v.startswith("fp8")]
+            del m8
+    for m in models.values():
+        m.blocks[-1].self_attn.record_routing = True
+    cfg = models["bf16"].config
+    blocks, full = len(models["bf16"].blocks), CONFIGS[name]["num_layers"]
+    clocks = {k: BlockClock(m, cuda) for k, m in models.items()}
+    weights = {k: sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+               for k, m in models.items()}
+    per_block = {k: block_bytes(m.blocks[0]) for k, m in models.items()}
+    info.update(model=name, blocks=blocks, scaled_to=full, variants=variants, chunks=chunks,
+                linear_params_per_block=linear_params_per_block(cfg), matmul_tflops=args.matmul_tflops)
+    base = MoGAConfig(num_groups=max(groups), window=window, fusion=info["fusion"], capacity=info["capacity"],
+                      capacity_split=args.capacity_split)
+    pairs = list(zip(tokens, groups)) if args.groups_per_size else [(n, m) for n in tokens for m in groups]
+    jobs = [(v, c) for v in variants for c in (chunks if v == "fused" else [default_chunk])]
+    label = lambda v, c: v if c == default_chunk else f"{v} chunk {c}"  # noqa: E731
+    modes = lambda m: [(f"moga M={m}", base.replace(num_groups=m))] + ([] if args.no_rest else [("rest", "rest")])  # noqa: E731
+    started = time.perf_counter()
+    for v, c in jobs:   # warm-up: kernels, fa4 / Triton compiles, router merges
+        model = use_variant(v, models, c)
+        for m in sorted({m for _, m in pairs}):
+            for _, moga in modes(m):
+                measure(model, tokens[0] // 8 if cuda else tokens[0], moga, argparse.Namespace(repeats=1),
+                        device, frame)
+    print(f"# warm-up {time.perf_counter() - started:.1f} s", flush=True)
+
+    if args.profile:
+        n, m = pairs[0] if not args.profile_tokens else next(p for p in pairs if p[0] == args.profile_tokens)
+        x, t, ctx, shots = inputs(cfg, n, device, frame)
+        info["profile"] = dict(tokens=n, groups=m, variants={})
+        for v in variants:
+            model = use_variant(v, models, default_chunk)
+            moga = base.replace(num_groups=m)
+            prof = step_profile.families(step_profile.profile_step(
+                lambda: step(model, x, t, ctx, shots, moga, sync), device))
+            info["profile"]["variants"][v] = prof
+            print(step_profile.table(prof, f"profile {name} {blocks} blocks, {n:,} tokens, M={m}, {v}"), flush=True)
+            save()
+        del x, ctx
+
+    for n, m in pairs:
+        outs = {}
+        for v, c in jobs:
+            if time.perf_counter() - started > args.budget_s:
+                print(f"budget spent: skipping {v} at {n} tokens", flush=True)
+                info.setdefault("skipped", []).append([v, n])
+                continue
+            model = use_variant(v, models, c)
+            kind = "fp8" if v.startswith("fp8") else "bf16"
+            for mode, moga in modes(m):
+                r, out = measure(model, n, moga, args, device, frame, clock=clocks[kind], keep=True)
+                r.update(model=name, variant=label(v, c), mode=mode, groups=m, chunk=c)
+                if "blocks_s" in r and cuda:
+                    r["scaled_time_s"] = r["time_s"] + (full / blocks - 1) * r["blocks_s"]
+                    other = sum(b for k, b in weights.items() if k != kind)
+                    r["scaled_peak_gib"] = r["peak_gib"] - other / 2**30 + (full - blocks) * per_block[kind] / 2**30
+                r["linear_flop_s"] = 2 * r["tokens"] * linear_params_per_block(cfg) * full / (args.matmul_tflops * 1e12)
+                if mode != "rest":
+                    outs[label(v, c)] = out
+                    ref = outs.get("baseline", outs[label(*jobs[0])])
+                    r["rel_err_vs_first"] = ((out - ref).norm() / ref.norm()).item()
+                info["results"].append(r)
+                print(f"{name:>5} {r['tokens']:>7} {label(v, c):>16} {mode:>9}: {r['time_s']:8.3f} s"
+                      + (f" (x{full}/{blocks}: {r['scaled_time_s']:.2f} s, peak {r['scaled_peak_gib']:.1f} GiB)"
+                         if "scaled_time_s" in r else f" peak {r['peak_gib']:6.1f} GiB")
+                      + (f" err {r['rel_err_vs_first']:.2e}" if "rel_err_vs_first" in r else ""), flush=True)
+                save()
+    fused.FUSED = True
+    print_variants(info)
+
+
+def print_variants(info):
+    print("\n| tokens | M | variant | mode | step (s) | scaled to %s blocks (s) | linear FLOP time (s) | "
+          "peak scaled (GiB) | rel. error vs baseline |" % info.get("scaled_to", "-"))
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in info["results"]:
+        err = r.get("rel_err_vs_first")
+        print(f"| {r['tokens']:,} | {r['groups']} | {r['variant']} | {r['mode']} | {r['time_s']:.2f} | "
+              f"{r.get('scaled_time_s', float('nan')):.2f} | {r['linear_flop_s']:.2f} | "
+              f"{r.get('scaled_peak_gib', r['peak_gib']):.1f} | {'-' if err is None else f'{err:.2e}'} |")
 
 
 def main():
@@ -159,6 +346,14 @@ def main():
     ap.add_argument("--no-dense", action="store_true", help="skip the dense step (already measured)")
     ap.add_argument("--no-rest", action="store_true", help="skip the attention-free 'rest' timing")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what remains after this many seconds")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma list of {VARIANTS}: time each (with --blocks, scaled to the full depth)")
+    ap.add_argument("--blocks", type=int, default=0, help="build only this many blocks (0: all); times scaled")
+    ap.add_argument("--groups-per-size", action="store_true", help="the i-th --groups goes with the i-th --tokens")
+    ap.add_argument("--chunks", default=None, help="FFN / cross-attention chunk sizes to time for 'fused'")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table by op family, per variant")
+    ap.add_argument("--profile-tokens", type=int, default=0, help="which --tokens to profile (default: first)")
+    ap.add_argument("--matmul-tflops", type=float, default=790.0, help="bf16 matmul ceiling for the FLOP time")
     ap.add_argument("--json", default="benchmarks/results/dit.json")
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
     args = ap.parse_args()
@@ -187,6 +382,12 @@ def main():
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(info, fh, indent=1)
+
+    if args.variants or args.blocks or args.profile:
+        run_variants(args, info, device, dtype, frame, models[-1], tokens, groups, window, save)
+        info["wall_s"] = time.perf_counter() - started
+        save()
+        return
 
     # the target first (the largest model at the most tokens), then the small model, then the rest
     target, desc = models[-1], sorted(tokens, reverse=True)

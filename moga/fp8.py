@@ -200,6 +200,36 @@ class Fp8Linear(nn.Linear):
         return reference_linear(x, self.weight, scale, self.bias, self.act_scaling)
 
 
+_CHECKED: dict = {}
+
+
+def self_check(device) -> str | None:
+    """Run one small fp8 matmul on `device` against `reference_linear` (once per device): None when it
+    agrees, else why not (then fast accumulation is tried off before giving up)."""
+    global FAST_ACCUM
+    key = str(torch.device(device))
+    if key in _CHECKED:
+        return _CHECKED[key]
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(64, 128, device=device, generator=g).to(torch.bfloat16)
+    w8, ws = quantize_weight(torch.randn(32, 128, device=device, generator=g))
+    b = torch.randn(32, device=device, generator=g).to(torch.bfloat16)
+    why = None
+    for fast in (FAST_ACCUM, False):
+        FAST_ACCUM = fast
+        try:
+            got = fp8_linear(x, w8, ws, b)
+            ref = reference_linear(x, w8, ws, b)
+            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            why = None if err < 2e-2 else f"torch._scaled_mm is {err:.1e} off its reference"
+        except Exception as e:  # an unsupported scale layout or kernel on this GPU / torch
+            why = f"torch._scaled_mm failed here: {str(e).splitlines()[0][:200]}"
+        if why is None:
+            break
+    _CHECKED[key] = why
+    return why
+
+
 # ---- switching a model over ----------------------------------------------------------------
 
 
@@ -242,6 +272,8 @@ def enable_fp8(model: nn.Module, device=None, quantize_bf16: bool = True, weight
     if device is None:
         device = next(model.parameters()).device
     problem = fp8_problem(device)
+    if problem is None:
+        problem = self_check(device)
     report = Fp8Report(enabled=False, reason=problem, weight_scaling=weight_scaling, act_scaling=act_scaling)
     if problem and not force:
         return report
