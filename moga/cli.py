@@ -71,6 +71,9 @@ def _add_generate(sub):
     p.add_argument("--vae", help="Wan VAE folder or .safetensors; default: the model's own")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=_DTYPES, default="auto", help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--fp8-matmul", action="store_true",
+                   help="the blocks' linear layers on fp8 tensor cores (fp8 files as stored, others quantised at "
+                        "load); needs compute capability >= 8.9, else says why it is off and runs as before")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -386,6 +389,11 @@ def cmd_generate(args) -> int:
             say(f"sequence parallel: {world} ranks ({exchange.backend}), this one on {device}")
         t_load = time.perf_counter()
         model = ckpt.load_model(args.model, device=device, dtype=dtype)
+        if getattr(args, "fp8_matmul", False):
+            from .fp8 import enable_fp8
+            report = enable_fp8(model, device)
+            if lead:  # said even with --quiet when it is off: the user asked for it
+                (say if report.enabled else (lambda *a: print(*a, file=sys.stderr)))(report.summary())
         if exchange is not None:
             check_heads(model.config.num_heads, world)
         te, vae, umt5 = load_encoders(args, model, device, dtype)

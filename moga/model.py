@@ -14,7 +14,8 @@ key layouts). What is ours:
 - Precision as the original: timestep embedding, modulation, the residual stream, the norms and the
   head run in float32; the linear layers of attention, FFN and text embedding run in the compute
   dtype (the weights' dtype; bfloat16 for fp8 weights, which are upcast layer by layer, with their
-  `scale_weight` for ComfyUI's "scaled fp8" files).
+  `scale_weight` for ComfyUI's "scaled fp8" files, unless `moga.fp8.enable_fp8` puts them on fp8
+  tensor cores). On CUDA at inference the elementwise parts run fused (`moga.fused`).
 - Sequence parallel (`parallel=`): see `WanModel.forward`.
 """
 from __future__ import annotations

@@ -85,6 +85,13 @@ def _generate(tiny, out, *extra, model="moga"):
                  "--steps", "2", "--seed", "1", "--out", str(out), "--device", "cpu", "--quiet", *extra])
 
 
+def test_generate_fp8_matmul_off_on_the_cpu_says_why(tiny, tmp_path, capsys):
+    assert _generate(tiny, tmp_path / "a.mp4", "--fp8-matmul") == 0
+    err = capsys.readouterr().err
+    assert "fp8 matmuls off" in err and "8.9" in err
+    assert (tmp_path / "a.mp4").stat().st_size > 0
+
+
 # ---- parsing and laziness ----------------------------------------------------------------------
 def test_help_imports_no_torch():
     code = ("import sys; from moga.cli import build_parser; build_parser(); "
