@@ -293,7 +293,7 @@ def peer_fns(device):
         print("# sol_attn skipped: comfy_kitchen.sol_attn_is_available() is False here", flush=True)
     if ck.int8_attention_is_available(device):
         fns["int8 dense"] = lambda q, k, v: ck.int8_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            *(t.transpose(1, 2).contiguous() for t in (q, k, v))).transpose(1, 2)
     else:
         print("# int8 attention skipped: comfy_kitchen.int8_attention_is_available() is False here", flush=True)
     return fns, getattr(ck, "__version__", "?")
