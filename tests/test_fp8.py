@@ -196,3 +196,32 @@ def test_scaled_mm_matches_the_reference_on_the_gpu():
     q, s = fp8.quantize_activation(x, "token")          # the Triton kernel on the GPU
     s_ref = fp8.activation_scales(x, "token")
     assert torch.equal(s, s_ref) and torch.equal(q.float(), fp8.quantize(x, s_ref).float())
+
+
+def test_a_file_with_per_row_scales_loads_and_switches(tmp_path):
+    """A scaled-fp8 file whose scale_weight holds one scale per output row: the loader keeps the rows
+    ([out, 1], so the bf16 path dequantises right) and enable_fp8 uses them as stored."""
+    from safetensors.torch import save_file
+    from moga.checkpoint import load_model
+    ref = tiny_model(seed=9, dim=64, ffn_dim=128, num_heads=4)
+    sd = {}
+    for k, v in ref.state_dict().items():
+        if k.startswith("blocks.") and k.endswith(".weight") and v.dim() == 2 and "router" not in k:
+            q, s = fp8.quantize_weight(v)
+            sd[k], sd[k[: -len("weight")] + "scale_weight"] = q, s
+            ref.get_parameter(k).data = fp8.dequantize(q, s)
+        else:
+            sd[k] = v.contiguous()
+    sd = {"model.diffusion_model." + k: v for k, v in sd.items()}
+    sd["scaled_fp8"] = torch.empty(0, dtype=fp8.E4M3)
+    save_file(sd, str(tmp_path / "rows.safetensors"))
+    model = load_model(tmp_path / "rows.safetensors", dtype=torch.float32, num_heads=4)
+    assert model.blocks[0].ffn[0].scale_weight.shape == (128, 1)
+    x, t, ctx = random_inputs(model.config, frames=2, height=8, width=8, seed=10)
+    with torch.no_grad():
+        want, got = ref(x, t, ctx), model(x, t, ctx)
+        assert rel(got, want) < 1e-5
+        report = fp8.enable_fp8(model, device="cpu", force=True)
+        assert report.from_file == report.layers == len(model.blocks) * len(fp8.FP8_LAYERS)
+        assert model.blocks[0].ffn[0].scale_weight.shape == (128,)
+        assert 1e-4 < rel(model(x, t, ctx), want) < 0.1     # activations now quantised too

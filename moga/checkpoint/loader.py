@@ -69,7 +69,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, num_heads: 
                 module = model.get_submodule(owner)
             except AttributeError:
                 raise CheckpointError(f"{src.path}: {key} scales a weight the model does not have") from None
-            module.register_buffer("scale_weight", src.get(key, device).float().reshape(()).clone())
+            module.register_buffer("scale_weight", _weight_scale(src, key, device, module))
     if plan.ignored:
         unknown = [k for k in plan.ignored if not k.endswith(".scale_input")]
         if unknown and not plan.extras:
@@ -94,6 +94,18 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, num_heads: 
         model.vae = parts.get("vae")
     src.close()
     return model
+
+
+def _weight_scale(src, key: str, device, module) -> torch.Tensor:
+    """A `scale_weight` as the layers use it: () per tensor (Comfy-Org's scaled fp8), [out, 1] per row."""
+    s = src.get(key, device).float()
+    rows = module.weight.shape[0] if getattr(module, "weight", None) is not None else None
+    if s.numel() == 1:
+        return s.reshape(()).clone()
+    if rows is not None and s.numel() == rows:
+        return s.reshape(rows, 1).clone()
+    raise CheckpointError(f"{src.path}: {key} has {s.numel()} values for a weight of {rows} rows: one scale "
+                          f"per tensor or one per output row is supported; re-export the file")
 
 
 def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
