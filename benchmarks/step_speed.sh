@@ -28,7 +28,7 @@ run)
   mkdir -p "$OUT"
   export PYTHONPATH="$root/.ck${PYTHONPATH:+:$PYTHONPATH}"
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv || true
-  timeout 130 python3 benchmarks/attention.py --peers --budget-s 90 --json "$OUT/attention-peers-h200.json" \
+  timeout 200 python3 benchmarks/attention.py --peers --budget-s 150 --json "$OUT/attention-peers-h200.json" \
     2>&1 | tee "$OUT/attention-peers.log" || echo "peers: exit $?"
   timeout 330 python3 benchmarks/dit.py --models 14B --blocks 3 --tokens 262080,561600 --groups 16,20 \
     --groups-per-size --capacity 1 --no-dense --variants baseline,fused,fp8 --chunks 16384,65536 \
