@@ -2,6 +2,7 @@
 (k-means of each layer's self-attention inputs during a short dense denoising pass)."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -14,6 +15,7 @@ from .errors import CheckpointError
 from .inspection import CheckpointInfo, inspect_checkpoint, plan_checkpoint
 from .layouts import canonical_key, detect_layout, router_key
 from .loader import load_model
+from .lora import check_loras
 from .moga_format import moga_metadata
 from .safetensors_io import TensorSource, write_safetensors
 
@@ -33,7 +35,7 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
                      calibration_steps: int = 3, calibration_context: torch.Tensor | None = None,
                      calibration_tokens: int = 8192, seed: int = 0, device="cpu",
                      dtype: torch.dtype | None = None, progress: Callable[[str], None] | None = None,
-                     num_heads: int | None = None) -> CheckpointInfo:
+                     num_heads: int | None = None, loras=None) -> CheckpointInfo:
     """Turn a Wan2.1 T2V checkpoint into a MoGA checkpoint at `dst` (a new file).
 
     Routers come from `routers` (a router file: safetensors with blocks.{i}.self_attn.router.weight in
@@ -46,6 +48,9 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
     are replaced. fusion defaults to "mean" for a router file (trained) and "lse" for calibration;
     dense_warmup (the fraction of early sampling steps to run dense) to 0.0 and CALIBRATED_DENSE_WARMUP;
     capacity (MoGAConfig.capacity, 0 = off) to off and CALIBRATED_CAPACITY.
+    loras: [(file, strength), ...] merged before calibrating, so the routers fit the LoRA'd model; the
+    written file keeps the base weights (give the same LoRAs when loading it) and records them in
+    `moga.calibration_loras`.
     """
     say = progress or (lambda msg: None)
     dst = Path(dst)
@@ -58,6 +63,9 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
     chosen = tuple(range(cfg.num_layers)) if layers is None else tuple(sorted(int(i) for i in layers))
     if not chosen or any(not 0 <= i < cfg.num_layers for i in chosen):
         raise ValueError(f"layers {chosen} must be indices in 0..{cfg.num_layers - 1}")
+    if loras and routers is not None:
+        raise ValueError("LoRAs only change calibration; with a router file they do nothing: drop the LoRAs "
+                         "(give them when loading the patched file) or calibrate instead of --routers")
     if routers is not None:
         weights = _router_weights(routers, cfg)
         if layers is not None:
@@ -77,7 +85,7 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
         weights = calibrate_routers(source.path if not isinstance(src, TensorSource) else src,
                                     num_groups, chosen, size=calibration_size, steps=calibration_steps,
                                     context=calibration_context, max_tokens=calibration_tokens, seed=seed,
-                                    device=device, dtype=dtype, num_heads=num_heads)
+                                    device=device, dtype=dtype, num_heads=num_heads, loras=loras)
         fusion = fusion or "lse"
         warmup = CALIBRATED_DENSE_WARMUP if dense_warmup is None else dense_warmup
         cap = CALIBRATED_CAPACITY if capacity is None else capacity
@@ -97,6 +105,9 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
     elif cfg.dim % 128 or cfg.num_heads != cfg.dim // 128:
         meta["moga.num_heads"] = str(cfg.num_heads)
     meta.update(moga_metadata(settings, sorted(weights), warmup))
+    meta.pop("moga.calibration_loras", None)
+    if loras and routers is None:
+        meta["moga.calibration_loras"] = json.dumps([[Path(f).name, s] for f, s in check_loras(loras)])
     say(f"writing {dst}")
     write_safetensors(dst, new, meta, copy_from=copy)
     source.close()
@@ -137,10 +148,11 @@ def _router_weights(routers, cfg: WanConfig) -> dict[int, torch.Tensor]:
 def calibrate_routers(path, num_groups: int, layers: Iterable[int], size=(9, 30, 52), steps: int = 3,
                       context: torch.Tensor | None = None, max_tokens: int = 8192, seed: int = 0,
                       device="cpu", dtype=None, shift: float = 5.0, num_heads: int | None = None,
-                      model: WanModel | None = None) -> dict[int, torch.Tensor]:
+                      model: WanModel | None = None, loras=None) -> dict[int, torch.Tensor]:
     """Training-free routers: {layer: unit centroids [M, dim] float32} from k-means (cosine) of each
-    layer's self-attention input tokens during a short, seeded, dense Euler pass of the model."""
-    model = model or load_model(path, device=device, dtype=dtype, num_heads=num_heads)
+    layer's self-attention input tokens during a short, seeded, dense Euler pass of the model
+    (with `loras` merged: [(file, strength), ...])."""
+    model = model or load_model(path, device=device, dtype=dtype, num_heads=num_heads, loras=loras)
     cfg = model.config
     layers = sorted(set(int(i) for i in layers))
     f, h, w = (int(s) for s in size)

@@ -19,7 +19,8 @@ def _what_else(keys: list[str]) -> str | None:
     ks = [k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k for k in keys]
     has = lambda *parts: any(any(p in k for p in parts) for k in ks)  # noqa: E731
     if has("lora_A", "lora_B", "lora_up", "lora_down", ".lora.", "lora_unet") or any(k.endswith(".diff_b") for k in ks):
-        return "a LoRA (load it on top of a model; LoRAs are not supported by this loader yet)"
+        return ("a LoRA, not a model: load the model and give the LoRA with it (load_model(model, "
+                "loras=[(file, 1.0)]), --lora FILE in the CLI, the MoGA LoRA node in ComfyUI)")
     if has("encoder.block.", "shared.weight", "SelfAttention.relative_attention_bias", "token_embd"):
         return "a text encoder (T5 / umT5): choose the diffusion model file; the text encoder is a separate input"
     if (has("decoder.") and has("encoder.")) or has("quant_conv", "post_quant_conv", "decoder.conv_in", "decoder.conv1"):

@@ -24,13 +24,22 @@ def register_extras(name: str, loader: Callable) -> None:
     EXTRA_LOADERS[name] = loader
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None, num_heads: int | None = None) -> WanModel:
+def load_model(path, device="cpu", dtype: torch.dtype | None = None, num_heads: int | None = None,
+               loras=None, lora_fp8: str = "compute") -> WanModel:
     """Load a Wan2.1 T2V checkpoint (file or diffusers/Wan folder; any key layout) as a WanModel.
 
     dtype: the dtype floating weights are stored in on `device` (None: as in the file). fp8 weights
     stay fp8 and are upcast per layer at compute time, to `dtype` if given (else bfloat16). Router
     weights keep their stored dtype. The model is in eval mode with requires_grad off.
+    loras: [(file, strength), ...] merged into the weights (moga.checkpoint.lora; `model.loras` records
+    them); lora_fp8: what an fp8 weight a LoRA changes becomes: "compute" (the compute dtype, exact) or
+    "fp8" (requantised, the file's memory).
     """
+    from .lora import FP8_MODES, check_loras, merge_loras
+
+    loras = check_loras(loras)
+    if lora_fp8 not in FP8_MODES:
+        raise ValueError(f"lora_fp8 must be one of {FP8_MODES}, got {lora_fp8!r}")
     if dtype is not None and dtype in FP8_DTYPES:
         raise ValueError("dtype must be a compute dtype (bfloat16, float16, float32); fp8 files keep "
                          "their fp8 weights by themselves")
@@ -81,6 +90,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, num_heads: 
     if dtype is not None:
         model.compute_dtype = dtype
     model.eval().requires_grad_(False)
+    model.loras = merge_loras(model, loras, fp8=lora_fp8) if loras else []
     model.source_path = str(src.path)
     if plan.extras:
         loader = EXTRA_LOADERS.get(plan.extras)
