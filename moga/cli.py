@@ -33,6 +33,21 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+LORA_HELP = ("a LoRA merged into the DiT at load, FILE or FILE:STRENGTH (default 1.0); repeat for several "
+             "(docs/loras.md)")
+
+
+def add_lora_argument(p) -> None:
+    """--lora FILE[:STRENGTH], repeatable (generate, patch, inspect)."""
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help=LORA_HELP)
+
+
+def lora_list(specs) -> list:
+    """The --lora values as [(file, strength)], checked (files exist, strengths are numbers)."""
+    from .checkpoint import lora_specs
+    return lora_specs(specs)
+
+
 def _add_generate(sub):
     p = sub.add_parser("generate", help="render a multi-shot video from a shot list",
                        description="Denoise every shot of a story as one sequence and write an mp4.")
@@ -74,6 +89,7 @@ def _add_generate(sub):
     p.add_argument("--fp8-matmul", action="store_true",
                    help="the blocks' linear layers on fp8 tensor cores (fp8 files as stored, others quantised at "
                         "load); needs compute capability >= 8.9, else says why it is off and runs as before")
+    add_lora_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -106,6 +122,7 @@ def _add_patch(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=_DTYPES, default="auto")
+    add_lora_argument(p)
     p.set_defaults(func=cmd_patch)
 
 
@@ -351,6 +368,7 @@ def cmd_generate(args) -> int:
     from .wan_io import decode_shots
 
     info = ckpt.inspect_checkpoint(args.model)
+    loras = lora_list(args.lora)
     moga = moga_settings(args, info)
     dense_layers = ckpt.parse_layers(args.dense_layers) if args.dense_layers else ()
     if any(i >= info.config["num_layers"] for i in dense_layers):
@@ -388,7 +406,7 @@ def cmd_generate(args) -> int:
         if exchange is not None:
             say(f"sequence parallel: {world} ranks ({exchange.backend}), this one on {device}")
         t_load = time.perf_counter()
-        model = ckpt.load_model(args.model, device=device, dtype=dtype)
+        model = ckpt.load_model(args.model, device=device, dtype=dtype, loras=loras)
         if getattr(args, "fp8_matmul", False):
             from .fp8 import enable_fp8
             report = enable_fp8(model, device)
@@ -506,7 +524,7 @@ def cmd_patch(args) -> int:
                             dense_warmup=args.dense_warmup, capacity=args.capacity, calibration_size=size,
                             calibration_steps=args.calibration_steps, seed=args.seed, device=device,
                             dtype=None if args.dtype == "auto" else dtype,
-                            progress=lambda msg: print(msg, file=sys.stderr))
+                            progress=lambda msg: print(msg, file=sys.stderr), loras=lora_list(args.lora) or None)
     print(str(info))
     return 0
 

@@ -404,6 +404,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a LoRA merged into the DiT at load (default strength 1.0); repeat for several")
     p.add_argument("--json", help="also write the report as JSON here")
 
 
@@ -441,7 +443,8 @@ def main(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load_model(args.checkpoint, device=device, dtype=dtype)
+    from .checkpoint import lora_specs
+    model = load_model(args.checkpoint, device=device, dtype=dtype, loras=lora_specs(getattr(args, "lora", None)))
     if not model.config.moga_layers:
         raise ValueError(f"{args.checkpoint} has no routers: make a MoGA checkpoint first "
                          f"(`moga patch {args.checkpoint} out.safetensors --groups 5`)")

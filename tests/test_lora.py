@@ -286,3 +286,87 @@ def test_a_bad_second_file_changes_nothing(base, tmp_path):
     with pytest.raises(CheckpointError, match="match no weight"):
         merge_loras(model, [(good, 1.0), (bad, 1.0)])
     assert all(torch.equal(before[k], v) for k, v in _params(model).items())
+
+
+# ---- the command line: --lora FILE[:STRENGTH] in generate, patch and inspect ------------------------------
+
+EXTRAS = "test-lora-own-encoders"
+
+
+class _Text:
+    def encode(self, prompts):
+        g = torch.Generator().manual_seed(len(prompts))
+        return [torch.randn(1, 4, TEXT, generator=g) for _ in prompts]
+
+
+class _VAE:
+    def decode(self, latent):
+        b, c, f, h, w = latent.shape
+        frames = latent[:, :3].repeat_interleave(8, 3).repeat_interleave(8, 4)
+        return torch.tanh(torch.cat([frames[:, :, :1], frames[:, :, 1:].repeat_interleave(4, 2)], 2))
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """A MoGA tiny model with its own encoders, a LoRA, and the same model with the LoRA merged by hand."""
+    from moga.checkpoint import register_extras, save_checkpoint
+    register_extras(EXTRAS, lambda source, meta, device, dtype: {"text_encoder": _Text(), "vae": _VAE()})
+    d = tmp_path_factory.mktemp("lora-cli")
+    base = write_tiny_checkpoint(d / "base.safetensors", num_groups=3, seed=4, num_layers=LAYERS,
+                                 metadata={"moga.extras": EXTRAS})
+    lora, _ = write_lora(d / "style.safetensors", "kohya", alpha=8.0, seed=3)
+    merged = save_checkpoint(load_model(base, loras=[(lora, 0.8)]), d / "merged.safetensors",
+                             {"moga.extras": EXTRAS})
+    (d / "shots.txt").write_text("[5] a red circle\n[1] it moves\n")
+    return dict(dir=d, base=base, lora=lora, merged=merged)
+
+
+def _latent(files, model, *extra):
+    from safetensors.torch import load_file
+
+    from moga.cli import main
+    out = files["dir"] / f"{model}-{len(extra)}.mp4"
+    rc = main(["generate", "--model", str(files[model]), "--shots", str(files["dir"] / "shots.txt"), "--size",
+               "32x32", "--steps", "2", "--seed", "1", "--out", str(out), "--device", "cpu", "--quiet",
+               "--save-latent", str(out.with_suffix(".safetensors")), *extra])
+    assert rc == 0
+    return load_file(str(out.with_suffix(".safetensors")))["latent"]
+
+
+def test_generate_with_lora_equals_the_merged_file(cli_files):
+    with_lora = _latent(cli_files, "base", "--lora", f"{cli_files['lora']}:0.8")
+    assert torch.equal(with_lora, _latent(cli_files, "merged"))
+    assert not torch.allclose(with_lora, _latent(cli_files, "base"), atol=1e-4)
+
+
+def test_generate_refuses_a_bad_strength_before_loading(cli_files, capsys):
+    from moga.cli import EXIT_USAGE, main
+    rc = main(["generate", "--model", str(cli_files["base"]), "--prompt", "x", "--size", "32x32", "--steps", "1",
+               "--device", "cpu", "--quiet", "--out", str(cli_files["dir"] / "x.mp4"),
+               "--lora", f"{cli_files['lora']}:strong"])
+    assert rc == EXIT_USAGE and "strength 'strong' is not a number" in capsys.readouterr().err
+
+
+def test_patch_and_inspect_take_loras(cli_files, tmp_path, capsys):
+    import json
+
+    from moga.checkpoint import read_header
+    from moga.cli import main
+    plain = write_tiny_checkpoint(tmp_path / "plain.safetensors", seed=4, num_layers=LAYERS)
+    args = ["--groups", "3", "--calibration-size", "2,8,8", "--calibration-steps", "2"]
+    assert main(["patch", str(plain), str(tmp_path / "a.safetensors"), *args,
+                 "--lora", f"{cli_files['lora']}:0.8"]) == 0
+    assert main(["patch", str(plain), str(tmp_path / "b.safetensors"), *args]) == 0
+    a, b = load_model(tmp_path / "a.safetensors"), load_model(tmp_path / "b.safetensors")
+    assert not torch.equal(a.blocks[0].self_attn.router.weight, b.blocks[0].self_attn.router.weight)
+    assert json.loads(read_header(tmp_path / "a.safetensors")[1]["moga.calibration_loras"]) == [["style.safetensors", 0.8]]
+
+    reports = []
+    for model, extra in (("base", ["--lora", f"{cli_files['lora']}:0.8"]), ("merged", []), ("base", [])):
+        out = tmp_path / f"r{len(reports)}.json"
+        assert main(["inspect", str(cli_files[model]), "--prompt", "one", "--seconds", "0.3", "--width", "32",
+                     "--height", "32", "--steps", "2", "--queries", "8", "--device", "cpu", "--json", str(out),
+                     *extra]) == 0
+        reports.append(json.loads(out.read_text())["layers"])
+    capsys.readouterr()
+    assert reports[0] == reports[1] and reports[0] != reports[2]

@@ -26,7 +26,7 @@ from .inspection import CheckpointInfo, Plan, inspect_checkpoint, plan_checkpoin
 from .layouts import (EXTRA_PREFIXES, LAYOUTS, PREFIX_COMFYUI, canonical_key, detect_layout, diffusers_to_wan,
                       router_key, to_layout, wan_to_diffusers)
 from .loader import EXTRA_LOADERS, load_model, register_extras
-from .lora import check_loras, merge_loras, parse_lora_spec, read_lora
+from .lora import check_loras, lora_specs, merge_loras, parse_lora_spec, read_lora
 from .moga_format import FORMAT_VERSION, format_layers, moga_metadata, parse_layers, save_checkpoint
 from .safetensors_io import Entry, TensorSource, read_header, write_safetensors
 
@@ -36,4 +36,4 @@ __all__ = ["load_model", "inspect_checkpoint", "save_checkpoint", "patch_checkpo
            "write_safetensors", "read_header", "plan_checkpoint", "FORMAT_VERSION", "CALIBRATED_DENSE_WARMUP",
            "CALIBRATED_CAPACITY", "parse_layers", "format_layers", "router_key", "wan_to_diffusers",
            "diffusers_to_wan", "Plan", "Entry", "PREFIX_COMFYUI", "LAYOUTS", "EXTRA_PREFIXES", "check_loras",
-           "merge_loras", "parse_lora_spec", "read_lora"]
+           "merge_loras", "parse_lora_spec", "read_lora", "lora_specs"]

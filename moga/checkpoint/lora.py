@@ -88,6 +88,11 @@ def parse_lora_spec(text: str) -> tuple[str, float]:
     return path, strength
 
 
+def lora_specs(specs) -> list[tuple[str, float]]:
+    """Command-line values ['FILE[:STRENGTH]', ...] -> checked [(file, strength), ...]."""
+    return check_loras([parse_lora_spec(s) for s in specs or []])
+
+
 def check_loras(loras) -> list[tuple[str, float]]:
     """[(file, strength), ...] (a bare file: strength 1.0), validated: files exist, strengths are numbers."""
     if loras is None:
@@ -304,4 +309,4 @@ def _merge_one(model, target: str, delta: torch.Tensor, fp8: str) -> None:
     module._parameters[leaf] = torch.nn.Parameter(new, requires_grad=False)
 
 
-__all__ = ["LoraTerm", "check_loras", "merge_loras", "parse_lora_spec", "read_lora", "FP8_MODES"]
+__all__ = ["LoraTerm", "check_loras", "lora_specs", "merge_loras", "parse_lora_spec", "read_lora", "FP8_MODES"]
