@@ -370,3 +370,31 @@ def test_patch_and_inspect_take_loras(cli_files, tmp_path, capsys):
         reports.append(json.loads(out.read_text())["layers"])
     capsys.readouterr()
     assert reports[0] == reports[1] and reports[0] != reports[2]
+
+
+# ---- sequence parallel: every worker merges the same LoRAs -------------------------------------------------
+
+def test_two_gloo_workers_with_a_lora_match_one_process(tmp_path):
+    from moga.parallel import WorkerPool
+    from moga.sampling import sample
+    base = write_tiny_checkpoint(tmp_path / "moga.safetensors", num_groups=3, seed=5, num_layers=LAYERS)
+    lora, _ = write_lora(tmp_path / "k.safetensors", "kohya", alpha=8.0, seed=3)
+    diff, _ = write_diff_lora(tmp_path / "d.safetensors")
+    loras = [(str(lora), 0.8), (str(diff), 0.5)]
+    model = load_model(base, loras=loras)
+    g = torch.Generator().manual_seed(3)
+    job = dict(positive=[torch.randn(1, 6, TEXT, generator=g) for _ in range(2)],
+               negative=torch.randn(1, 4, TEXT, generator=g), shot_frames=(2, 3), latent_size=(5, 8, 10),
+               steps=3, cfg=3.0, shift=5.0, solver="unipc", seed=9)
+    ref, plain = sample(model, **job), sample(load_model(base), **job)
+    pool = WorkerPool(["cpu", "cpu"], base, {"threads": 1, "loras": loras}, start_timeout=60, stall_timeout=30)
+    try:
+        got = pool.run(job, timeout=60)
+    finally:
+        pool.close()
+    rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
+    assert rel(got, ref) < 1e-5, rel(got, ref)
+    assert rel(plain, ref) > 1e-3, "the LoRA must change the latent"
+    assert not pool.matches(["cpu", "cpu"], base, {"threads": 1}), "other LoRAs: another pool"
+    with pytest.raises(CheckpointError, match="not a number"):
+        WorkerPool(["cpu", "cpu"], base, {"loras": [(str(lora), "x")]})

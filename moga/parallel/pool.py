@@ -39,7 +39,9 @@ import torch
 
 from .group import NVLS_OFF, HostStore, WorkerError
 
-SETTINGS = {"dtype": None, "threads": None}  # what a worker's model load takes (see _load_model)
+# what a worker's model load takes (see _load_model); loras: ((file, strength), ...) merged at load, so
+# every rank holds the same merged weights as a one-process run with the same LoRAs
+SETTINGS = {"dtype": None, "threads": None, "loras": ()}
 _NOT_JOB_KEYS = {"model", "callback", "cancel", "device", "dtype", "parallel", "return_result"}
 _POLL = 0.25  # seconds between liveness checks while waiting
 
@@ -78,6 +80,11 @@ def _canonical_settings(settings) -> dict:
         raise ValueError(f"unknown worker settings {sorted(unknown)}: known are {sorted(SETTINGS)} "
                          f"(per-run options such as MoGA settings belong in the job)")
     out = dict(SETTINGS, **settings)
+    if out["loras"]:
+        from moga.checkpoint import check_loras  # files exist, strengths are numbers: refused in the host
+        out["loras"] = tuple((str(Path(f).resolve()), s) for f, s in check_loras(out["loras"]))
+    else:
+        out["loras"] = ()
     if out["dtype"] is not None:
         out["dtype"] = str(out["dtype"]).removeprefix("torch.")
         if not isinstance(getattr(torch, out["dtype"], None), torch.dtype):
@@ -136,7 +143,7 @@ def _load_model(checkpoint: str, device: str, settings: dict, extras_from: str |
     if extras_from:
         importlib.import_module(extras_from)  # registers the loader of the model's own encoders
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
-    model = load_model(checkpoint, device=device, dtype=dtype)
+    model = load_model(checkpoint, device=device, dtype=dtype, loras=[tuple(x) for x in settings.get("loras") or ()])
     return model.eval().requires_grad_(False)
 
 
@@ -187,7 +194,8 @@ class WorkerPool:
 
     devices: two or more device strings ("cuda:0", "cuda:1"; "cpu" repeated for CPU/gloo tests).
     checkpoint: a safetensors path every worker loads itself (memory-mapped).
-    settings: model-load options {"dtype": "bfloat16" | None, "threads": CPU threads per worker}.
+    settings: model-load options {"dtype": "bfloat16" | None, "threads": CPU threads per worker,
+        "loras": [(file, strength), ...] merged into every worker's weights}.
     start_timeout: seconds for all workers to start and load the model.
     stall_timeout: seconds without any event from the workers during a job (a step, or the first
         step with its warm-up, must finish within it).
@@ -439,7 +447,8 @@ class WorkerPool:
 
 def pool_key(devices, path: Path, settings: dict) -> tuple:
     st = path.stat()
-    return (tuple(devices), str(path), st.st_size, st.st_mtime_ns, tuple(sorted(settings.items())))
+    loras = tuple(os.stat(f).st_mtime_ns for f, _ in settings.get("loras") or ())  # an edited LoRA: new pool
+    return (tuple(devices), str(path), st.st_size, st.st_mtime_ns, tuple(sorted(settings.items())), loras)
 
 
 # ---- one pool per process (what ComfyUI nodes use) ---------------------------------------------
