@@ -14,6 +14,7 @@ CATEGORY = "MoGA"
 # The pack's own socket types. io.Custom makes a new class per call: define each once, here.
 MogaModel = io.Custom("MOGA_MODEL")
 MogaShots = io.Custom("MOGA_SHOTS")
+MogaLoras = io.Custom("MOGA_LORAS")  # a tuple of (file path, strength): MoGA LoRA -> MoGA Model Loader
 
 # Keys this pack adds to ComfyUI's LATENT dict (beside the standard "samples").
 LATENT_SHOT_FRAMES = "moga_shot_frames"  # latent frames of each shot, in order
@@ -41,6 +42,7 @@ class MoGAModelHandle:
     dense_warmup: float = 0.0       # fraction of the steps that run dense attention first
     dense_layers: tuple = ()        # layer indices that run dense attention on every step
     settings: dict = field(default_factory=dict)  # what Attention Settings changed, for messages and the pool
+    loras: tuple = ()               # (file, strength) merged into the weights at load (the pool's workers too)
 
     def with_settings(self, **changes) -> "MoGAModelHandle":
         return replace(self, **changes)

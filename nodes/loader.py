@@ -8,7 +8,7 @@ from collections import OrderedDict
 import folder_paths
 from comfy_api.latest import io
 
-from .common import CATEGORY, MoGAModelHandle, MogaModel, input_error
+from .common import CATEGORY, MoGAModelHandle, MogaLoras, MogaModel, input_error
 
 NODE = "MoGA Model Loader"
 MOGA_FOLDER = "moga"
@@ -82,12 +82,13 @@ class _ModelCache:
         self.loads = 0  # how many times a file was actually read (tests check the cache with it)
 
     @staticmethod
-    def key(path: str, dtype) -> tuple:
+    def key(path: str, dtype, loras=()) -> tuple:
         st = os.stat(path)
-        return (os.path.realpath(path), st.st_size, st.st_mtime_ns, str(dtype))
+        lora_key = tuple((os.path.realpath(f), s, os.stat(f).st_mtime_ns) for f, s in loras)
+        return (os.path.realpath(path), st.st_size, st.st_mtime_ns, str(dtype), lora_key)
 
-    def get(self, path: str, dtype, load):
-        key = self.key(path, dtype)
+    def get(self, path: str, dtype, load, loras=()):
+        key = self.key(path, dtype, loras)
         with self.lock:
             if key in self.models:
                 self.models.move_to_end(key)
@@ -95,7 +96,7 @@ class _ModelCache:
             # drop the oldest before loading, so two big models are not held at once for nothing
             while len(self.models) >= self.size:
                 self.models.popitem(last=False)
-            model = load(path, dtype)
+            model = load(path, dtype, loras)
             self.loads += 1
             self.models[key] = model
             return model
@@ -108,13 +109,13 @@ class _ModelCache:
 CACHE = _ModelCache(CACHE_SIZE)
 
 
-def _load(path, dtype):
+def _load(path, dtype, loras=()):
     from moga.checkpoint import load_model
     try:  # registers the loader of the demo model's own text encoder and decoder
         import moga.demo  # noqa: F401
     except ImportError:
         pass
-    model = load_model(path, device="cpu", dtype=dtype)
+    model = load_model(path, device="cpu", dtype=dtype, loras=list(loras))
     model.eval().requires_grad_(False)
     return model
 
@@ -139,35 +140,44 @@ class MoGAModelLoader(io.ComfyNode):
                 io.Combo.Input("attention_backend", options=list(ATTENTION_BACKENDS), default="auto",
                                tooltip="auto: the fastest variable-length attention kernel this machine has "
                                        "(flash-attn 4 > flash-attn 2 > torch varlen > SDPA per group)."),
+                MogaLoras.Input("loras", optional=True,
+                                tooltip="LoRAs from MoGA LoRA nodes, merged into the weights as the file loads "
+                                        "(the multi-GPU workers load the same)."),
             ],
             outputs=[MogaModel.Output(display_name="model")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, ckpt_name, weight_dtype, attention_backend):
+    def fingerprint_inputs(cls, ckpt_name, weight_dtype, attention_backend, loras=None):
         try:
             path = resolve(ckpt_name)
-            return (path, os.path.getmtime(path), weight_dtype, attention_backend)
+            return (path, os.path.getmtime(path), weight_dtype, attention_backend,
+                    tuple((f, s, os.path.getmtime(f)) for f, s in loras or ()))
         except (ValueError, OSError):
             return float("nan")  # never equal: the error shows again on the next run
 
     @classmethod
-    def execute(cls, ckpt_name, weight_dtype="default", attention_backend="auto") -> io.NodeOutput:
+    def execute(cls, ckpt_name, weight_dtype="default", attention_backend="auto", loras=None) -> io.NodeOutput:
         path = resolve(ckpt_name)
         dtype = torch_dtype(weight_dtype)
         if attention_backend not in ATTENTION_BACKENDS:
             raise input_error(NODE, "attention_backend", f"unknown backend {attention_backend!r}",
                               f"pick one of {', '.join(ATTENTION_BACKENDS)}")
+        loras = tuple((str(f), float(s)) for f, s in loras or ())
         try:
-            model = CACHE.get(path, dtype, _load)
-        except ValueError as e:
+            model = CACHE.get(path, dtype, _load, loras)
+        except (ValueError, OSError) as e:
+            if loras and "LoRA" in str(e):
+                raise input_error(NODE, "loras", f"a LoRA could not be merged into {ckpt_name!r}: {e}",
+                                  "pick a LoRA made for this model, or remove the MoGA LoRA node") from e
             raise input_error(NODE, "ckpt_name", f"{ckpt_name!r} could not be loaded: {e}",
                               "pick a Wan2.1-architecture text-to-video checkpoint") from e
         moga = model.moga_config.replace(backend=attention_backend)
         # None lets the sampler compute in the checkpoint's dtype (fp8 files: bf16)
         compute = dtype if dtype is not None else getattr(model, "compute_dtype", None)
         return io.NodeOutput(MoGAModelHandle(model=model, name=ckpt_name, path=path, dtype=compute, moga=moga,
-                                             dense_warmup=float(getattr(model, "dense_warmup", 0.0) or 0.0)))
+                                             dense_warmup=float(getattr(model, "dense_warmup", 0.0) or 0.0),
+                                             loras=loras))
 
 
 register_folders()

@@ -189,7 +189,7 @@ class MoGASampler(io.ComfyNode):
 
         # one persistent pool per process: workers keep the model loaded while devices and file stay the same
         dtype = None if model.dtype is None else str(model.dtype).removeprefix("torch.")
-        pool = get_pool(_pool_devices(devices), model.path, {"dtype": dtype})
+        pool = get_pool(_pool_devices(devices), model.path, {"dtype": dtype, "loras": list(model.loras)})
         job = dict(common, positive=[p.cpu() for p in shots.positive],
                    negative=None if shots.negative is None else shots.negative.cpu())
         try:

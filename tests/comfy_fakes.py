@@ -156,6 +156,7 @@ def _make_folder_paths(base_dir):
     fp.folder_names_and_paths = {
         "diffusion_models": ([os.path.join(fp.models_dir, "unet"), os.path.join(fp.models_dir, "diffusion_models")],
                              {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft"}),
+        "loras": ([os.path.join(fp.models_dir, "loras")], {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft"}),
     }
 
     def add_model_folder_path(name, path, is_default=False):

@@ -26,15 +26,32 @@ def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy")
     with comfy_fakes.installed(str(base), str(ROOT)) as env:
         models = Path(env.folder_paths.models_dir)
-        for sub in ("diffusion_models", "moga"):
+        for sub in ("diffusion_models", "moga", "loras"):
             (models / sub).mkdir(parents=True, exist_ok=True)
         write_tiny_checkpoint(models / "diffusion_models" / "tiny_moga.safetensors", layout="comfyui",
                               num_groups=4, text_dim=TEXT_DIM)
         write_tiny_checkpoint(models / "moga" / "tiny_wan.safetensors", layout="wan", num_groups=0,
                               text_dim=TEXT_DIM, seed=1)
         (models / "diffusion_models" / "old.ckpt").write_bytes(b"not loaded")
+        _write_loras(models / "loras")
         env.nodes.loader.CACHE.clear()
         yield env
+
+
+def _write_loras(folder):
+    """A kohya LoRA for the tiny models (width 64), one for a 5120-wide model, and a pickle."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(8)
+    save_file({"lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.randn(64, 4, generator=g),
+               "lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.randn(4, 64, generator=g),
+               "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor(2.0),
+               "diffusion_model.blocks.1.ffn.2.lora_B.weight": torch.randn(64, 2, generator=g),
+               "diffusion_model.blocks.1.ffn.2.lora_A.weight": torch.randn(2, 128, generator=g)},
+              str(folder / "style.safetensors"))
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.randn(5120, 2, generator=g),
+               "diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.randn(2, 5120, generator=g)},
+              str(folder / "wan14b.safetensors"))
+    (folder / "old.pt").write_bytes(b"not loaded")
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +85,8 @@ def test_entrypoint_lists_the_five_nodes(env):
     ext = asyncio.run(env.nodes.comfy_entrypoint())
     assert isinstance(ext, env.ComfyExtension)
     ids = [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())]
-    assert ids == ["MoGAModelLoader", "MoGAAttentionSettings", "MoGAShotPrompts", "MoGASampler", "MoGADecode"]
+    assert ids == ["MoGAModelLoader", "MoGALora", "MoGAAttentionSettings", "MoGAShotPrompts", "MoGASampler",
+                   "MoGADecode"]
 
 
 def test_every_widget_input_has_a_tooltip_and_options_match_the_library(env):
@@ -375,3 +393,55 @@ def test_sampler_with_two_devices_drives_the_worker_pool(env, monkeypatch):
     assert pooled["moga_shot_frames"] == [2, 3, 2]
     assert torch.allclose(pooled["samples"], single, atol=1e-5), (pooled["samples"] - single).abs().max()
     assert [u[:2] for u in env.utils.updates] == [(1, 2), (2, 2)]
+
+
+# ---- LoRAs: MoGA LoRA -> MoGA Model Loader ---------------------------------------------------------------------
+def test_lora_nodes_chain_and_the_loader_merges_them(env):
+    names = env.io.object_info(env.nodes.MoGALora)["input"]["required"]["lora_name"][1]["options"]
+    assert names == ["style.safetensors", "wan14b.safetensors"], "pickles are not listed"
+    folder = Path(env.folder_paths.models_dir) / "loras"
+    first = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=0.5)[0]
+    chain = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=0.25, loras=first)[0]
+    assert chain == ((str(folder / "style.safetensors"), 0.5), (str(folder / "style.safetensors"), 0.25))
+    handle = run(env.nodes.MoGAModelLoader, ckpt_name="tiny_moga.safetensors", weight_dtype="default",
+                 attention_backend="auto", loras=chain)[0]
+    ref = load_model(handle.path, loras=list(chain))
+    assert handle.loras == chain and handle.model.loras == list(chain)
+    for (k, p), q in zip(handle.model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(p, q), k
+    plain = load(env)
+    assert plain.model is not handle.model and plain.loras == ()
+    assert not torch.equal(plain.model.blocks[0].self_attn.q.weight, handle.model.blocks[0].self_attn.q.weight)
+
+
+def test_lora_node_and_loader_errors_name_the_input(env):
+    with pytest.raises(ValueError, match="MoGA LoRA: input 'lora_name'.*not a .safetensors"):
+        run(env.nodes.MoGALora, lora_name="old.pt", strength=1.0)
+    with pytest.raises(ValueError, match="input 'lora_name'.*not in models/loras"):
+        run(env.nodes.MoGALora, lora_name="nope.safetensors", strength=1.0)
+    with pytest.raises(ValueError, match="input 'strength'.*not a number"):
+        run(env.nodes.MoGALora, lora_name="style.safetensors", strength=float("nan"))
+    wide = run(env.nodes.MoGALora, lora_name="wan14b.safetensors", strength=1.0)[0]
+    with pytest.raises(ValueError, match="MoGA Model Loader: input 'loras'.*Wan 14B"):
+        run(env.nodes.MoGAModelLoader, ckpt_name="tiny_moga.safetensors", weight_dtype="default",
+            attention_backend="auto", loras=wide)
+
+
+@pytest.mark.slow
+def test_pooled_sampler_uses_the_same_loras(env, monkeypatch):
+    """The workers merge the handle's LoRAs: 2 gloo ranks give the in-process result of the LoRA'd model."""
+    from moga.parallel.pool import release_pool
+    chain = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=0.8)[0]
+    model = run(env.nodes.MoGAModelLoader, ckpt_name="tiny_moga.safetensors", weight_dtype="default",
+                attention_backend="auto", loras=chain)[0]
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    single = run(env.nodes.MoGASampler, model=model, shots=sh, **SAMPLER)[0]["samples"]
+    base = run(env.nodes.MoGASampler, model=load(env), shots=sh, **SAMPLER)[0]["samples"]
+    monkeypatch.setattr(env.nodes.sampler, "_visible_gpus", lambda: 2)
+    monkeypatch.setattr(env.nodes.sampler, "_pool_devices", lambda ids: ["cpu"] * len(ids))
+    try:
+        pooled = run(env.nodes.MoGASampler, model=model, shots=sh, **dict(SAMPLER, gpus="2"))[0]["samples"]
+    finally:
+        release_pool()
+    assert torch.allclose(pooled, single, atol=1e-5), (pooled - single).abs().max()
+    assert not torch.allclose(base, single, atol=1e-3)
