@@ -316,6 +316,9 @@ def test_lora_merge_equals_running_with_lora(world, tmp_path):
     assert not torch.allclose(_output(base, sample), with_lora, atol=1e-4)
     load_lora(base, tmp_path / "lora.safetensors", merge=True)
     torch.testing.assert_close(_output(base, sample), with_lora, atol=2e-5, rtol=1e-5)
+    # the checkpoint loader reads the trainer's LoRA file as any published one (moga.checkpoint.lora)
+    at_load = load_model(separate_path, loras=[(tmp_path / "lora.safetensors", 1.0)])
+    torch.testing.assert_close(_output(at_load, sample), with_lora, atol=2e-5, rtol=1e-5)
 
 
 def test_resume_after_a_stop_matches_an_uninterrupted_run(world, tmp_path):
