@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 import workflow_check as wc  # noqa: E402
 
-PACK_NODES = ["MoGAModelLoader", "MoGAAttentionSettings", "MoGAShotPrompts", "MoGASampler", "MoGADecode"]
+PACK_NODES = ["MoGAModelLoader", "MoGALora", "MoGAAttentionSettings", "MoGAShotPrompts", "MoGASampler", "MoGADecode"]
 
 
 def _without_files(entry):
