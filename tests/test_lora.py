@@ -398,3 +398,20 @@ def test_two_gloo_workers_with_a_lora_match_one_process(tmp_path):
     assert not pool.matches(["cpu", "cpu"], base, {"threads": 1}), "other LoRAs: another pool"
     with pytest.raises(CheckpointError, match="not a number"):
         WorkerPool(["cpu", "cpu"], base, {"loras": [(str(lora), "x")]})
+
+
+def test_per_row_scaled_fp8_base(tmp_path):
+    """scale_weight of shape [out, 1] (one scale per output row) is dequantised row by row before the merge."""
+    from safetensors.torch import load_file
+    scaled = write_tiny_checkpoint(tmp_path / "fp8.safetensors", fp8="scaled", seed=4, num_layers=LAYERS)
+    sd = load_file(str(scaled))
+    key = "blocks.0.self_attn.q"
+    real = sd[f"{key}.weight"].float() * sd[f"{key}.scale_weight"]
+    rows = (real.abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=1e-12)
+    sd[f"{key}.weight"], sd[f"{key}.scale_weight"] = (real / rows).to(torch.float8_e4m3fn), rows
+    save_file(sd, str(tmp_path / "rows.safetensors"), metadata={"moga.num_heads": "4"})
+    lora, want = write_lora(tmp_path / "k.safetensors", "kohya", alpha=4.0, seed=3)
+    ref = sd[f"{key}.weight"].double() * rows.double() + 0.5 * want[f"{key}.weight"]
+    merged = load_model(tmp_path / "rows.safetensors", loras=[(lora, 0.5)]).blocks[0].self_attn.q
+    assert merged.weight.dtype == torch.bfloat16 and "scale_weight" not in merged._buffers
+    assert torch.equal(merged.weight, ref.float().to(torch.bfloat16))
