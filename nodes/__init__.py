@@ -1,14 +1,16 @@
-"""The MoGA node pack: six thin nodes over the moga library, registered with ComfyUI's extension API."""
+"""The MoGA node pack: eight thin nodes over the moga library, registered with ComfyUI's extension API."""
 from comfy_api.latest import ComfyExtension, io
 
 from .decode import MoGADecode
 from .loader import MoGAModelLoader
 from .lora import MoGALora
+from .patch import MoGAPatchModel, MoGARouterLoader
 from .sampler import MoGASampler
 from .settings import MoGAAttentionSettings
 from .shots import MoGAShotPrompts
 
-NODES = [MoGAModelLoader, MoGALora, MoGAAttentionSettings, MoGAShotPrompts, MoGASampler, MoGADecode]
+NODES = [MoGAModelLoader, MoGALora, MoGAAttentionSettings, MoGAShotPrompts, MoGASampler, MoGADecode, MoGARouterLoader,
+         MoGAPatchModel]
 
 
 class MoGAExtension(ComfyExtension):

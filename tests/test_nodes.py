@@ -81,12 +81,12 @@ SAMPLER = dict(width=32, height=32, steps=2, cfg=3.0, shift=5.0, solver="euler",
 
 
 # ---- registration and schemas ---------------------------------------------------------------------------------
-def test_entrypoint_lists_the_five_nodes(env):
+def test_entrypoint_lists_the_nodes(env):
     ext = asyncio.run(env.nodes.comfy_entrypoint())
     assert isinstance(ext, env.ComfyExtension)
     ids = [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())]
-    assert ids == ["MoGAModelLoader", "MoGALora", "MoGAAttentionSettings", "MoGAShotPrompts", "MoGASampler",
-                   "MoGADecode"]
+    assert ids == ["MoGAModelLoader", "MoGALora", "MoGAAttentionSettings", "MoGAShotPrompts", "MoGASampler", "MoGADecode",
+                   "MoGARouterLoader", "MoGAPatchModel"]
 
 
 def test_every_widget_input_has_a_tooltip_and_options_match_the_library(env):

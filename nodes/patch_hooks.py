@@ -1,0 +1,130 @@
+"""How a `moga.host_patch.HostPatch` enters ComfyUI's own Wan model (protocol glue, no maths).
+
+Why these hooks (the same in ComfyUI 0.3.64 and 0.33.0):
+- `patches_replace["dit"][("double_block", i)]`: a per-clone block replacement. It still runs core's own block
+  (`extra["original_block"]`), so modulation, norms, cross-attention, FFN, and the block's q/k/v/o and qk-norm
+  modules with their casting (fp8, scaled fp8, GGUF), LoRA weight patches and offloading are all core's. Inside
+  it the self-attention's input is caught (a forward pre-hook on `block.self_attn`, removed when the block
+  returns) and an `optimized_attention_override` is put into that block's transformer_options: the first
+  attention call after the hook fired is the self-attention (core calls it with the already projected,
+  normed, RoPE'd q, k, v); MoGA answers it. Every other call (cross-attention) goes to the override that was
+  there before, or core's own attention, so another attention patch (SageAttention, a sparse attention node)
+  keeps working under it.
+- an APPLY_MODEL wrapper: it sees the sigma and the latent before the model, maps the dense warm-up share to a
+  sigma with the model's own (possibly ModelSamplingSD3-patched) `model_sampling.percent_to_sigma`, as core's
+  start_percent, and puts this call's state (layout, dense or not, the blocks) into a copy of
+  transformer_options. Core 0.3.64 has no `grid_sizes` / `block_index` in transformer_options; this works on both.
+- an ON_CLEANUP callback drops the routers' device copies when sampling ends. Nothing else outlives a call:
+  the override and the hook exist only while one block runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+STATE_KEY = "moga_patch"        # transformer_options: this call's _CallState
+SHOTS_KEY = "moga_shot_frames"  # transformer_options / model_options: latent frames per shot (one shot if absent)
+WRAPPER_KEY = "moga_patch"
+SUPPORTED = "comfy.ldm.wan.model.WanModel (Wan2.1 T2V/I2V/FLF/Fun 1.3B/14B, Wan2.2 A14B T2V/I2V experts, TI2V-5B)"
+
+
+class PatchError(ValueError):
+    pass
+
+
+@dataclass
+class _CallState:
+    patch: Any
+    layout: Any
+    dense: bool
+    blocks: Any
+
+
+def patchable_model(model_patcher):
+    """The diffusion model of `model_patcher` when MoGA can patch it, else PatchError naming the model."""
+    import comfy.ldm.wan.model as wan
+
+    dm = model_patcher.get_model_object("diffusion_model")
+    kind = type(model_patcher.model).__name__
+    if type(dm) is not wan.WanModel:
+        why = ("its blocks see extra tokens beside the video's (reference, audio, pose or motion latents), which "
+               "MoGA's groups and windows cannot place" if "wan" in type(dm).__module__ else
+               "it is not a Wan video model")
+        raise PatchError(f"MoGA Patch Model cannot patch this model ({kind}, diffusion model "
+                         f"{type(dm).__module__}.{type(dm).__name__}): {why}. It patches {SUPPORTED}; remove the node "
+                         f"for this model")
+    return dm
+
+
+def apply_patch(model_patcher, patch, shot_frames=None):
+    """A clone of `model_patcher` whose Wan blocks in `patch.layers` run MoGA self-attention."""
+    dm = patchable_model(model_patcher)
+    patch.check_model(int(dm.dim), len(dm.blocks), type(model_patcher.model).__name__)
+    m = model_patcher.clone()
+    import comfy.patcher_extension as ext
+
+    dit = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for i in sorted(patch.layers):
+        previous = dit.get(("double_block", i))
+        previous = getattr(previous, "moga_previous", previous)  # a second MoGA patch replaces the first
+        m.set_model_patch_replace(_block_replacement(i, previous), "dit", "double_block", i)
+    m.remove_wrappers_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper(patch, shot_frames))
+    m.remove_callbacks_with_key(ext.CallbacksMP.ON_CLEANUP, WRAPPER_KEY)
+    m.add_callback_with_key(ext.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, lambda patcher: patch.release())
+    return m
+
+
+def _apply_model_wrapper(patch, shot_frames):
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        base = executor.class_obj
+        dm = base.diffusion_model
+        if x.dim() != 5:
+            raise PatchError(f"MoGA Patch Model: the latent is {tuple(x.shape)}, not a video [B, C, T, H, W]")
+        warm_sigma = float(base.model_sampling.percent_to_sigma(patch.dense_warmup))
+        grid = tuple(math.ceil(s / p) for s, p in zip(x.shape[2:], dm.patch_size))
+        shots = transformer_options.get(SHOTS_KEY) or shot_frames
+        if shots and dm.patch_size[0] != 1:
+            shots = [s // dm.patch_size[0] for s in shots]
+        state = _CallState(patch, patch.layout(grid, shots), patch.dense_at(float(t.max()), warm_sigma), dm.blocks)
+        to = {**transformer_options, STATE_KEY: state}
+        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+    return wrapper
+
+
+def _block_replacement(i, previous):
+    def replace(args, extra):
+        inner = (lambda a: previous(a, extra)) if previous is not None else extra["original_block"]
+        to = args["transformer_options"]
+        state = to.get(STATE_KEY)
+        if state is None or state.dense:
+            return inner(args)
+        seen = {}
+        below = to.get("optimized_attention_override")
+
+        def capture(module, inputs):
+            seen["x"] = inputs[0]
+
+        def override(func, *a, **kw):
+            x = seen.pop("x", None)
+            if x is not None and kw.get("mask") is None and not kw.get("skip_reshape", False):
+                q, k, v = a[:3]
+                heads = kw["heads"] if "heads" in kw else a[3]
+                out = state.patch.attend(i, q, k, v, heads, x, state.layout)
+                if kw.get("skip_output_reshape", False):
+                    b, n, hd = out.shape
+                    out = out.view(b, n, heads, hd // heads).transpose(1, 2)
+                return out
+            if below is not None:
+                return below(func, *a, **kw)
+            return func(*a, **kw)
+
+        handle = state.blocks[i].self_attn.register_forward_pre_hook(capture)
+        try:
+            return inner({**args, "transformer_options": {**to, "optimized_attention_override": override}})
+        finally:
+            handle.remove()
+
+    replace.moga_previous = previous
+    return replace

@@ -1,0 +1,218 @@
+"""MoGA Patch Model on core's own Wan model: parity with core (dense settings) and with moga.model (MoGA on).
+
+Runs under a ComfyUI host's python (COMFYUI_PATH, COMFYUI_PYTHON; CI builds both): a subprocess loads a tiny
+random MoGA checkpoint with core's own loader (comfy.sd.load_diffusion_model: it drops the router tensors), reads
+the routers from the same file (moga.router_file), patches the MODEL with nodes/patch_hooks.py and compares
+  - one group, static branches off: core's own output (the patch's attention path, no MoGA maths left);
+  - dense warm-up over the whole sigma range: core's own output (the patch steps aside);
+  - MoGA on (mean / lse fusion, capacity, two shots): moga.model.WanModel from the same file, same settings;
+  - a LoRA applied by core first: core's own LoRA'd output (dense setting), and the library model with the
+    LoRA merged by hand (MoGA on);
+  - an attention override already there: still called for everything MoGA does not replace;
+  - a real KSampler run (comfy.sample.sample): equals core's with the dense setting, and the routers' device
+    copies are dropped when sampling ends;
+  - a model MoGA cannot patch: an error naming it.
+Executed as a script it prints the measurements as JSON (the last line).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+try:
+    import pytest
+except ImportError:  # the ComfyUI python that runs compare() need not have pytest
+    pytest = None
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5  # max relative error, float32
+# core's loader infers heads as dim // 128 and uses freq_dim 256, text_dim 4096: a tiny model it reads
+TINY = dict(num_layers=3, dim=256, num_heads=2, ffn_dim=256, text_dim=4096, freq_dim=256)
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def compare() -> dict:
+    import torch
+
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    sys.path.insert(0, str(ROOT))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management as mm
+    import comfy.sample
+    import comfy.sd
+
+    from moga.attention import MoGAConfig
+    from moga.checkpoint import load_model
+    from moga.host_patch import patch_from_routers
+    from moga.router_file import read_routers
+    from moga.testing import write_tiny_checkpoint
+    import importlib.util  # by file: ComfyUI has its own top-level `nodes` module
+    spec = importlib.util.spec_from_file_location("moga_patch_hooks", ROOT / "nodes" / "patch_hooks.py")
+    hooks = sys.modules["moga_patch_hooks"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    PatchError, apply_patch = hooks.PatchError, hooks.apply_patch
+
+    torch.manual_seed(0)
+    out: dict = {"errors": {}}
+    err = out["errors"]
+    tmp = Path(tempfile.mkdtemp())
+    path = write_tiny_checkpoint(tmp / "tiny_moga.safetensors", layout="comfyui", num_groups=4, seed=3, **TINY)
+    core = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+    routers = read_routers(path)
+    lib = load_model(path, dtype=torch.float32).eval()
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 4, 8, 12, generator=g)     # 4 latent frames of 4 x 6 tokens
+    ctx = torch.randn(1, 9, 4096, generator=g)
+    ctx_padded = torch.cat([ctx, ctx.new_zeros(1, 512 - 9, 4096)], dim=1)
+    sigma = torch.tensor([0.55])
+
+    def run(patcher):
+        """core's denoised output of one call, through the wrappers the sampler would merge in."""
+        mm.load_models_gpu([patcher])
+        to = dict(patcher.model_options.get("transformer_options", {}))
+        to["wrappers"] = patcher.wrappers
+        with torch.inference_mode():
+            return patcher.model.apply_model(x, sigma, c_crossattn=ctx_padded, transformer_options=to).float()
+
+    def library(cfg, shots=None, model=lib):
+        with torch.inference_mode():
+            v = model(x, sigma * 1000, ctx, shot_frames=shots, moga=cfg)
+        return x - sigma.view(1, 1, 1, 1, 1) * v  # core's CONST denoised: x - sigma * v
+
+    reference = run(core)
+    err["library dense vs core"] = _rel(library(MoGAConfig(dense=True)), reference)
+
+    one = patch_from_routers(routers, groups=1, windowed=False, per_frame=False)
+    err["1 group, static off vs core"] = _rel(run(apply_patch(core, one)), reference)
+    warm = patch_from_routers(routers, dense_warmup=1.0)
+    err["dense warm-up 1.0 vs core"] = _rel(run(apply_patch(core, warm)), reference)
+
+    cases = {
+        "mean": dict(fusion="mean", capacity=0.0),
+        "lse, capacity 1": dict(fusion="lse", capacity=1.0),
+        "3 groups merged, window 0,1,2": dict(groups=3, window="0,1,2", fusion="mean", capacity=0.0),
+        "layers 0,2, no frame branch": dict(fusion="mean", capacity=0.0, per_frame=False, layers=(0, 2)),
+    }
+    for name, kw in cases.items():
+        patch = patch_from_routers(routers, **kw)
+        cfg = patch.config
+        dense_layers = [i for i in range(TINY["num_layers"]) if i not in patch.layers]
+        with torch.inference_mode():
+            v = lib(x, sigma * 1000, ctx, moga=cfg, dense_layers=dense_layers)
+        expect = x - sigma.view(1, 1, 1, 1, 1) * v
+        got = run(apply_patch(core, patch))
+        err[f"MoGA {name} vs library"] = _rel(got, expect)
+        out.setdefault("moga vs dense", {})[name] = _rel(got, reference)  # MoGA really changes the output
+    shots = [3, 1]
+    patch = patch_from_routers(routers, fusion="mean", capacity=0.0)
+    err["MoGA two shots vs library"] = _rel(run(apply_patch(core, patch, shot_frames=shots)),
+                                            library(patch.config, shots))
+
+    # LoRA on q and v of every block, through core's own LoRA loader
+    lora = {}
+    for i in range(TINY["num_layers"]):
+        for p in ("q", "v"):
+            key = f"diffusion_model.blocks.{i}.self_attn.{p}"
+            lora[key + ".lora_up.weight"] = torch.randn(256, 4, generator=g) * 0.05
+            lora[key + ".lora_down.weight"] = torch.randn(4, 256, generator=g) * 0.05
+    lora_model, _ = comfy.sd.load_lora_for_models(core, None, lora, 0.8, 0.0)
+    lora_ref = run(lora_model)
+    out["lora changes core"] = _rel(lora_ref, reference)
+    err["LoRA, 1 group static off vs core LoRA"] = _rel(run(apply_patch(lora_model, one)), lora_ref)
+    merged = load_model(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for i in range(TINY["num_layers"]):
+            for p in ("q", "v"):
+                key = f"diffusion_model.blocks.{i}.self_attn.{p}"
+                w = getattr(merged.blocks[i].self_attn, p).weight
+                w += 0.8 * lora[key + ".lora_up.weight"] @ lora[key + ".lora_down.weight"]
+    patch = patch_from_routers(routers, fusion="mean", capacity=0.0)
+    err["LoRA, MoGA on vs library with the LoRA merged"] = _rel(run(apply_patch(lora_model, patch)),
+                                                              library(patch.config, model=merged))
+
+    # an attention override already there stays in use for what MoGA does not replace
+    calls = []
+
+    def counting(func, *a, **kw):
+        calls.append(a[1].shape[1])  # key length: 512 = cross-attention, else self-attention
+        return func(*a, **kw)
+    below = core.clone()
+    below.model_options["transformer_options"]["optimized_attention_override"] = counting
+    patch = patch_from_routers(routers, fusion="mean", capacity=0.0, layers=(1,))
+    run(apply_patch(below, patch))
+    out["override calls (key lengths)"] = calls
+    n = TINY["num_layers"]
+    out["override ok"] = sorted(calls) == sorted([512] * n + [96] * (n - 1))
+
+    # a real KSampler run: dense setting equals core; routers' device copies dropped afterwards
+    latent = torch.randn(1, 16, 4, 8, 12, generator=g)
+    noise = torch.randn(1, 16, 4, 8, 12, generator=g)
+    positive = [[ctx_padded, {}]]
+
+    def ksample(m):
+        with torch.inference_mode():
+            return comfy.sample.sample(m, noise, 3, 1.0, "euler", "simple", positive, positive, latent,
+                                       denoise=1.0, seed=0)
+    base_run = ksample(core)
+    patch = patch_from_routers(routers, groups=1, windowed=False, per_frame=False)
+    err["KSampler 3 steps, 1 group static off vs core"] = _rel(ksample(apply_patch(core, patch)), base_run)
+    patch = patch_from_routers(routers, fusion="lse", capacity=1.0, dense_warmup=0.3)
+    moga_run = ksample(apply_patch(core, patch))
+    out["KSampler MoGA finite"] = bool(torch.isfinite(moga_run).all())
+    out["KSampler MoGA vs dense"] = _rel(moga_run, base_run)
+    out["routers released after sampling"] = not patch._device_routers
+    out["original model untouched"] = "dit" not in core.model_options["transformer_options"].get("patches_replace", {})
+
+    class Other:  # a patcher whose diffusion model is not Wan's
+        model = torch.nn.Identity()
+
+        def get_model_object(self, name):
+            return torch.nn.Linear(2, 2)
+    try:
+        apply_patch(Other(), one)
+        out["unsupported error"] = None
+    except PatchError as e:
+        out["unsupported error"] = str(e)
+    out["max"] = max(err.values())
+    import comfy
+    out["torch"] = torch.__version__
+    out["comfyui"] = getattr(__import__("comfyui_version"), "__version__", "?")
+    del comfy
+    return out
+
+
+def test_patched_core_model_matches_core_and_library():
+    path, python = os.environ.get("COMFYUI_PATH"), os.environ.get("COMFYUI_PYTHON")
+    if not path or not python:
+        pytest.skip("set COMFYUI_PATH (a ComfyUI checkout) and COMFYUI_PYTHON (its python) to test MoGA Patch Model "
+                    "on core's own Wan model; CI builds them with comfy-host.sh")
+    proc = subprocess.run([python, str(Path(__file__).resolve())], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": ""}, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["max"] < TOLERANCE, report
+    # MoGA really ran (it is not dense attention under another name) and a LoRA really changed the model
+    assert min(report["moga vs dense"].values()) > 1e-3, report
+    assert report["lora changes core"] > 1e-3, report
+    assert report["KSampler MoGA finite"] and report["KSampler MoGA vs dense"] > 1e-3, report
+    assert report["override ok"], report
+    assert report["routers released after sampling"] and report["original model untouched"], report
+    assert report["unsupported error"] and "cannot patch" in report["unsupported error"], report
+
+
+if pytest is not None:
+    test_patched_core_model_matches_core_and_library = pytest.mark.integration(
+        test_patched_core_model_matches_core_and_library)
+
+if __name__ == "__main__":
+    print(json.dumps(compare()))
