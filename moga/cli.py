@@ -103,10 +103,13 @@ def _add_info(sub):
 
 
 def _add_patch(sub):
-    p = sub.add_parser("patch", help="add MoGA routers to a plain Wan2.1 checkpoint (new file)",
-                       description="Write a MoGA checkpoint: routers from a file, or calibrated (k-means).")
+    p = sub.add_parser("patch", help="add MoGA routers to a plain Wan2.1 checkpoint (new file), or write only routers",
+                       description="Write a MoGA checkpoint: routers from a file, or calibrated (k-means). With "
+                                   "--routers-out instead of DST: calibrate and write only the routers (a few MB, "
+                                   "for ComfyUI's MoGA Patch Model on the model core loads).")
     p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("dst", nargs="?", help="the new MoGA checkpoint (or give --routers-out)")
+    p.add_argument("--routers-out", help="write only the calibrated routers (+ settings and a fingerprint of SRC) here")
     p.add_argument("--groups", type=int, default=None, help="group count M (needed to calibrate)")
     p.add_argument("--window", default="0,2,2")
     p.add_argument("--routers", help="router weights (.safetensors) from training; else calibrate")
@@ -504,11 +507,15 @@ def cmd_info(args) -> int:
 
 
 def cmd_patch(args) -> int:
-    from .checkpoint import parse_layers, patch_checkpoint
+    from .checkpoint import format_layers, parse_layers, patch_checkpoint
     _check_exists(args.src, "checkpoint")
     _check_exists(args.routers, "router file")
+    if (args.dst is None) == (args.routers_out is None):
+        raise CliError("give either DST (a new MoGA checkpoint) or --routers-out FILE (only the routers), not both")
     if args.routers is None and not args.groups:
         raise CliError("calibrating routers needs --groups M (e.g. --groups 5), or pass --routers FILE")
+    if args.routers_out is not None and args.routers is not None:
+        raise CliError("--routers-out writes calibrated routers; --routers FILE already is a router file")
     try:
         size = tuple(int(v) for v in args.calibration_size.split(","))
     except ValueError:
@@ -518,6 +525,17 @@ def cmd_patch(args) -> int:
     if len(size) != 3 or min(size) < 1:
         raise CliError(f"--calibration-size {args.calibration_size!r} is not 'frames,height,width' in latent units")
     device, dtype = resolve_device_dtype(args.device, args.dtype)
+    if args.routers_out is not None:
+        from .checkpoint.router_file import calibrate_router_file
+        print(f"calibrating {args.groups} groups", file=sys.stderr)
+        rs = calibrate_router_file(args.src, args.routers_out, args.groups,
+                                   layers=parse_layers(args.layers) if args.layers else None, window=args.window,
+                                   fusion=args.fusion, dense_warmup=args.dense_warmup, capacity=args.capacity,
+                                   size=size, steps=args.calibration_steps, seed=args.seed, device=device,
+                                   dtype=None if args.dtype == "auto" else dtype)
+        print(f"{args.routers_out}: routers for layers {format_layers(rs.layers)}, {rs.num_groups} groups, fusion "
+              f"{rs.config.fusion}, dense warm-up {rs.dense_warmup}, capacity {rs.config.capacity}")
+        return 0
     info = patch_checkpoint(args.src, args.dst, args.groups, window=args.window, routers=args.routers,
                             calibrate=args.routers is None,
                             layers=parse_layers(args.layers) if args.layers else None, fusion=args.fusion,

@@ -157,7 +157,7 @@ __all__ = ["HostPatch", "HostPatchError"]
 def patch_from_routers(routers, groups: int = 0, window: str = "", windowed: bool = True, per_frame: bool = True,
                        fusion: str = "", capacity: float = -1.0, dense_warmup: float = -1.0, layers=None,
                        backend: str = "auto") -> HostPatch:
-    """A HostPatch from a `moga.router_file.RouterSet`, its metadata's settings changed where asked.
+    """A HostPatch from a `moga.checkpoint.router_file.RouterSet`, its metadata's settings changed where asked.
 
     groups 0, window "", fusion "", capacity -1, dense_warmup -1: the routers' own; windowed / per_frame switch the
     static branches; layers None: every layer with a router."""

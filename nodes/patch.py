@@ -20,7 +20,7 @@ _CACHE_SIZE = 4
 
 
 def load_router_set(path: str, name: str):
-    from moga.router_file import read_routers
+    from moga.checkpoint.router_file import read_routers
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     if key not in _CACHE:
@@ -85,7 +85,7 @@ def _weight_getter(dm):
 
 def check_fingerprint(routers, dm, model_name: str) -> str:
     """Compare the routers' base with the model's weights; logs a warning naming both when they differ."""
-    from moga.router_file import compare_fingerprint
+    from moga.checkpoint.router_file import compare_fingerprint
     try:
         verdict, why = compare_fingerprint(routers.fingerprint, _weight_getter(dm))
     except Exception as e:  # a quantisation we cannot read back (e.g. GGUF): say so, do not block
@@ -181,7 +181,7 @@ class MoGAPatchModel(io.ComfyNode):
                 routed_layers="all", fusion="routers", dense_warmup=-1.0, capacity=-1.0,
                 shot_frames="") -> io.NodeOutput:
         from moga.host_patch import HostPatchError, patch_from_routers
-        from moga.router_file import RouterSet
+        from moga.checkpoint.router_file import RouterSet
 
         from .patch_hooks import PatchError, apply_patch, patchable_model
 

@@ -2,7 +2,7 @@
 
 Runs under a ComfyUI host's python (COMFYUI_PATH, COMFYUI_PYTHON; CI builds both): a subprocess loads a tiny
 random MoGA checkpoint with core's own loader (comfy.sd.load_diffusion_model: it drops the router tensors), reads
-the routers from the same file (moga.router_file), patches the MODEL with nodes/patch_hooks.py and compares
+the routers from the same file (moga.checkpoint.router_file), patches the MODEL with nodes/patch_hooks.py and compares
   - one group, static branches off: core's own output (the patch's attention path, no MoGA maths left);
   - dense warm-up over the whole sigma range: core's own output (the patch steps aside);
   - MoGA on (mean / lse fusion, capacity, two shots): moga.model.WanModel from the same file, same settings;
@@ -53,7 +53,7 @@ def compare() -> dict:
     from moga.attention import MoGAConfig
     from moga.checkpoint import load_model
     from moga.host_patch import patch_from_routers
-    from moga.router_file import read_routers
+    from moga.checkpoint.router_file import read_routers
     from moga.testing import write_tiny_checkpoint
     import importlib.util  # by file: ComfyUI has its own top-level `nodes` module
     spec = importlib.util.spec_from_file_location("moga_patch_hooks", ROOT / "nodes" / "patch_hooks.py")
@@ -97,6 +97,19 @@ def compare() -> dict:
     warm = patch_from_routers(routers, dense_warmup=1.0)
     err["dense warm-up 1.0 vs core"] = _rel(run(apply_patch(core, warm)), reference)
 
+    # the warm-up share maps to a sigma through the model's own sampling (ModelSamplingSD3 or not), as start_percent
+    ms = core.get_model_object("model_sampling")
+    shares = [i / 100 for i in range(101)]
+    before = max(p for p in shares if ms.percent_to_sigma(p) > 0.56)  # sigma 0.55 is past its end: MoGA runs
+    after = min(p for p in shares if ms.percent_to_sigma(p) < 0.54)   # still inside it: dense
+    moga_patch = patch_from_routers(routers, fusion="mean", capacity=0.0)
+    out["warm-up shares"] = [before, after]
+    out["warm-up ended: MoGA"] = _rel(run(apply_patch(core, patch_from_routers(
+        routers, fusion="mean", capacity=0.0, dense_warmup=before))), reference)
+    err["warm-up not ended: dense vs core"] = _rel(run(apply_patch(core, patch_from_routers(
+        routers, fusion="mean", capacity=0.0, dense_warmup=after))), reference)
+    del moga_patch
+
     cases = {
         "mean": dict(fusion="mean", capacity=0.0),
         "lse, capacity 1": dict(fusion="lse", capacity=1.0),
@@ -139,6 +152,14 @@ def compare() -> dict:
     patch = patch_from_routers(routers, fusion="mean", capacity=0.0)
     err["LoRA, MoGA on vs library with the LoRA merged"] = _rel(run(apply_patch(lora_model, patch)),
                                                               library(patch.config, model=merged))
+
+    # ComfyUI's scaled fp8 file: the patch projects with core's own fp8 layers (casting and scale_weight are core's)
+    fp8_path = write_tiny_checkpoint(tmp / "tiny_fp8.safetensors", layout="comfyui", num_groups=4, seed=3,
+                                     fp8="scaled", **TINY)
+    fp8 = comfy.sd.load_diffusion_model(str(fp8_path), model_options={"dtype": torch.float32})
+    fp8_ref = run(fp8)
+    out["fp8 vs float32 core"] = _rel(fp8_ref, reference)
+    err["scaled fp8, 1 group static off vs core"] = _rel(run(apply_patch(fp8, one)), fp8_ref)
 
     # an attention override already there stays in use for what MoGA does not replace
     calls = []
@@ -204,6 +225,7 @@ def test_patched_core_model_matches_core_and_library():
     # MoGA really ran (it is not dense attention under another name) and a LoRA really changed the model
     assert min(report["moga vs dense"].values()) > 1e-3, report
     assert report["lora changes core"] > 1e-3, report
+    assert report["warm-up ended: MoGA"] > 1e-3 and report["fp8 vs float32 core"] > 1e-4, report
     assert report["KSampler MoGA finite"] and report["KSampler MoGA vs dense"] > 1e-3, report
     assert report["override ok"], report
     assert report["routers released after sampling"] and report["original model untouched"], report

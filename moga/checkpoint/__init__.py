@@ -15,7 +15,8 @@ Models that bring their own text encoder / VAE (the demo model) carry header met
 
 The parts: `safetensors_io` (headers, TensorSource, writing), `layouts` (key maps), `inspection`
 (what a file is; CheckpointInfo), `moga_format` (metadata, save), `loader` (load_model, extras),
-`calibrate` (patch, router calibration), `lora` (LoRAs merged at load).
+`calibrate` (patch, router calibration), `lora` (LoRAs merged at load), `router_file` (router-only
+files: routers + settings + a fingerprint of their base weights, for MoGA Patch Model).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .layouts import (EXTRA_PREFIXES, LAYOUTS, PREFIX_COMFYUI, canonical_key, de
 from .loader import EXTRA_LOADERS, load_model, register_extras
 from .lora import check_loras, lora_specs, merge_loras, parse_lora_spec, read_lora
 from .moga_format import FORMAT_VERSION, format_layers, moga_metadata, parse_layers, save_checkpoint
+from .router_file import RouterSet, compare_fingerprint, make_fingerprint, read_routers, write_routers
 from .safetensors_io import Entry, TensorSource, read_header, write_safetensors
 
 __all__ = ["load_model", "inspect_checkpoint", "save_checkpoint", "patch_checkpoint", "CheckpointInfo",
@@ -36,4 +38,5 @@ __all__ = ["load_model", "inspect_checkpoint", "save_checkpoint", "patch_checkpo
            "write_safetensors", "read_header", "plan_checkpoint", "FORMAT_VERSION", "CALIBRATED_DENSE_WARMUP",
            "CALIBRATED_CAPACITY", "parse_layers", "format_layers", "router_key", "wan_to_diffusers",
            "diffusers_to_wan", "Plan", "Entry", "PREFIX_COMFYUI", "LAYOUTS", "EXTRA_PREFIXES", "check_loras",
-           "merge_loras", "parse_lora_spec", "read_lora", "lora_specs"]
+           "merge_loras", "parse_lora_spec", "read_lora", "lora_specs", "RouterSet", "read_routers", "write_routers",
+           "make_fingerprint", "compare_fingerprint"]

@@ -22,9 +22,11 @@ from typing import Callable, Mapping
 
 import torch
 
-from .attention import MoGAConfig
-from .checkpoint import (CheckpointError, TensorSource, canonical_key, detect_layout, format_layers, moga_metadata,
-                         parse_layers, write_safetensors)
+from ..attention import MoGAConfig
+from .errors import CheckpointError
+from .layouts import canonical_key, detect_layout
+from .moga_format import format_layers, moga_metadata, parse_layers
+from .safetensors_io import TensorSource, write_safetensors
 
 KIND = "routers"
 PROBE_SIZE = 64
@@ -162,6 +164,35 @@ def read_routers(path, name: str | None = None) -> RouterSet:
     return RouterSet(weights, config, warmup, fingerprint, name, kind)
 
 
+def calibrate_router_file(src, dst, num_groups: int, layers=None, window="0,2,2", context_frames: int = 1,
+                          fusion: str | None = None, dense_warmup: float | None = None, capacity: float | None = None,
+                          **calibration) -> RouterSet:
+    """`moga patch SRC --routers-out DST`: calibrate routers on SRC (as `patch_checkpoint`, the same defaults)
+    and write only them, with SRC's fingerprint. `calibration` goes to `calibrate_routers` (size, steps, seed,
+    device, dtype, num_heads...)."""
+    from .calibrate import CALIBRATED_CAPACITY, CALIBRATED_DENSE_WARMUP, calibrate_routers
+    from .inspection import plan_checkpoint
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"--routers-out {dst} is the source checkpoint: write the routers to a new file")
+    plan = plan_checkpoint(src, num_heads=calibration.get("num_heads"))
+    chosen = tuple(range(plan.config.num_layers)) if layers is None else tuple(sorted(int(i) for i in layers))
+    if isinstance(window, str):
+        window = MoGAConfig.parse_window(window)
+    config = MoGAConfig(num_groups=int(num_groups), window=window, context_frames=context_frames,
+                        fusion=fusion or "lse", capacity=CALIBRATED_CAPACITY if capacity is None else capacity)
+    weights = calibrate_routers(src, int(num_groups), chosen, **calibration)
+    source = TensorSource(src)
+    try:
+        fingerprint = _own_fingerprint(source, detect_layout(source.keys()) or "wan", src.name)
+    finally:
+        source.close()
+    warmup = CALIBRATED_DENSE_WARMUP if dense_warmup is None else dense_warmup
+    write_routers(dst, weights, config, warmup, fingerprint)
+    return read_routers(dst)
+
+
 def _own_fingerprint(source: TensorSource, layout: str, name: str) -> dict | None:
     by_canon = {canonical_key(k, layout): k for k in source.keys()}
     blocks = {int(c.split(".")[1]) for c in by_canon if c and c.startswith("blocks.")}
@@ -178,5 +209,5 @@ def _own_fingerprint(source: TensorSource, layout: str, name: str) -> dict | Non
         return None
 
 
-__all__ = ["RouterSet", "read_routers", "write_routers", "make_fingerprint", "compare_fingerprint",
+__all__ = ["RouterSet", "read_routers", "write_routers", "calibrate_router_file", "make_fingerprint", "compare_fingerprint",
            "tensor_probe", "fingerprint_keys", "PROBE_MATCH"]
