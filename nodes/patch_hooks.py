@@ -14,6 +14,11 @@ Why these hooks (the same in ComfyUI 0.3.64 and 0.33.0):
   sigma with the model's own (possibly ModelSamplingSD3-patched) `model_sampling.percent_to_sigma`, as core's
   start_percent, and puts this call's state (layout, dense or not, the blocks) into a copy of
   transformer_options. Core 0.3.64 has no `grid_sizes` / `block_index` in transformer_options; this works on both.
+- per-shot prompts (MoGA Shot Conditioning puts each shot's text and latent frames into the CONDITIONING's
+  model_conds; core hands them to apply_model as keyword arguments): the wrapper takes them out, embeds each
+  shot's text with core's own `text_embedding`, and in every block the text cross-attention call is answered
+  shot by shot (each shot's tokens against its own prompt, through the block's own k/v modules and the
+  attention below), as moga.model does. The shot lengths also cut MoGA's window groups at the shots.
 - an ON_CLEANUP callback drops the routers' device copies when sampling ends. Nothing else outlives a call:
   the override and the hook exist only while one block runs.
 """
@@ -24,7 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 STATE_KEY = "moga_patch"        # transformer_options: this call's _CallState
-SHOTS_KEY = "moga_shot_frames"  # transformer_options / model_options: latent frames per shot (one shot if absent)
+# model_conds keys the shot conditioning node adds (core hands them to apply_model as keyword arguments):
+SHOT_CONTEXT_KEY = "moga_shot_context"  # [B, S, L, text_dim]: the text embedding of each shot
+SHOT_FRAMES_KEY = "moga_shot_frames"    # [B, S] long: latent frames of each shot
 WRAPPER_KEY = "moga_patch"
 SUPPORTED = "comfy.ldm.wan.model.WanModel (Wan2.1 T2V/I2V/FLF/Fun 1.3B/14B, Wan2.2 A14B T2V/I2V experts, TI2V-5B)"
 
@@ -39,6 +46,7 @@ class _CallState:
     layout: Any
     dense: bool
     blocks: Any
+    shot_context: Any = None  # per shot: the embedded text [B, L, dim] (core's own text_embedding), or None
 
 
 def patchable_model(model_patcher):
@@ -65,7 +73,7 @@ def apply_patch(model_patcher, patch, shot_frames=None):
     import comfy.patcher_extension as ext
 
     dit = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for i in sorted(patch.layers):
+    for i in range(len(dm.blocks)):  # every block: per-shot prompts reach the layers MoGA does not route too
         previous = dit.get(("double_block", i))
         previous = getattr(previous, "moga_previous", previous)  # a second MoGA patch replaces the first
         m.set_model_patch_replace(_block_replacement(i, previous), "dit", "double_block", i)
@@ -82,12 +90,25 @@ def _apply_model_wrapper(patch, shot_frames):
         dm = base.diffusion_model
         if x.dim() != 5:
             raise PatchError(f"MoGA Patch Model: the latent is {tuple(x.shape)}, not a video [B, C, T, H, W]")
-        warm_sigma = float(base.model_sampling.percent_to_sigma(patch.dense_warmup))
-        grid = tuple(math.ceil(s / p) for s, p in zip(x.shape[2:], dm.patch_size))
-        shots = transformer_options.get(SHOTS_KEY) or shot_frames
+        shot_context = kwargs.pop(SHOT_CONTEXT_KEY, None)
+        shots_given = kwargs.pop(SHOT_FRAMES_KEY, None)
+        shots = [int(s) for s in shots_given[0].tolist()] if shots_given is not None else shot_frames
         if shots and dm.patch_size[0] != 1:
             shots = [s // dm.patch_size[0] for s in shots]
-        state = _CallState(patch, patch.layout(grid, shots), patch.dense_at(float(t.max()), warm_sigma), dm.blocks)
+        warm_sigma = float(base.model_sampling.percent_to_sigma(patch.dense_warmup))
+        grid = tuple(math.ceil(s / p) for s, p in zip(x.shape[2:], dm.patch_size))
+        layout = patch.layout(grid, shots)
+        embedded = None
+        if shot_context is not None:
+            if kwargs.get("clip_fea") is not None:
+                raise PatchError("MoGA Patch Model: per-shot prompts with an image cross-attention (Wan2.1 I2V / FLF "
+                                 "clip vision input) are not supported yet: use one prompt (core's text encode) for "
+                                 "this model")
+            if shot_context.shape[1] != layout.num_shots:
+                raise PatchError(f"MoGA Patch Model: {shot_context.shape[1]} shot prompts for {layout.num_shots} shots")
+            dtype = base.manual_cast_dtype or base.get_dtype()
+            embedded = [dm.text_embedding(shot_context[:, s].to(x.device, dtype)) for s in range(layout.num_shots)]
+        state = _CallState(patch, layout, patch.dense_at(float(t.max()), warm_sigma), dm.blocks, embedded)
         to = {**transformer_options, STATE_KEY: state}
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
     return wrapper
@@ -98,27 +119,32 @@ def _block_replacement(i, previous):
         inner = (lambda a: previous(a, extra)) if previous is not None else extra["original_block"]
         to = args["transformer_options"]
         state = to.get(STATE_KEY)
-        if state is None or state.dense:
+        moga = state is not None and not state.dense and state.patch.runs_layer(i)
+        per_shot = state is not None and state.shot_context is not None
+        if not (moga or per_shot):
             return inner(args)
         seen = {}
         below = to.get("optimized_attention_override")
+
+        def attention(func, q, k, v, *a, **kw):
+            return below(func, q, k, v, *a, **kw) if below is not None else func(q, k, v, *a, **kw)
 
         def capture(module, inputs):
             seen["x"] = inputs[0]
 
         def override(func, *a, **kw):
-            x = seen.pop("x", None)
-            if x is not None and kw.get("mask") is None and not kw.get("skip_reshape", False):
-                q, k, v = a[:3]
+            x = seen.pop("x", None)  # set: this is the block's self-attention (the hook fired just before it)
+            plain = kw.get("mask") is None and not kw.get("skip_reshape", False)
+            if x is not None and moga and plain:
                 heads = kw["heads"] if "heads" in kw else a[3]
-                out = state.patch.attend(i, q, k, v, heads, x, state.layout)
+                out = state.patch.attend(i, a[0], a[1], a[2], heads, x, state.layout)
                 if kw.get("skip_output_reshape", False):
                     b, n, hd = out.shape
                     out = out.view(b, n, heads, hd // heads).transpose(1, 2)
                 return out
-            if below is not None:
-                return below(func, *a, **kw)
-            return func(*a, **kw)
+            if x is None and per_shot and plain and a[0].shape[1] == state.layout.num_tokens:
+                return _per_shot_cross(func, attention, state, state.blocks[i].cross_attn, a, kw)
+            return attention(func, *a, **kw)
 
         handle = state.blocks[i].self_attn.register_forward_pre_hook(capture)
         try:
@@ -128,3 +154,18 @@ def _block_replacement(i, previous):
 
     replace.moga_previous = previous
     return replace
+
+
+def _per_shot_cross(func, attention, state, cross, a, kw):
+    """Text cross-attention with each shot's tokens against that shot's prompt only: the block's own k/v
+    projections (core's modules) on each shot's embedded text."""
+    import torch
+
+    q, rest = a[0], a[3:]
+    outs = []
+    for s, (lo, hi) in enumerate(state.layout.shot_token_ranges):
+        ctx = state.shot_context[s]
+        k = cross.norm_k(cross.k(ctx))
+        v = cross.v(ctx)
+        outs.append(attention(func, q[:, lo:hi].contiguous(), k, v, *rest, **kw))
+    return torch.cat(outs, dim=1)

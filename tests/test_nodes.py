@@ -85,8 +85,9 @@ def test_entrypoint_lists_the_nodes(env):
     ext = asyncio.run(env.nodes.comfy_entrypoint())
     assert isinstance(ext, env.ComfyExtension)
     ids = [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())]
-    assert ids == ["MoGAModelLoader", "MoGALora", "MoGAAttentionSettings", "MoGAShotPrompts", "MoGASampler", "MoGADecode",
-                   "MoGARouterLoader", "MoGAPatchModel"]
+    assert ids == ["MoGAModelLoader", "MoGALora", "MoGAAttentionSettings", "MoGAShotPrompts", "MoGASampler",
+                   "MoGADecode", "MoGARouterLoader", "MoGAPatchModel", "MoGAShotConditioning",
+                   "MoGAEmptyMultiShotLatent"]
 
 
 def test_every_widget_input_has_a_tooltip_and_options_match_the_library(env):

@@ -8,6 +8,8 @@ the routers from the same file (moga.checkpoint.router_file), patches the MODEL 
   - MoGA on (mean / lse fusion, capacity, two shots): moga.model.WanModel from the same file, same settings;
   - a LoRA applied by core first: core's own LoRA'd output (dense setting), and the library model with the
     LoRA merged by hand (MoGA on);
+  - per-shot prompts (model_conds): the library's per-shot cross-attention (dense and MoGA), and core's own
+    output when every shot has the same prompt (one call and a KSampler run);
   - an attention override already there: still called for everything MoGA does not replace;
   - a real KSampler run (comfy.sample.sample): equals core's with the dense setting, and the routers' device
     copies are dropped when sampling ends;
@@ -76,17 +78,18 @@ def compare() -> dict:
     ctx_padded = torch.cat([ctx, ctx.new_zeros(1, 512 - 9, 4096)], dim=1)
     sigma = torch.tensor([0.55])
 
-    def run(patcher):
+    def run(patcher, **conds):
         """core's denoised output of one call, through the wrappers the sampler would merge in."""
         mm.load_models_gpu([patcher])
         to = dict(patcher.model_options.get("transformer_options", {}))
         to["wrappers"] = patcher.wrappers
         with torch.inference_mode():
-            return patcher.model.apply_model(x, sigma, c_crossattn=ctx_padded, transformer_options=to).float()
+            return patcher.model.apply_model(x, sigma, c_crossattn=ctx_padded, transformer_options=to,
+                                             **conds).float()
 
-    def library(cfg, shots=None, model=lib):
+    def library(cfg, shots=None, model=lib, texts=None):
         with torch.inference_mode():
-            v = model(x, sigma * 1000, ctx, shot_frames=shots, moga=cfg)
+            v = model(x, sigma * 1000, ctx if texts is None else texts, shot_frames=shots, moga=cfg)
         return x - sigma.view(1, 1, 1, 1, 1) * v  # core's CONST denoised: x - sigma * v
 
     reference = run(core)
@@ -130,6 +133,20 @@ def compare() -> dict:
     patch = patch_from_routers(routers, fusion="mean", capacity=0.0)
     err["MoGA two shots vs library"] = _rel(run(apply_patch(core, patch, shot_frames=shots)),
                                             library(patch.config, shots))
+
+    # per-shot prompts (what MoGA Shot Conditioning puts into model_conds): each shot's tokens see only its text
+    shot_texts = [ctx, torch.randn(1, 5, 4096, generator=g)]
+    pad = lambda c: torch.cat([c, c.new_zeros(1, 512 - c.shape[1], 4096)], dim=1)  # noqa: E731
+    per_shot = {hooks.SHOT_CONTEXT_KEY: torch.stack([pad(c)[0] for c in shot_texts])[None],
+                hooks.SHOT_FRAMES_KEY: torch.tensor([shots], dtype=torch.long)}
+    dense_shots = patch_from_routers(routers, dense_warmup=1.0)
+    err["per-shot prompts, dense vs library"] = _rel(run(apply_patch(core, dense_shots), **per_shot),
+                                                     library(MoGAConfig(dense=True), shots, texts=shot_texts))
+    patch = patch_from_routers(routers, fusion="lse", capacity=1.0)
+    err["per-shot prompts, MoGA vs library"] = _rel(run(apply_patch(core, patch), **per_shot),
+                                                    library(patch.config, shots, texts=shot_texts))
+    same = {**per_shot, hooks.SHOT_CONTEXT_KEY: torch.stack([ctx_padded[0]] * 2)[None]}
+    err["per-shot prompts all equal, dense vs core"] = _rel(run(apply_patch(core, dense_shots), **same), reference)
 
     # LoRA on q and v of every block, through core's own LoRA loader
     lora = {}
@@ -185,6 +202,19 @@ def compare() -> dict:
             return comfy.sample.sample(m, noise, 3, 1.0, "euler", "simple", positive, positive, latent,
                                        denoise=1.0, seed=0)
     base_run = ksample(core)
+    from comfy.conds import CONDRegular
+    shot_cond = lambda ctxs: [[ctxs[0], {"model_conds": {  # noqa: E731
+        hooks.SHOT_CONTEXT_KEY: CONDRegular(torch.stack([c[0] for c in ctxs])[None]),
+        hooks.SHOT_FRAMES_KEY: CONDRegular(torch.tensor([shots], dtype=torch.long))}}]]
+    dense_model = apply_patch(core, patch_from_routers(routers, dense_warmup=1.0))
+    with torch.inference_mode():
+        same_run = comfy.sample.sample(dense_model, noise, 3, 1.0, "euler", "simple", shot_cond([ctx_padded] * 2),
+                                       shot_cond([ctx_padded] * 2), latent, denoise=1.0, seed=0)
+        two_run = comfy.sample.sample(dense_model, noise, 3, 1.0, "euler", "simple",
+                                      shot_cond([ctx_padded, pad(shot_texts[1])]), shot_cond([ctx_padded] * 2),
+                                      latent, denoise=1.0, seed=0)
+    err["KSampler, per-shot conditioning all equal vs core"] = _rel(same_run, base_run)
+    out["KSampler, two shot prompts vs one"] = _rel(two_run, base_run)
     patch = patch_from_routers(routers, groups=1, windowed=False, per_frame=False)
     err["KSampler 3 steps, 1 group static off vs core"] = _rel(ksample(apply_patch(core, patch)), base_run)
     patch = patch_from_routers(routers, fusion="lse", capacity=1.0, dense_warmup=0.3)
@@ -228,6 +258,7 @@ def test_patched_core_model_matches_core_and_library():
     assert report["warm-up ended: MoGA"] > 1e-3 and report["fp8 vs float32 core"] > 1e-4, report
     assert report["KSampler MoGA finite"] and report["KSampler MoGA vs dense"] > 1e-3, report
     assert report["override ok"], report
+    assert report["KSampler, two shot prompts vs one"] > 1e-3, report
     assert report["routers released after sampling"] and report["original model untouched"], report
     assert report["unsupported error"] and "cannot patch" in report["unsupported error"], report
 
