@@ -20,7 +20,8 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Inputs whose options are the files in a model folder: any file name is accepted, since the list depends on
 # what the user has downloaded.
 FILE_INPUTS = {("CLIPLoader", "clip_name"), ("VAELoader", "vae_name"), ("UNETLoader", "unet_name"),
-               ("MoGAModelLoader", "ckpt_name"), ("MoGALora", "lora_name")}
+               ("MoGAModelLoader", "ckpt_name"), ("MoGALora", "lora_name"), ("MoGARouterLoader", "routers_name"),
+               ("LoraLoaderModelOnly", "lora_name")}
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
 
