@@ -1,0 +1,176 @@
+"""One DiT step through core's own Wan model patched by MoGA Patch Model vs the library's own model. Table + JSON.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/patch_path.py              # CUDA: 14B, 262,080 tokens
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/patch_path.py --core-dense # + core's own dense attention
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/patch_path.py --smoke      # tiny, on the CPU: every code path
+
+Both paths hold the same tensors: the library's random bf16 14B (moga.model.WanModel, routers calibrated as
+`moga patch` does: k-means, fusion lse, capacity 1, M groups) and core's comfy.ldm.wan.model.WanModel built on the
+meta device and assigned the library's weights (no second copy). The patched core model runs through core's
+BaseModel.apply_model with the wrappers and block replacements nodes/patch_hooks.py installs (what KSampler runs),
+with the same MoGAConfig and varlen backend as the library. 168 latent frames of 30 x 52 tokens (832x480) in 8
+shots of 21 = 262,080 tokens, one umT5-shaped prompt, cfg 1 (one pass a step). Time: a warm-up call, then the
+median of --repeats timed calls (torch.cuda.synchronize around each). Peak: torch.cuda.max_memory_allocated over a
+call (weights included). The target (issue 23): the patch path within 10% of the library path.
+
+Needs ComfyUI's `comfy` package importable (COMFYUI_PATH, a checkout or the vendored tarball unpacked) and, beyond
+torch, the packages its model code imports: see docs/comfyui-patch.md ("GPU benchmark").
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+TINY = dict(dim=256, ffn_dim=256, num_heads=2, num_layers=2, text_dim=4096, freq_dim=256)  # core reads heads = dim/128
+
+
+def import_comfy(path: str):
+    if not path or not os.path.isfile(os.path.join(path, "comfy", "ldm", "wan", "model.py")):
+        sys.exit(f"COMFYUI_PATH={path!r} holds no ComfyUI (comfy/ldm/wan/model.py): pass --comfyui PATH")
+    sys.path.insert(0, path)
+    import comfy.cli_args
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    spec = importlib.util.spec_from_file_location("moga_patch_hooks", os.path.join(ROOT, "nodes", "patch_hooks.py"))
+    hooks = sys.modules["moga_patch_hooks"] = importlib.util.module_from_spec(spec)  # ComfyUI has its own `nodes`
+    spec.loader.exec_module(hooks)
+    return hooks
+
+
+def core_model_sharing(lib, device):
+    """core's WAN21 BaseModel + ModelPatcher whose diffusion model holds the library model's tensors."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    c = lib.config
+    unet_config = dict(image_model="wan2.1", model_type="t2v", dim=c.dim, ffn_dim=c.ffn_dim, num_heads=c.num_heads,
+                       num_layers=c.num_layers, in_dim=c.in_dim, out_dim=c.out_dim, patch_size=c.patch_size,
+                       freq_dim=c.freq_dim, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=c.eps)
+    mc = comfy.supported_models.WAN21_T2V(unet_config)
+    mc.set_inference_dtype(lib.dtype, None)
+    base = mc.get_model({}, device="meta")
+    sd = {k: v for k, v in lib.state_dict().items() if ".router." not in k}
+    sd["patch_embedding.weight"] = sd["patch_embedding.weight"].float()  # core keeps its patch embedding float32
+    sd["patch_embedding.bias"] = sd["patch_embedding.bias"].float()
+    missing, unexpected = base.diffusion_model.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"core's Wan and the library's disagree on tensors: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
+
+
+def timed(fn, device, repeats):
+    fn()  # warm-up: kernels, index caches, rope
+    times, peak = [], 0
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = max(peak, torch.cuda.max_memory_allocated())
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times), peak / 2 ** 30
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", ""))
+    ap.add_argument("--model", choices=("14B", "1.3B"), default="14B")
+    ap.add_argument("--frames", type=int, default=168, help="latent frames (168 x 30 x 52 = 262,080 tokens)")
+    ap.add_argument("--shot-frames", type=int, default=21)
+    ap.add_argument("--groups", type=int, default=16)
+    ap.add_argument("--capacity", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--core-dense", action="store_true", help="also time core's own (unpatched) dense attention")
+    ap.add_argument("--json", default="benchmarks/results/patch_path.json")
+    ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
+    args = ap.parse_args(argv)
+    hooks = import_comfy(args.comfyui)
+
+    from common import FRAME, WAN_CONFIGS, build_random_model
+    from dit import calibrate
+
+    from moga.attention import MoGAConfig
+    from moga.attention.kernels import resolve_backend
+    from moga.checkpoint.router_file import RouterSet
+    from moga.host_patch import patch_from_routers
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    spec, frame, frames, shot = (TINY, (4, 6), 6, 3) if args.smoke else \
+        (WAN_CONFIGS[args.model], FRAME, args.frames, args.shot_frames)
+    shots = [shot] * (frames // shot) + ([frames % shot] if frames % shot else [])
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, dtype=str(dtype), varlen_backend=resolve_backend("auto", device, dtype),
+                model="tiny" if args.smoke else args.model, tokens=frames * frame[0] * frame[1], shots=shots,
+                groups=args.groups, capacity=args.capacity, command=" ".join(sys.argv),
+                comfyui=getattr(__import__("comfyui_version"), "__version__", "?"))
+    print(f"# {info['device']}, torch {torch.__version__}, ComfyUI {info['comfyui']}, varlen {info['varlen_backend']}, "
+          f"{info['tokens']:,} tokens", flush=True)
+
+    lib = build_random_model(spec, args.groups, device, dtype)
+    calibrate(lib, args.groups, frame)
+    moga = MoGAConfig(num_groups=args.groups, window=(0, 2, 2), fusion="lse", capacity=args.capacity)
+    routers = RouterSet({i: b.self_attn.router.weight for i, b in enumerate(lib.blocks)}, moga, 0.0, None, "calibrated")
+    core = core_model_sharing(lib, device)
+    patched = hooks.apply_patch(core, patch_from_routers(routers), shot_frames=shots)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, spec.get("in_dim", 16), frames, frame[0] * 2, frame[1] * 2, generator=g).to(device, dtype)
+    ctx = (torch.randn(1, 512, spec["text_dim"], generator=g) * 0.1).to(device, dtype)
+    sigma = torch.tensor([0.7], device=device)
+
+    def core_call(m):
+        to = dict(m.model_options["transformer_options"], wrappers=m.wrappers)
+        return lambda: m.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to)
+
+    def lib_call():
+        v = lib(x, sigma * 1000, ctx, shot_frames=shots, moga=moga)
+        return x.float() - sigma.view(1, 1, 1, 1, 1) * v.float()  # core's denoised, to compare outputs
+
+    rows = {}
+    with torch.inference_mode():
+        runs = [("library (moga.model)", lib_call), ("core + MoGA Patch Model", core_call(patched))]
+        if args.core_dense:
+            runs.append(("core, dense (no patch)", core_call(core)))
+        outs = {}
+        for name, fn in runs:
+            out, seconds, peak = timed(fn, device, args.repeats)
+            outs[name] = out.float()
+            rows[name] = dict(seconds=seconds, peak_gib=peak)
+            print(f"{name}: {seconds:.2f} s, peak {peak:.1f} GiB", flush=True)
+    a, b = outs["core + MoGA Patch Model"], outs["library (moga.model)"]
+    info["patch_vs_library_rel_err"] = float((a - b).abs().max() / b.abs().max())
+    info["rows"] = rows
+    info["patch_over_library"] = rows["core + MoGA Patch Model"]["seconds"] / rows["library (moga.model)"]["seconds"]
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump(info, fh, indent=1)
+    print(f"\n| path | step (s) | peak (GiB) |\n|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['seconds']:.2f} | {r['peak_gib']:.1f} |")
+    print(f"\npatch / library: {info['patch_over_library']:.3f} (target <= 1.10); outputs differ by "
+          f"{info['patch_vs_library_rel_err']:.2e} (max rel, {dtype}); wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
