@@ -178,6 +178,28 @@ def compare() -> dict:
     out["fp8 vs float32 core"] = _rel(fp8_ref, reference)
     err["scaled fp8, 1 group static off vs core"] = _rel(run(apply_patch(fp8, one)), fp8_ref)
 
+    # Wan2.2 TI2V-5B's layout (48-channel latent, core's WAN22 with a per-token timestep from a denoise mask, as its
+    # image-to-video first frame): no library twin yet, so the dense setting against core, and MoGA on runs
+    ti2v_path = write_tiny_checkpoint(tmp / "tiny_ti2v.safetensors", layout="comfyui", num_groups=4, seed=5,
+                                      in_dim=48, out_dim=48, **TINY)
+    ti2v = comfy.sd.load_diffusion_model(str(ti2v_path), model_options={"dtype": torch.float32})
+    out["ti2v model"] = type(ti2v.model).__name__
+    x48 = torch.randn(1, 48, 4, 8, 12, generator=g)
+    mask = torch.ones(1, 1, 4, 8, 12)
+    mask[:, :, 0] = 0.0  # the first latent frame is given (timestep 0 there)
+
+    def run48(patcher):
+        mm.load_models_gpu([patcher])
+        to = dict(patcher.model_options.get("transformer_options", {}), wrappers=patcher.wrappers)
+        with torch.inference_mode():
+            return patcher.model.apply_model(x48, sigma, c_crossattn=ctx_padded, transformer_options=to,
+                                             denoise_mask=mask).float()
+    ti2v_ref = run48(ti2v)
+    ti2v_routers = read_routers(ti2v_path)
+    err["TI2V-5B layout, 1 group static off vs core"] = _rel(run48(apply_patch(ti2v, patch_from_routers(
+        ti2v_routers, groups=1, windowed=False, per_frame=False))), ti2v_ref)
+    out["TI2V-5B layout, MoGA vs dense"] = _rel(run48(apply_patch(ti2v, patch_from_routers(ti2v_routers))), ti2v_ref)
+
     # an attention override already there stays in use for what MoGA does not replace
     calls = []
 
@@ -258,14 +280,32 @@ def test_patched_core_model_matches_core_and_library():
     assert report["warm-up ended: MoGA"] > 1e-3 and report["fp8 vs float32 core"] > 1e-4, report
     assert report["KSampler MoGA finite"] and report["KSampler MoGA vs dense"] > 1e-3, report
     assert report["override ok"], report
+    assert report["ti2v model"] == "WAN22" and report["TI2V-5B layout, MoGA vs dense"] > 1e-3, report
     assert report["KSampler, two shot prompts vs one"] > 1e-3, report
     assert report["routers released after sampling"] and report["original model untouched"], report
     assert report["unsupported error"] and "cannot patch" in report["unsupported error"], report
 
 
+def test_patch_path_benchmark_smoke(tmp_path):
+    """benchmarks/patch_path.py --smoke: both paths on shared weights, the same output, its JSON written."""
+    path, python = os.environ.get("COMFYUI_PATH"), os.environ.get("COMFYUI_PYTHON")
+    if not path or not python:
+        pytest.skip("set COMFYUI_PATH and COMFYUI_PYTHON (a ComfyUI host) to run the patch-path benchmark")
+    out = tmp_path / "patch_path.json"
+    proc = subprocess.run([python, str(ROOT / "benchmarks" / "patch_path.py"), "--smoke", "--core-dense", "--repeats",
+                           "1", "--json", str(out)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": ""}, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = json.loads(out.read_text())
+    assert info["patch_vs_library_rel_err"] < TOLERANCE, info
+    assert set(info["rows"]) == {"library (moga.model)", "core + MoGA Patch Model", "core, dense (no patch)"}
+    assert "| core + MoGA Patch Model |" in proc.stdout
+
+
 if pytest is not None:
     test_patched_core_model_matches_core_and_library = pytest.mark.integration(
         test_patched_core_model_matches_core_and_library)
+    test_patch_path_benchmark_smoke = pytest.mark.integration(test_patch_path_benchmark_smoke)
 
 if __name__ == "__main__":
     print(json.dumps(compare()))
