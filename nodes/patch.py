@@ -63,43 +63,6 @@ class MoGARouterLoader(io.ComfyNode):
             raise input_error(LOADER_NODE, "routers_name", str(e), "pick a MoGA router file or MoGA checkpoint") from e
 
 
-def _weight_getter(dm):
-    """name -> the model's float weight (fp8 scaled, core's quantised tensors dequantised where they can be)."""
-    import torch
-
-    def get(name):
-        module_name, _, leaf = name.rpartition(".")
-        try:
-            module = dm.get_submodule(module_name)
-        except AttributeError:
-            raise KeyError(name) from None
-        w = getattr(module, leaf, None)
-        if w is None:
-            raise KeyError(name)
-        w = w.dequantize() if hasattr(w, "dequantize") and not isinstance(w, torch.nn.Parameter) else w
-        w = w.float()
-        scale = getattr(module, "scale_weight", None)
-        return w * scale.float().to(w.device) if isinstance(scale, torch.Tensor) else w
-    return get
-
-
-def check_fingerprint(routers, dm, model_name: str) -> str:
-    """Compare the routers' base with the model's weights; logs a warning naming both when they differ."""
-    from moga.checkpoint.router_file import compare_fingerprint
-    try:
-        verdict, why = compare_fingerprint(routers.fingerprint, _weight_getter(dm))
-    except Exception as e:  # a quantisation we cannot read back (e.g. GGUF): say so, do not block
-        verdict, why = "unknown", f"the model's weights could not be read back ({type(e).__name__}: {e})"
-    base = (routers.fingerprint or {}).get("source", "an unknown model")
-    if verdict == "different":
-        logging.warning("MoGA Patch Model: routers %s were made for %s, but they are applied to %s, whose weights "
-                        "differ (%s). Calibrate routers for this model (`python -m moga patch MODEL --routers-out "
-                        "FILE`) or load the routers made for it.", routers.name, base, model_name, why)
-    elif verdict == "unknown":
-        logging.info("MoGA Patch Model: could not check that %s fits %s: %s", routers.name, model_name, why)
-    return verdict
-
-
 def parse_layers(text: str, num_layers: int):
     """'all' -> None (every layer with a router); '0-9,20' -> the indices."""
     text = (text or "").strip().lower()
@@ -183,7 +146,7 @@ class MoGAPatchModel(io.ComfyNode):
         from moga.host_patch import HostPatchError, patch_from_routers
         from moga.checkpoint.router_file import RouterSet
 
-        from .patch_hooks import PatchError, apply_patch, patchable_model
+        from .patch_hooks import PatchError, apply_patch, check_fingerprint, patchable_model
 
         if not isinstance(routers, RouterSet):
             raise input_error(PATCH_NODE, "routers", "is not a set of MoGA routers",

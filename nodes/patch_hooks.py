@@ -24,6 +24,7 @@ Why these hooks (the same in ComfyUI 0.3.64 and 0.33.0):
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,44 @@ def patchable_model(model_patcher):
                          f"{type(dm).__module__}.{type(dm).__name__}): {why}. It patches {SUPPORTED}; remove the node "
                          f"for this model")
     return dm
+
+
+def _weight_getter(dm):
+    """name -> the model's float weight (fp8 scaled, core's quantised tensors dequantised where they can be)."""
+    import torch
+
+    def get(name):
+        module_name, _, leaf = name.rpartition(".")
+        try:
+            module = dm.get_submodule(module_name)
+        except AttributeError:
+            raise KeyError(name) from None
+        w = getattr(module, leaf, None)
+        if w is None:
+            raise KeyError(name)
+        if type(w) not in (torch.Tensor, torch.nn.Parameter) and hasattr(w, "dequantize"):
+            w = w.dequantize()  # core's quantised tensors (comfy-kitchen's QuantizedTensor in 0.33: scaled fp8)
+        w = w.detach().float()
+        scale = getattr(module, "scale_weight", None)
+        return w * scale.float().to(w.device) if isinstance(scale, torch.Tensor) else w
+    return get
+
+
+def check_fingerprint(routers, dm, model_name: str) -> str:
+    """Compare the routers' base with the model's weights; logs a warning naming both when they differ."""
+    from moga.checkpoint.router_file import compare_fingerprint
+    try:
+        verdict, why = compare_fingerprint(routers.fingerprint, _weight_getter(dm))
+    except Exception as e:  # a quantisation we cannot read back (e.g. GGUF): say so, do not block
+        verdict, why = "unknown", f"the model's weights could not be read back ({type(e).__name__}: {e})"
+    base = (routers.fingerprint or {}).get("source", "an unknown model")
+    if verdict == "different":
+        logging.warning("MoGA Patch Model: routers %s were made for %s, but they are applied to %s, whose weights "
+                        "differ (%s). Calibrate routers for this model (`python -m moga patch MODEL --routers-out "
+                        "FILE`) or load the routers made for it.", routers.name, base, model_name, why)
+    elif verdict == "unknown":
+        logging.info("MoGA Patch Model: could not check that %s fits %s: %s", routers.name, model_name, why)
+    return verdict
 
 
 def apply_patch(model_patcher, patch, shot_frames=None):

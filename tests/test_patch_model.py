@@ -200,6 +200,25 @@ def compare() -> dict:
         ti2v_routers, groups=1, windowed=False, per_frame=False))), ti2v_ref)
     out["TI2V-5B layout, MoGA vs dense"] = _rel(run48(apply_patch(ti2v, patch_from_routers(ti2v_routers))), ti2v_ref)
 
+    # routers meet the weights they were made for, the same in scaled fp8, and other weights (a warning naming both)
+    import logging
+    dm = lambda m: m.get_model_object("diffusion_model")  # noqa: E731
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    mm.load_models_gpu([core])  # core's weights without the LoRA again (the LoRA'd clone shares them)
+    try:
+        out["fingerprint"] = {
+            "own checkpoint": hooks.check_fingerprint(routers, dm(core), "the float32 model"),
+            "scaled fp8 of it": hooks.check_fingerprint(routers, dm(fp8), "the fp8 model"),
+            "with a LoRA merged": hooks.check_fingerprint(routers, dm(lora_model), "the LoRA'd model"),
+            "other weights": hooks.check_fingerprint(routers, dm(ti2v), "the TI2V model"),
+        }
+    finally:
+        logging.getLogger().removeHandler(handler)
+    out["fingerprint warnings"] = [w for w in warnings if "were made for" in w]
+
     # an attention override already there stays in use for what MoGA does not replace
     calls = []
 
@@ -280,6 +299,12 @@ def test_patched_core_model_matches_core_and_library():
     assert report["warm-up ended: MoGA"] > 1e-3 and report["fp8 vs float32 core"] > 1e-4, report
     assert report["KSampler MoGA finite"] and report["KSampler MoGA vs dense"] > 1e-3, report
     assert report["override ok"], report
+    fp = report["fingerprint"]
+    assert (fp["own checkpoint"], fp["scaled fp8 of it"], fp["other weights"]) == ("same", "close", "different"), fp
+    assert fp["with a LoRA merged"] in ("same", "close"), fp  # "same" while core holds the LoRA unmerged
+    assert len(report["fingerprint warnings"]) == 1, report
+    assert "tiny_moga.safetensors" in report["fingerprint warnings"][0], report
+    assert "the TI2V model" in report["fingerprint warnings"][0], report
     assert report["ti2v model"] == "WAN22" and report["TI2V-5B layout, MoGA vs dense"] > 1e-3, report
     assert report["KSampler, two shot prompts vs one"] > 1e-3, report
     assert report["routers released after sampling"] and report["original model untouched"], report
