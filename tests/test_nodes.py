@@ -446,3 +446,41 @@ def test_pooled_sampler_uses_the_same_loras(env, monkeypatch):
         release_pool()
     assert torch.allclose(pooled, single, atol=1e-5), (pooled - single).abs().max()
     assert not torch.allclose(base, single, atol=1e-3)
+
+
+# ---- the patch path's nodes (MoGA Router Loader, MoGA Patch Model, Empty Multi-Shot Latent) ---------------------------
+def test_router_loader_reads_a_checkpoints_routers_and_names_a_plain_file(env):
+    patch = env.nodes.patch
+    rs = patch.MoGARouterLoader.execute("tiny_moga.safetensors").result[0]
+    assert rs.layers == (0, 1) and rs.num_groups == 4 and rs.kind == "checkpoint"
+    assert patch.MoGARouterLoader.execute("tiny_moga.safetensors").result[0] is rs  # cached by file identity
+    with pytest.raises(ValueError, match="MoGA Router Loader.*routers_name.*no MoGA routers.*--routers-out"):
+        patch.MoGARouterLoader.execute("tiny_wan.safetensors")
+
+
+def test_patch_node_names_bad_inputs(env):
+    patch = env.nodes.patch
+    with pytest.raises(ValueError, match="MoGA Patch Model.*routers.*MoGA Router Loader"):
+        patch.MoGAPatchModel.execute(model=object(), routers="not routers")
+    assert patch.parse_layers("all", 4) is None and patch.parse_layers("0-1,3", 4) == (0, 1, 3)
+    with pytest.raises(ValueError, match="routed_layers.*layer 7 does not exist"):
+        patch.parse_layers("7", 4)
+    with pytest.raises(ValueError, match="routed_layers.*not a list"):
+        patch.parse_layers("x", 4)
+    assert patch.parse_shots("") is None and patch.parse_shots("5, 3") == [5, 3]
+    with pytest.raises(ValueError, match="shot_frames.*latent frame counts"):
+        patch.parse_shots("5,0")
+
+
+def test_empty_multi_shot_latent_has_the_shots_length(env):
+    from moga.shots import ShotPlan
+    plan = ShotPlan.parse_text("a [17]\nb [5]\nc [9]", fps=16)
+    shots = env.nodes.common.MoGAShotsValue(plan=plan, positive=[], negative=None, encoder="clip")
+    node = env.nodes.patch_shots.EmptyMultiShotLatent
+    out = node.execute(shots, width=64, height=48, batch_size=2).result[0]
+    assert out["samples"].shape == (2, 16, 5 + 2 + 3, 6, 8) and not out["samples"].any()
+    assert out[env.nodes.common.LATENT_SHOT_FRAMES] == [5, 2, 3]
+    five = node.execute(shots, width=64, height=48, latent_format="wan2.2 TI2V-5B (48 ch, /16)").result[0]
+    assert five["samples"].shape == (1, 48, 10, 3, 4)
+    with pytest.raises(ValueError, match="Empty Multi-Shot Latent.*not a multiple of 16"):
+        node.execute(shots, width=40, height=48, latent_format="wan2.2 TI2V-5B (48 ch, /16)")
