@@ -532,7 +532,7 @@ def cmd_patch(args) -> int:
                                    layers=parse_layers(args.layers) if args.layers else None, window=args.window,
                                    fusion=args.fusion, dense_warmup=args.dense_warmup, capacity=args.capacity,
                                    size=size, steps=args.calibration_steps, seed=args.seed, device=device,
-                                   dtype=None if args.dtype == "auto" else dtype)
+                                   dtype=None if args.dtype == "auto" else dtype, loras=lora_list(args.lora) or None)
         print(f"{args.routers_out}: routers for layers {format_layers(rs.layers)}, {rs.num_groups} groups, fusion "
               f"{rs.config.fusion}, dense warm-up {rs.dense_warmup}, capacity {rs.config.capacity}")
         return 0

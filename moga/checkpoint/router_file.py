@@ -169,7 +169,7 @@ def calibrate_router_file(src, dst, num_groups: int, layers=None, window="0,2,2"
                           **calibration) -> RouterSet:
     """`moga patch SRC --routers-out DST`: calibrate routers on SRC (as `patch_checkpoint`, the same defaults)
     and write only them, with SRC's fingerprint. `calibration` goes to `calibrate_routers` (size, steps, seed,
-    device, dtype, num_heads...)."""
+    device, dtype, num_heads, loras...); with loras the fingerprint stays SRC's (the LoRA'd weights read "close")."""
     from .calibrate import CALIBRATED_CAPACITY, CALIBRATED_DENSE_WARMUP, calibrate_routers
     from .inspection import plan_checkpoint
 
