@@ -209,5 +209,5 @@ def _own_fingerprint(source: TensorSource, layout: str, name: str) -> dict | Non
         return None
 
 
-__all__ = ["RouterSet", "read_routers", "write_routers", "calibrate_router_file", "make_fingerprint", "compare_fingerprint",
-           "tensor_probe", "fingerprint_keys", "PROBE_MATCH"]
+__all__ = ["RouterSet", "read_routers", "write_routers", "calibrate_router_file", "make_fingerprint",
+           "compare_fingerprint", "tensor_probe", "fingerprint_keys", "PROBE_MATCH"]
