@@ -1,4 +1,5 @@
-"""The Wan2.1 text-to-video DiT, with MoGA self-attention in every layer that has a router.
+"""The Wan DiT (Wan2.1 T2V / I2V, Wan2.2 A14B experts, TI2V-5B), with MoGA self-attention in every
+layer that has a router.
 
 The equations follow Wan2.1 (`wan/modules/model.py`) and its ComfyUI port; parameter names are Wan's
 original ones, so a checkpoint maps onto this module by name (see `moga.checkpoint` for the other
@@ -17,6 +18,13 @@ key layouts). What is ours:
   `scale_weight` for ComfyUI's "scaled fp8" files, unless `moga.fp8.enable_fp8` puts them on fp8
   tensor cores). On CUDA at inference the elementwise parts run fused (`moga.fused`).
 - Sequence parallel (`parallel=`): see `WanModel.forward`.
+- Image conditioning, as Wan and core ComfyUI define it (`WanConfig.conditioning`):
+  "clip+concat" (Wan2.1 I2V 14B: the noise is concatenated with 4 mask + 16 image-latent channels,
+  in_dim 36, and the CLIP-vision features [257, 1280] go through `img_emb` into a second key/value
+  set of the cross-attention whose output is added to the text's), "concat" (Wan2.2 I2V A14B: the
+  concatenation only), "replace" (Wan2.2 TI2V-5B, 48 channels: the image latent replaces latent
+  frames and those frames get timestep 0: `t` may be per latent frame, [B, F]). Per shot: every
+  shot may bring its own CLIP tokens (`clip=` a list); `moga.conditioning` builds y and the masks.
 """
 from __future__ import annotations
 
@@ -59,6 +67,7 @@ class WanConfig:
     num_groups: int = 0          # router rows M (0: no routers)
     moga_layers: tuple = ()      # indices of the layers that have a router
     cross_attn_norm: bool = True  # Wan T2V has `norm3` (affine LayerNorm) before the cross-attention
+    image_dim: int = 0           # CLIP-vision feature width of `img_emb` (Wan2.1 I2V: 1280; 0: none)
 
     def __post_init__(self):
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim",
@@ -71,6 +80,16 @@ class WanConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if not isinstance(self.image_dim, int) or self.image_dim < 0:
+            raise ValueError(f"WanConfig.image_dim must be an integer >= 0, got {self.image_dim!r}")
+        if self.in_dim != self.out_dim and self.in_dim != 2 * self.out_dim + 4:
+            raise ValueError(
+                f"in_dim {self.in_dim} with out_dim {self.out_dim}: an image-to-video Wan takes the noise "
+                f"plus 4 mask and {self.out_dim} image-latent channels ({2 * self.out_dim + 4}); other "
+                f"extra inputs (control, camera, VACE models) are not supported")
+        if self.image_dim and self.in_dim == self.out_dim:
+            raise ValueError("a CLIP image branch (image_dim > 0) needs the concatenated image latent "
+                             f"(in_dim {2 * self.out_dim + 4}), got in_dim {self.in_dim}")
         layers = tuple(sorted(int(i) for i in self.moga_layers))
         if any(not 0 <= i < self.num_layers for i in layers):
             raise ValueError(f"moga_layers {layers} must lie in 0..{self.num_layers - 1}")
@@ -89,10 +108,27 @@ class WanConfig:
         return (c - 2 * (c // 3), c // 3, c // 3)
 
     @property
+    def conditioning(self) -> str:
+        """How an image enters: "none" (T2V), "concat" (Wan2.2 I2V A14B: mask + image latent channels),
+        "clip+concat" (Wan2.1 I2V: also CLIP tokens), "replace" (TI2V-5B: the image latent replaces
+        the first latent frame, at timestep 0; its 48-channel latents tell it apart)."""
+        if self.image_dim:
+            return "clip+concat"
+        if self.in_dim != self.out_dim:
+            return "concat"
+        return "replace" if self.out_dim == 48 else "none"
+
+    @property
     def name(self) -> str:
-        known = {(1536, 30, 12, 8960): "Wan2.1 T2V 1.3B", (5120, 40, 40, 13824): "Wan2.1 T2V 14B"}
-        return known.get((self.dim, self.num_layers, self.num_heads, self.ffn_dim),
-                         f"Wan2.1-architecture T2V (dim {self.dim}, {self.num_layers} layers)")
+        key = (self.dim, self.num_layers, self.num_heads, self.ffn_dim, self.in_dim, bool(self.image_dim))
+        known = {(1536, 30, 12, 8960, 16, False): "Wan2.1 T2V 1.3B",
+                 (5120, 40, 40, 13824, 16, False): "Wan2.1 T2V 14B",
+                 (5120, 40, 40, 13824, 36, True): "Wan2.1 I2V 14B",
+                 (5120, 40, 40, 13824, 36, False): "Wan2.2 I2V A14B expert",
+                 (3072, 30, 24, 14336, 48, False): "Wan2.2 TI2V 5B"}
+        kind = {"none": "T2V", "concat": "I2V (concat)", "clip+concat": "I2V (CLIP)", "replace": "TI2V"}
+        return known.get(key, f"Wan-architecture {kind[self.conditioning]} (dim {self.dim}, "
+                              f"{self.num_layers} layers)")
 
     def replace(self, **changes) -> "WanConfig":
         return replace(self, **changes)
@@ -135,12 +171,19 @@ class WanConfig:
         for i, r in routers.items():
             if len(r) != 2 or r[1] != dim:
                 raise ValueError(f"router of layer {i} has shape {r}, the model needs [M, {dim}]")
+        if "img_emb.emb_pos" in shape:
+            raise ValueError("the file has img_emb.emb_pos: a first-last-frame (FLF2V) model, which is "
+                             "not supported; use Wan2.1 I2V 14B or Wan2.2 I2V A14B")
+        image_dim = need("img_emb.proj.1.weight")[1] if "img_emb.proj.0.weight" in shape else 0
+        if image_dim and "blocks.0.cross_attn.k_img.weight" not in shape:
+            raise ValueError("the file has img_emb but no blocks.N.cross_attn.k_img: an incomplete "
+                             "Wan2.1 I2V checkpoint; use the whole file")
         cfg = dict(
             dim=dim, ffn_dim=need("blocks.0.ffn.0.weight")[0], num_heads=int(num_heads),
             num_layers=len(layers), in_dim=in_dim, out_dim=out_dim,
             text_dim=need("text_embedding.0.weight")[1], freq_dim=need("time_embedding.0.weight")[1],
             patch_size=patch, num_groups=rows.pop() if rows else 0, moga_layers=tuple(sorted(routers)),
-            cross_attn_norm="blocks.0.norm3.weight" in shape)
+            cross_attn_norm="blocks.0.norm3.weight" in shape, image_dim=image_dim)
         cfg.update(overrides)
         return cls(**cfg)
 
@@ -249,27 +292,49 @@ def _use_wan_linear(module: nn.Module) -> None:
 
 
 class WanCrossAttention(nn.Module):
-    """Text cross-attention (Wan's names q k v o norm_q norm_k); the caller picks the shot's text."""
+    """Cross-attention (Wan's names q k v o norm_q norm_k); the caller picks the shot's text. With
+    `image=True` (Wan2.1 I2V) a second key/value set (k_img v_img norm_k_img) reads the shot's CLIP
+    tokens and the two attentions' outputs are summed before `o`, as Wan does."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6, image: bool = False):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+        if image:
+            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
 
-    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, l, _ = context.shape
-        k = self.norm_k(self.k(context)).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v(context).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
-        return k, v
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def kv(self, context: torch.Tensor, image: torch.Tensor | None = None) -> tuple:
+        """(k, v) of the text, plus (k_img, v_img) of the CLIP tokens when this layer has them."""
+        out = (self._heads(self.norm_k(self.k(context))), self._heads(self.v(context)))
+        if hasattr(self, "k_img"):
+            if image is None:
+                raise ValueError("this is a Wan2.1 I2V model: it needs CLIP-vision image tokens "
+                                 "(clip=); encode the start image with the CLIP vision model")
+            out += (self._heads(self.norm_k_img(self.k_img(image))), self._heads(self.v_img(image)))
+        return out
+
+    def forward(self, x: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q = norm_rope(self.norm_q, self.q(x), None, self.num_heads)
-        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        q = self._heads(norm_rope(self.norm_q, self.q(x), None, self.num_heads))
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1])
+        if len(kv) == 4:
+            out = out + F.scaled_dot_product_attention(q, kv[2], kv[3])
         return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def _pieces(segments, lo: int, hi: int):
+    """(a, b, s): the parts of the token range [lo, hi) that lie in each timestep segment s."""
+    for a, b, s in segments:
+        a, b = max(a, lo), min(b, hi)
+        if a < b:
+            yield a, b, s
 
 
 class WanBlock(nn.Module):
@@ -278,7 +343,7 @@ class WanBlock(nn.Module):
         self.eps = cfg.eps
         self.self_attn = MoGAAttention(cfg.dim, cfg.num_heads, num_groups=num_groups, eps=cfg.eps)
         self.norm3 = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else None
-        self.cross_attn = WanCrossAttention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.cross_attn = WanCrossAttention(cfg.dim, cfg.num_heads, cfg.eps, image=bool(cfg.image_dim))
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, cfg.dim))
@@ -289,24 +354,41 @@ class WanBlock(nn.Module):
             return x.to(dtype)
         return fused.layer_norm_cast(x, self.norm3.weight, self.norm3.bias, self.eps, dtype)
 
-    def forward(self, x, e, rope, context_kv, layout, cfg, shot_ranges, chunk, cdtype, parallel=None):
-        """x [B, n, dim] float32 residual; e [B, 6, dim] float32; context_kv: per shot (k, v).
-        With gradients off (inference) x is updated in place, chunk by chunk: no full-size temporaries."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).chunk(6, dim=1)
+    def forward(self, x, e, rope, context_kv, layout, cfg, shot_ranges, chunk, cdtype, parallel=None,
+                segments=None):
+        """x [B, n, dim] float32 residual; e [B, S, 6, dim] float32, one row per timestep segment
+        (segments: (a, b, s) local token ranges; None: one segment, e may be [B, 6, dim]);
+        context_kv: per shot (k, v[, k_img, v_img]). With gradients off (inference) x is updated in
+        place, chunk by chunk: no full-size temporaries."""
+        if e.dim() == 3:
+            e = e[:, None]
+        if segments is None:
+            segments = [(0, x.shape[1], 0)]
+        mod = (self.modulation.float()[:, None] + e).unbind(2)   # six [B, S, dim]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (m.unsqueeze(2) for m in mod)  # [B, S, 1, dim]
         inplace = not torch.is_grad_enabled()
-        y = self.self_attn(fused.modulate_cast(x, shift1, scale1, self.eps, cdtype), layout, rope=rope,
+        n = x.shape[1]
+        parts = [fused.modulate_cast(x[:, a:b], shift1[:, s], scale1[:, s], self.eps, cdtype)
+                 for a, b, s in _pieces(segments, 0, n)]
+        y = self.self_attn(parts[0] if len(parts) == 1 else torch.cat(parts, 1), layout, rope=rope,
                            config=cfg, parallel=parallel)
-        x = x.addcmul_(y, gate1) if inplace else torch.addcmul(x, y.float(), gate1)
+        del parts
+        if inplace:
+            for a, b, s in _pieces(segments, 0, n):
+                x[:, a:b].addcmul_(y[:, a:b], gate1[:, s])
+        else:
+            x = torch.cat([torch.addcmul(x[:, a:b], y[:, a:b].float(), gate1[:, s])
+                           for a, b, s in _pieces(segments, 0, n)], 1)
         del y
 
         # cross-attention: each shot's tokens attend to that shot's text only; tokens outside every
         # shot (sequence-parallel padding) get nothing. Chunks only read and write their own rows.
         cross = None if inplace else x.new_zeros(x.shape)
         for s, a, b in shot_ranges:
-            k, v = context_kv[s]
+            kv = context_kv[s]
             for lo in range(a, b, chunk):
                 hi = min(lo + chunk, b)
-                out = self.cross_attn(self._norm3(x[:, lo:hi], cdtype), k, v)
+                out = self.cross_attn(self._norm3(x[:, lo:hi], cdtype), *kv)
                 if inplace:
                     x[:, lo:hi] += out
                 else:
@@ -317,14 +399,29 @@ class WanBlock(nn.Module):
 
         # FFN, chunked over tokens: the [n, ffn_dim] activation exists one chunk at a time
         y = None if inplace else x.new_empty(x.shape)
-        for lo in range(0, x.shape[1], chunk):
-            hi = min(lo + chunk, x.shape[1])
-            out = self.ffn(fused.modulate_cast(x[:, lo:hi], shift2, scale2, self.eps, cdtype))
-            if inplace:
-                x[:, lo:hi].addcmul_(out, gate2)
-            else:
-                y[:, lo:hi] = out.float()
-        return x if inplace else torch.addcmul(x, y, gate2)
+        for lo in range(0, n, chunk):
+            for a, b, s in _pieces(segments, lo, min(lo + chunk, n)):
+                out = self.ffn(fused.modulate_cast(x[:, a:b], shift2[:, s], scale2[:, s], self.eps, cdtype))
+                if inplace:
+                    x[:, a:b].addcmul_(out, gate2[:, s])
+                else:
+                    y[:, a:b] = out.float() * gate2[:, s]
+        return x if inplace else x + y
+
+
+class ImageProjection(nn.Module):
+    """Wan2.1 I2V's `img_emb`: CLIP-vision penultimate features [B, 257, 1280] -> [B, 257, dim]
+    (LayerNorm, Linear, exact GELU, Linear, LayerNorm; Wan's names proj.0 .. proj.4)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, dim), nn.LayerNorm(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n0, l1, _, l2, n4 = self.proj
+        ln = lambda m, v: F.layer_norm(v, (v.shape[-1],), m.weight.to(v.dtype), m.bias.to(v.dtype), m.eps)  # noqa: E731
+        return ln(n4, l2(F.gelu(l1(ln(n0, x)))))
 
 
 class WanHead(nn.Module):
@@ -334,14 +431,22 @@ class WanHead(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.empty(1, 2, cfg.dim))
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + e[:, None]).chunk(2, dim=1)
-        return F.linear(modulate(x, shift, scale, self.eps), _dequant(self.head), self.head.bias.float())
+    def forward(self, x: torch.Tensor, e: torch.Tensor, segments=None) -> torch.Tensor:
+        """e [B, dim] or [B, S, dim] (one row per timestep segment of `segments`)."""
+        if e.dim() == 2:
+            e = e[:, None]
+        if segments is None:
+            segments = [(0, x.shape[1], 0)]
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)  # [B, S, dim]
+        w, bias = _dequant(self.head), self.head.bias.float()
+        parts = [F.linear(modulate(x[:, a:b], shift[:, s:s + 1], scale[:, s:s + 1], self.eps), w, bias)
+                 for a, b, s in _pieces(segments, 0, x.shape[1])]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 class WanModel(nn.Module):
-    """Wan2.1 T2V DiT. `model(x, t, context, shot_frames=None, moga=None, dense_layers=(),
-    parallel=None)`; see `forward`."""
+    """Wan DiT. `model(x, t, context, shot_frames=None, moga=None, dense_layers=(), parallel=None,
+    y=None, clip=None)`; see `forward`."""
 
     chunk_tokens = 16384  # FFN / cross-attention chunk (tokens); memory: chunk x ffn_dim
 
@@ -359,6 +464,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(
             WanBlock(cfg, cfg.num_groups if i in routed else 0) for i in range(cfg.num_layers))
         self.head = WanHead(cfg)
+        self.img_emb = ImageProjection(cfg.image_dim, cfg.dim) if cfg.image_dim else None
         _use_wan_linear(self)
         # MoGA settings used when a call passes none (the checkpoint loader sets them from metadata)
         self.moga_config = MoGAConfig(num_groups=max(cfg.num_groups, 1))
@@ -402,12 +508,61 @@ class WanModel(nn.Module):
         return hit
 
     def time_embed(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """e [B, dim] and e0 [B, 6, dim], float32 as Wan."""
+        """t [B] -> e [B, dim] and e0 [B, 6, dim]; t [B, S] -> [B, S, dim], [B, S, 6, dim]. float32 as Wan."""
         sin = sinusoidal_embedding(self.config.freq_dim, t)
         lin = lambda m, x: F.linear(x, _dequant(m), m.bias.float())  # noqa: E731
         e = lin(self.time_embedding[2], F.silu(lin(self.time_embedding[0], sin)))
         e0 = lin(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.config.dim))
+        if t.dim() == 2:
+            return e.unflatten(0, t.shape), e0.unflatten(0, t.shape)
         return e, e0
+
+    def time_segments(self, t: torch.Tensor, batch: int, grid) -> tuple[torch.Tensor, list]:
+        """t [B] (or a scalar) or [B, F] per latent frame -> (rows [B, S], segments): runs of
+        consecutive frames with the same timesteps become one segment (a, b, s) of global tokens,
+        so a per-frame timestep (TI2V's t = 0 on the image frame) costs S rows, never N."""
+        frames, per_frame = grid[0], grid[1] * grid[2]
+        t = torch.as_tensor(t, device=self.device, dtype=torch.float32)
+        if t.dim() <= 1:
+            t = t.reshape(-1)
+            if t.numel() == 1:
+                t = t.expand(batch)
+            if t.numel() != batch:
+                raise ValueError(f"t has {t.numel()} timesteps for a batch of {batch}")
+            return t[:, None], [(0, frames * per_frame, 0)]
+        if t.dim() != 2 or t.shape[1] != frames or t.shape[0] not in (1, batch):
+            raise ValueError(f"a per-frame t must be [B, {frames}] (one timestep per latent frame), "
+                             f"got {tuple(t.shape)}")
+        t = t.expand(batch, -1)
+        starts = [0] + [f for f in range(1, frames) if not torch.equal(t[:, f], t[:, f - 1])]
+        ends = starts[1:] + [frames]
+        segments = [(a * per_frame, b * per_frame, s) for s, (a, b) in enumerate(zip(starts, ends))]
+        return t[:, starts], segments
+
+    def embed_images(self, clip, batch: int, num_shots: int, cdtype) -> list:
+        """Per shot: the CLIP tokens through `img_emb` [B, 257, dim] (None for a model without it)."""
+        if self.img_emb is None:
+            return [None] * num_shots
+        if clip is None:
+            raise ValueError("this is a Wan2.1 I2V model: pass clip= (CLIP-vision penultimate features "
+                             "[1, 257, 1280] of the start image; one tensor, or a list with one per shot)")
+        if isinstance(clip, torch.Tensor):
+            clip = [clip] * num_shots
+        clip = list(clip)
+        if len(clip) != num_shots:
+            raise ValueError(f"{len(clip)} CLIP image embeddings for {num_shots} shots: pass one per shot "
+                             f"(or one tensor for all)")
+        done, out = {}, []
+        for c in clip:
+            if id(c) not in done:
+                if c.dim() == 2:
+                    c = c[None]
+                if c.dim() != 3 or c.shape[-1] != self.config.image_dim or c.shape[0] not in (1, batch):
+                    raise ValueError(f"a CLIP image embedding must be [1|{batch}, tokens, "
+                                     f"{self.config.image_dim}], got {tuple(c.shape)}")
+                done[id(c)] = self.img_emb(c.to(self.device, cdtype)).expand(batch, -1, -1)
+            out.append(done[id(c)])
+        return out
 
     def embed_text(self, context, batch: int, num_shots: int, cdtype) -> list[torch.Tensor]:
         """Per shot: the text tokens [B, max(L, text_len), dim] after Wan's text MLP (zero-padded to
@@ -443,21 +598,23 @@ class WanModel(nn.Module):
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context, shot_frames=None,
-                moga: MoGAConfig | None = None, dense_layers=(), parallel=None) -> torch.Tensor:
-        """x [B, in_dim, F, H, W] latent; t [B] (or scalar) timestep in [0, 1000]; context: one text
-        embedding [B|1, L, text_dim] for every shot, or a list with one per shot; shot_frames:
-        latent frames per shot (None: one shot). moga: MoGAConfig for this call (default
-        `self.moga_config`); layers with a router run MoGA with it, the others dense;
-        dense_layers: layer indices that run dense this call. Returns [B, out_dim, F, H, W] in
-        x's dtype.
+                moga: MoGAConfig | None = None, dense_layers=(), parallel=None, y=None,
+                clip=None) -> torch.Tensor:
+        """x [B, C, F, H, W] latent: C = in_dim, or out_dim with `y` [B|1, in_dim - out_dim, F, H, W]
+        (image-to-video: mask + image-latent channels, concatenated after x as Wan does); t [B]
+        (or scalar) timestep in [0, 1000], or [B, F] one per latent frame (TI2V); context: one text
+        embedding [B|1, L, text_dim] for every shot, or a list with one per shot; clip (Wan2.1 I2V):
+        CLIP-vision features [1, 257, 1280], or a list with one per shot; shot_frames: latent frames
+        per shot (None: one shot). moga: MoGAConfig for this call (default `self.moga_config`);
+        layers with a router run MoGA with it, the others dense; dense_layers: layer indices that
+        run dense this call. Returns [B, out_dim, F, H, W] in x's dtype.
 
         parallel: a sequence-parallel exchange (rank, world_size, all_gather_tokens, seq_to_heads,
         heads_to_seq; see moga/attention/layer.py). Every rank passes the full x and gets the full
         output; the blocks run on this rank's ceil(N / P) tokens (zero-padded at the end).
         """
         cfg = self.config
-        if x.dim() != 5 or x.shape[1] != cfg.in_dim:
-            raise ValueError(f"x must be [B, {cfg.in_dim}, F, H, W], got {tuple(x.shape)}")
+        x = self._with_condition(x, y)
         b, _, f0, h0, w0 = x.shape
         pt, ph, pw = cfg.patch_size
         pad = [0, (-w0) % pw, 0, (-h0) % ph, 0, (-f0) % pt]
@@ -466,25 +623,26 @@ class WanModel(nn.Module):
         dev = self.device
         tokens = F.conv3d(xin.to(dev, torch.float32), _dequant(self.patch_embedding),
                           self.patch_embedding.bias.float(), stride=cfg.patch_size)
+        del xin
         grid = tuple(tokens.shape[2:])
         layout = TokenLayout(*grid, shot_frames=self._token_shots(shot_frames, grid[0]))
         h = tokens.flatten(2).transpose(1, 2).contiguous()   # [B, N, dim] float32
         del tokens
         n = layout.num_tokens
 
-        t = torch.as_tensor(t, device=dev).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(b)
-        if t.numel() != b:
-            raise ValueError(f"t has {t.numel()} timesteps for a batch of {b}")
-        e, e0 = self.time_embed(t)
+        rows, segments = self.time_segments(t, b, grid)
+        e, e0 = self.time_embed(rows)            # [B, S, dim], [B, S, 6, dim]
         texts = self.embed_text(context, b, layout.num_shots, cdtype)
+        images = self.embed_images(clip, b, layout.num_shots, cdtype)
         rope = self.rope(layout, dev)
         start, end = 0, n
         if parallel is not None:
             start, end, n_local = shard_range(n, parallel.rank, parallel.world_size)
             h = shard_tokens(h, start, end, n_local).contiguous()
             rope = shard_tokens(rope, start, end, n_local, dim=0, fill=1)
+            # local segments; the zero padding after the last token rides with the last segment
+            local = [(a - start, b_ - start, s) for a, b_, s in _pieces(segments, start, end)]
+            segments = local[:-1] + [(local[-1][0], n_local, local[-1][2])] if local else [(0, n_local, 0)]
         shots = local_shot_ranges(layout, start, end)
 
         mcfg = moga or self.moga_config
@@ -492,23 +650,43 @@ class WanModel(nn.Module):
         dense_layers = set(int(i) for i in dense_layers)
         chunk = int(self.chunk_tokens)
         for i, block in enumerate(self.blocks):
-            kv_cache: dict[int, tuple] = {}
+            kv_cache: dict[tuple, tuple] = {}
             context_kv = []
-            for c in texts:
-                if id(c) not in kv_cache:
-                    kv_cache[id(c)] = block.cross_attn.kv(c)
-                context_kv.append(kv_cache[id(c)])
+            for c, im in zip(texts, images):
+                key = (id(c), id(im))
+                if key not in kv_cache:
+                    kv_cache[key] = block.cross_attn.kv(c) if im is None else block.cross_attn.kv(c, im)
+                context_kv.append(kv_cache[key])
             args = (e0, rope, context_kv, layout, dense_cfg if i in dense_layers else mcfg, shots,
-                    chunk, cdtype, parallel)
+                    chunk, cdtype, parallel, segments)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, h, *args, use_reentrant=False)
             else:
                 h = block(h, *args)
 
-        out = self.head(h, e)           # [B, n, out_dim * prod(patch)] float32
+        out = self.head(h, e, segments)           # [B, n, out_dim * prod(patch)] float32
         if parallel is not None:
             out = parallel.all_gather_tokens(out, n)
         return self.unpatchify(out, grid)[:, :, :f0, :h0, :w0].to(x.dtype)
+
+    def _with_condition(self, x: torch.Tensor, y) -> torch.Tensor:
+        cfg = self.config
+        if x.dim() != 5:
+            raise ValueError(f"x must be [B, C, F, H, W], got {tuple(x.shape)}")
+        if y is None:
+            if x.shape[1] != cfg.in_dim:
+                extra = (" (an image-to-video model: pass y, the mask + image latent, see "
+                         "moga.conditioning.image_condition)" if x.shape[1] == cfg.out_dim else "")
+                raise ValueError(f"x must be [B, {cfg.in_dim}, F, H, W], got {tuple(x.shape)}{extra}")
+            return x
+        if cfg.in_dim == cfg.out_dim:
+            raise ValueError(f"y (a concatenated image condition) was given but {cfg.name} takes none "
+                             f"(its conditioning is {cfg.conditioning!r})")
+        if (x.shape[1] != cfg.out_dim or y.dim() != 5 or y.shape[1] != cfg.in_dim - cfg.out_dim
+                or y.shape[2:] != x.shape[2:] or y.shape[0] not in (1, x.shape[0])):
+            raise ValueError(f"x [B, {cfg.out_dim}, F, H, W] and y [B|1, {cfg.in_dim - cfg.out_dim}, F, H, W] "
+                             f"of the same F, H, W expected, got {tuple(x.shape)} and {tuple(y.shape)}")
+        return torch.cat([x, y.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1)], dim=1)
 
     def _token_shots(self, shot_frames, frames: int) -> tuple:
         if shot_frames is None:
@@ -539,6 +717,6 @@ def _dequant(m: nn.Module) -> torch.Tensor:
     return w * scale.float() if scale is not None else w
 
 
-__all__ = ["WanConfig", "WanModel", "WanBlock", "WanHead", "WanCrossAttention", "WanLinear",
+__all__ = ["WanConfig", "WanModel", "WanBlock", "WanHead", "WanCrossAttention", "WanLinear", "ImageProjection",
            "sinusoidal_embedding", "rope_axis", "rope_freqs", "modulate", "shard_range",
            "shard_tokens", "local_shot_ranges"]

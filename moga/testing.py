@@ -20,13 +20,15 @@ from .model import WanConfig, WanModel
 
 def tiny_config(num_layers: int = 2, dim: int = 64, num_heads: int = 4, ffn_dim: int = 128,
                 text_dim: int = 32, freq_dim: int = 32, in_dim: int = 16, out_dim: int = 16,
-                num_groups: int = 0, moga_layers=None) -> WanConfig:
-    """A Wan2.1-shaped config small enough for CPU tests (head dim 16)."""
+                num_groups: int = 0, moga_layers=None, image_dim: int = 0) -> WanConfig:
+    """A Wan-shaped config small enough for CPU tests (head dim 16). Image-to-video kinds:
+    in_dim = 2 * out_dim + 4 (Wan2.2 I2V), plus image_dim (CLIP width; Wan2.1 I2V: 1280, which core
+    ComfyUI hard-codes); out_dim = in_dim = 48 is the TI2V-5B kind."""
     if moga_layers is None:
         moga_layers = tuple(range(num_layers)) if num_groups else ()
     return WanConfig(dim=dim, ffn_dim=ffn_dim, num_heads=num_heads, num_layers=num_layers,
                      in_dim=in_dim, out_dim=out_dim, text_dim=text_dim, freq_dim=freq_dim,
-                     num_groups=num_groups, moga_layers=tuple(moga_layers))
+                     num_groups=num_groups, moga_layers=tuple(moga_layers), image_dim=image_dim)
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
-"""Parity of moga.model.WanModel (dense) with ComfyUI's Wan2.1 implementation on a tiny random model.
+"""Parity of moga.model.WanModel (dense) with ComfyUI's Wan implementation on tiny random models:
+Wan2.1 T2V, Wan2.1 I2V (CLIP branch + concatenated image latent), Wan2.2 I2V A14B (concatenation
+only) and Wan2.2 TI2V-5B (48 channels, one timestep per latent frame, t = 0 on the image frame).
 
 Runs only where a ComfyUI host exists: COMFYUI_PATH (a ComfyUI checkout) and COMFYUI_PYTHON (a
 python with ComfyUI's requirements; CI builds both). The comparison runs in a subprocess under that
@@ -65,7 +67,55 @@ def compare() -> dict:
                 b = theirs(x, t, padded)
             err = ((a - b).abs().max() / b.abs().max()).item()
             results[f"{layers} layers, {heads} heads, {case['name']}"] = err
+    results.update(compare_image_models(ComfyWan, comfy.ops, torch, tiny_model))
     return {"torch": torch.__version__, "errors": results, "max": max(results.values())}
+
+
+def compare_image_models(ComfyWan, ops, torch, tiny_model) -> dict:
+    """The image-conditioned kinds, each against core's WanModel built as core's loader builds it."""
+    results = {}
+    kinds = [
+        # (name, tiny_model config, core model_type, per-frame t)
+        ("Wan2.1 I2V (CLIP 1280 + concat 36)", dict(in_dim=36, image_dim=1280), "i2v", False),
+        ("Wan2.2 I2V A14B (concat 36)", dict(in_dim=36), "t2v", False),
+        ("Wan2.2 TI2V-5B (48 ch, per-frame t)", dict(in_dim=48, out_dim=48), "t2v", True),
+    ]
+    for name, conf, model_type, per_frame in kinds:
+        ours = tiny_model(seed=7, num_layers=2, num_heads=4, **conf)
+        cfg = ours.config
+        theirs = ComfyWan(model_type=model_type, patch_size=cfg.patch_size, text_len=cfg.text_len,
+                          in_dim=cfg.in_dim, dim=cfg.dim, ffn_dim=cfg.ffn_dim, freq_dim=cfg.freq_dim,
+                          text_dim=cfg.text_dim, out_dim=cfg.out_dim, num_heads=cfg.num_heads,
+                          num_layers=cfg.num_layers, eps=cfg.eps, device="cpu", dtype=torch.float32,
+                          operations=ops.disable_weight_init)
+        missing, unexpected = theirs.load_state_dict(ours.dit_state_dict(), strict=False)
+        assert not unexpected and not missing, (name, missing, unexpected)
+        theirs.eval()
+        for frames, height, width, batch in ((3, 8, 8, 1), (4, 6, 10, 2)):
+            g = torch.Generator().manual_seed(len(results) + 100)
+            noise = torch.randn(batch, cfg.out_dim, frames, height, width, generator=g)
+            ctx = torch.randn(batch, 9, cfg.text_dim, generator=g)
+            padded = torch.cat([ctx, ctx.new_zeros(batch, cfg.text_len - 9, cfg.text_dim)], dim=1)
+            kw_ours, kw_theirs = {}, {}
+            x_theirs = noise
+            if cfg.in_dim != cfg.out_dim:
+                y = torch.randn(batch, cfg.in_dim - cfg.out_dim, frames, height, width, generator=g)
+                kw_ours["y"] = y
+                x_theirs = torch.cat([noise, y], dim=1)
+            if cfg.image_dim:
+                clip = torch.randn(batch, 257, cfg.image_dim, generator=g)
+                kw_ours["clip"], kw_theirs["clip_fea"] = clip, clip
+            if per_frame:  # core's WAN22.process_timestep: t per latent frame, 0 on the image frame
+                t = torch.full((batch, frames), 811.0)
+                t[:, 0] = 0.0
+            else:
+                t = torch.full((batch,), 811.0)
+            with torch.inference_mode():
+                a = ours(noise, t, ctx, **kw_ours)
+                b = theirs(x_theirs, t, padded, **kw_theirs)
+            err = ((a - b).abs().max() / b.abs().max()).item()
+            results[f"{name}, {frames}x{height}x{width}, batch {batch}"] = err
+    return results
 
 
 def test_dense_output_matches_comfyui_wan():
