@@ -16,7 +16,16 @@ Solvers:
 
 Defaults are Wan2.1's for text-to-video (generate.py): 50 steps, shift 5.0, guidance 5.0, unipc, for
 both 1.3B and 14B at 480p and 720p (generate.py only lowers shift to 3.0 for 480p image-to-video; its
-README suggests guidance 6 and shift 8-12 as a tuning range for 1.3B).
+README suggests guidance 6 and shift 8-12 as a tuning range for 1.3B). A checkpoint may record its
+own (`model.sampler_defaults`, from the `moga.sampler.*` metadata: a distill model's 4 steps, cfg 1);
+an explicit argument wins over both.
+
+Step-distilled models (LightX2V's Wan distill LoRAs, 4 steps, cfg 1): `schedule="distill"` is their
+scheduler (lightx2v WanStepDistillScheduler): timesteps 1000, 750, 500, 250 for 4 steps (1000 * (1 -
+i / steps)), each shifted as above (shift 5.0), not floored, Euler down to 0:
+    sigma_i = shift(t_i / 1000)  ->  1.0, 0.9375, 0.8333, 0.625, then 0
+At cfg 1 no negative pass runs. Wan2.2 A14B: pass a `moga.experts.ExpertPair`; each step runs the
+expert of its timestep.
 """
 from __future__ import annotations
 
@@ -31,7 +40,11 @@ DEFAULT_SHIFT = 5.0
 DEFAULT_CFG = 5.0
 DEFAULT_SOLVER = "unipc"
 SOLVERS = ("unipc", "euler")
+SCHEDULES = ("wan", "distill")
 NUM_TRAIN_TIMESTEPS = 1000
+# cfg > 1 runs both guidance branches as one batch of 2 up to this many tokens (cfg_batch=None):
+# the batch doubles the activations, so long videos stay two-pass unless asked (cfg_batch=True)
+CFG_BATCH_MAX_TOKENS = 65536
 
 
 class Cancelled(RuntimeError):
@@ -65,6 +78,33 @@ def make_schedule(steps: int, shift: float = DEFAULT_SHIFT,
     sigmas = shift_sigmas(base, shift)
     timesteps = torch.floor(sigmas * num_train_timesteps)
     return Schedule(tuple(sigmas.tolist()) + (0.0,), tuple(timesteps.tolist()))
+
+
+def distill_schedule(steps: int, shift: float = DEFAULT_SHIFT, timesteps=None,
+                     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Schedule:
+    """LightX2V's step-distill schedule: base timesteps `timesteps` (default 1000 * (1 - i / steps):
+    1000, 750, 500, 250), sigma = shift(t / 1000), the model sees sigma * 1000 (unfloored)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not (shift > 0 and math.isfinite(shift)):
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    if timesteps is None:
+        timesteps = [num_train_timesteps * (1 - i / steps) for i in range(steps)]
+    base = torch.tensor([float(t) for t in timesteps], dtype=torch.float64) / num_train_timesteps
+    if base.numel() != steps or (base.numel() > 1 and not bool((base[1:] < base[:-1]).all())) \
+            or float(base.max()) > 1 or float(base.min()) <= 0:
+        raise ValueError(f"distill timesteps must be {steps} strictly decreasing values in (0, "
+                         f"{num_train_timesteps}], got {list(timesteps)}")
+    sigmas = shift_sigmas(base, shift)
+    return Schedule(tuple(sigmas.tolist()) + (0.0,), tuple((sigmas * num_train_timesteps).tolist()))
+
+
+def build_schedule(kind: str, steps: int, shift: float) -> Schedule:
+    if kind == "wan":
+        return make_schedule(steps, shift)
+    if kind == "distill":
+        return distill_schedule(steps, shift)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
 
 
 # ---- solvers ---------------------------------------------------------------------------------
@@ -210,33 +250,80 @@ def initial_noise(shape, seed: int) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
 
 
-def dense_step_count(dense_steps: float, steps: int) -> int:
-    """`dense_steps` is a fraction in [0, 1] of the steps (the first ones) that run dense attention."""
+def dense_step_count(dense_steps: float, steps: int, dense_warmup_steps: int | None = None) -> int:
+    """How many first steps run dense attention: `dense_warmup_steps` when given (a count, e.g. 1
+    of a 4-step distill run), else `dense_steps`, a fraction in [0, 1] of the steps, rounded."""
+    if dense_warmup_steps is not None:
+        if isinstance(dense_warmup_steps, bool) or int(dense_warmup_steps) != dense_warmup_steps \
+                or not 0 <= dense_warmup_steps <= steps:
+            raise ValueError(f"dense_warmup_steps is a step count in 0..{steps}, got {dense_warmup_steps!r}")
+        return int(dense_warmup_steps)
     if not (0.0 <= float(dense_steps) <= 1.0):
         raise ValueError(f"dense_steps is a fraction of the steps in [0, 1], got {dense_steps!r}")
     return int(math.floor(dense_steps * steps + 0.5))
 
 
+def sampler_settings(model, steps=None, cfg=None, shift=None, solver=None, schedule=None) -> dict:
+    """Explicit values, else the checkpoint's (`model.sampler_defaults`), else Wan2.1's defaults.
+    The distill schedule defaults to Euler (what LightX2V integrates it with)."""
+    own = dict(getattr(model, "sampler_defaults", None) or {})
+    if hasattr(model, "expert_for") and not own:
+        own = dict(getattr(model.high, "sampler_defaults", None) or {})
+    pick = lambda v, k, d: v if v is not None else own.get(k, d)  # noqa: E731
+    schedule = pick(schedule, "schedule", "wan")
+    out = dict(steps=int(pick(steps, "steps", DEFAULT_STEPS)), cfg=pick(cfg, "cfg", DEFAULT_CFG),
+               shift=float(pick(shift, "shift", DEFAULT_SHIFT)), schedule=schedule,
+               solver=pick(solver, "solver", "euler" if schedule == "distill" else DEFAULT_SOLVER))
+    if out["solver"] not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {out['solver']!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return out
+
+
+def _pad_text(c: torch.Tensor, length: int) -> torch.Tensor:
+    if c.dim() == 2:
+        c = c[None]
+    pad = length - c.shape[1]
+    return torch.cat([c, c.new_zeros(c.shape[0], pad, c.shape[2])], dim=1) if pad > 0 else c
+
+
 @torch.inference_mode()
-def sample(model, positive, negative, *, shot_frames, latent_size, steps: int = DEFAULT_STEPS,
-           cfg: float = DEFAULT_CFG, shift: float = DEFAULT_SHIFT, solver: str = DEFAULT_SOLVER,
-           seed: int = 0, moga=None, dense_steps: float = 0.0, dense_layers=(), callback=None, cancel=None,
-           device=None, dtype=None, parallel=None, channels: int | None = None, return_result: bool = False):
+def sample(model, positive, negative, *, shot_frames, latent_size, steps: int | None = None,
+           cfg: float | tuple | None = None, shift: float | None = None, solver: str | None = None,
+           schedule: str | None = None, seed: int = 0, moga=None, dense_steps: float = 0.0,
+           dense_warmup_steps: int | None = None, dense_layers=(), callback=None, cancel=None,
+           device=None, dtype=None, parallel=None, channels: int | None = None, image=None,
+           cfg_batch: bool | None = None, on_step=None, return_result: bool = False):
     """Denoise the whole multi-shot latent as one sequence; returns the latent [1, C, F, H, W] (float32).
 
+    model: a WanModel, or a `moga.experts.ExpertPair` (Wan2.2 A14B; each step runs the expert of
+        its timestep, each with its own MoGA config unless `moga` is given).
     positive: one text embedding per shot ([1, L, text_dim] each; a single tensor is used for every shot).
     negative: one embedding used for every shot (None or cfg == 1: no unconditional pass).
     shot_frames: latent frames per shot (sums to F). latent_size: (F, H, W) in latent units.
-    moga: the MoGAConfig for this run (None: the model's own). The first `dense_steps` fraction of the
-        steps run with `moga.replace(dense=True)`; `dense_layers` run dense at every step.
+    steps, cfg, shift, solver, schedule ("wan" | "distill"): None takes the checkpoint's default
+        (`sampler_settings`). cfg may be (cfg_high, cfg_low) for an expert pair (Wan2.2's own
+        guidance differs per expert).
+    moga: the MoGAConfig for this run (None: the model's own). The first `dense_warmup_steps` steps
+        (or the `dense_steps` fraction) run with `moga.replace(dense=True)`; `dense_layers` run dense
+        at every step.
+    image: a `moga.conditioning.ImageCondition` (start images per shot), or None.
+    cfg_batch: run the two guidance branches as one batch of 2 (True), two passes (False), or (None)
+        batch when the latent has at most CFG_BATCH_MAX_TOKENS tokens and no sequence parallelism.
     callback(step, total, latent): after every step, step counted from 1. cancel(): checked before every
         model call; True raises `Cancelled` (so a run stops within one model evaluation).
+    on_step(step, timestep, expert): before each step's model call (expert: "high"/"low"/"single").
     device: where the latent lives (default: the model's). dtype: cast the text embeddings to it (default:
         as given; the model casts them to its compute dtype). The latent stays float32 throughout.
     return_result: return a `SampleResult` (latent, shot boundaries, timings) instead of the tensor.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    st = sampler_settings(model, steps, cfg, shift, solver, schedule)
+    steps, cfg, shift, solver = st["steps"], st["cfg"], st["shift"], st["solver"]
+    pair = hasattr(model, "expert_for")
+    cfgs = tuple(float(c) for c in cfg) if isinstance(cfg, (tuple, list)) else (float(cfg),) * 2
+    if len(cfgs) != 2 or (not pair and cfgs[0] != cfgs[1]):
+        raise ValueError(f"cfg is one number (or (cfg_high, cfg_low) for an expert pair), got {cfg!r}")
     F, H, W = (int(v) for v in latent_size)
     shot_frames = tuple(int(f) for f in shot_frames)
     if not shot_frames or any(f < 1 for f in shot_frames) or sum(shot_frames) != F:
@@ -246,30 +333,43 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int = 
     positive = list(positive)
     if len(positive) != len(shot_frames):
         raise ValueError(f"{len(positive)} positive embeddings for {len(shot_frames)} shots: give one per shot")
-    if cfg != 1.0 and negative is None:
+    guided = any(c != 1.0 for c in cfgs)
+    if guided and negative is None:
         raise ValueError("guidance (cfg != 1) needs a negative embedding; pass negative or set cfg=1")
 
     first_param = next(iter(model.parameters()), None)
     if device is None:
         device = first_param.device if first_param is not None else torch.device("cpu")
     device = torch.device(device)
+    config = getattr(model, "config", None)
     if channels is None:
-        config = getattr(model, "config", None)
-        channels = getattr(config, "in_dim", 16)
-    base_cfg = moga if moga is not None else getattr(model, "moga_config", None)
-    n_dense = dense_step_count(dense_steps, steps)
-    if n_dense and base_cfg is None:
-        raise ValueError("dense_steps needs a MoGA config: pass moga= or use a model with moga_config")
-    dense_cfg = base_cfg.replace(dense=True) if n_dense else None
+        channels = getattr(config, "out_dim", getattr(config, "in_dim", 16))
+    conditioning = getattr(config, "conditioning", "none")
+    if image is None and conditioning in ("concat", "clip+concat"):
+        raise ValueError(f"{config.name} is an image-to-video model: pass image= "
+                         f"(moga.conditioning.image_condition with a start image for shot 1)")
+    n_dense = dense_step_count(dense_steps, steps, dense_warmup_steps)
+    nets = (model.high, model.low) if pair else (model,)
+    base_cfgs = {id(m): moga if moga is not None else getattr(m, "moga_config", None) for m in nets}
+    if n_dense and any(c is None for c in base_cfgs.values()):
+        raise ValueError("dense warm-up needs a MoGA config: pass moga= or use a model with moga_config")
     dense_layers = tuple(dense_layers)
 
     # text embeddings move once; the model casts them to its compute dtype (or to `dtype` if given)
     positive = [p.to(device=device, dtype=dtype or p.dtype) for p in positive]
-    neg = negative.to(device=device, dtype=dtype or negative.dtype) if (negative is not None and cfg != 1.0) else None
+    neg = negative.to(device=device, dtype=dtype or negative.dtype) if (negative is not None and guided) else None
+    extra = image.model_kwargs() if image is not None else {}
+    if "y" in extra:
+        extra["y"] = extra["y"].to(device)
 
-    schedule = make_schedule(steps, shift)
-    stepper = make_solver(solver, schedule)
+    schedule_ = build_schedule(st["schedule"], steps, shift)
+    stepper = make_solver(solver, schedule_)
     x = initial_noise((1, channels, F, H, W), seed).to(device)
+    if image is not None:
+        x = image.apply(x)
+    batch_ctx = None
+    if neg is not None:
+        batch_ctx = _batched_contexts(config, positive, neg, F * H * W, cfg_batch, parallel)
 
     def check_cancel():
         if cancel is not None and cancel():
@@ -277,22 +377,36 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int = 
 
     step_seconds = []
     start = time.perf_counter()
-    for i in range(schedule.steps):
+    for i in range(schedule_.steps):
         t0 = time.perf_counter()
         check_cancel()
-        run_cfg = dense_cfg if i < n_dense else base_cfg
-        t = torch.full((1,), schedule.timesteps[i], device=device, dtype=torch.float32)
+        ts = schedule_.timesteps[i]
+        net = model.expert_for(ts) if pair else model
+        which = model.name_for(ts) if pair else "single"
+        scale = cfgs[0] if which != "low" else cfgs[1]
+        if on_step is not None:
+            on_step(i, ts, which)
+        base_cfg = base_cfgs[id(net)]
+        run_cfg = base_cfg.replace(dense=True) if i < n_dense else base_cfg
+        t = image.timesteps(ts, device) if image is not None else torch.full((1,), ts, device=device)
         xin = x  # float32: the model embeds it in float32 (an fp8/bf16 cast here would lose precision)
-        kwargs = dict(shot_frames=shot_frames, moga=run_cfg, dense_layers=dense_layers, parallel=parallel)
-        v = model(xin, t, positive, **kwargs).float()
-        if neg is not None:
-            check_cancel()
-            v_uncond = model(xin, t, neg, **kwargs).float()
-            v = v_uncond + cfg * (v - v_uncond)
+        kwargs = dict(shot_frames=shot_frames, moga=run_cfg, dense_layers=dense_layers, parallel=parallel, **extra)
+        if neg is not None and scale != 1.0 and batch_ctx is not None:
+            both = net(torch.cat([xin, xin]), t.expand(2, *t.shape[1:]), batch_ctx, **kwargs).float()
+            v, v_uncond = both[:1], both[1:]
+            v = v_uncond + scale * (v - v_uncond)
+        else:
+            v = net(xin, t, positive, **kwargs).float()
+            if neg is not None and scale != 1.0:
+                check_cancel()
+                v_uncond = net(xin, t, neg, **kwargs).float()
+                v = v_uncond + scale * (v - v_uncond)
         x = stepper.step(i, x, v)
+        if image is not None:
+            x = image.apply(x)
         step_seconds.append(time.perf_counter() - t0)
         if callback is not None:
-            callback(i + 1, schedule.steps, x)
+            callback(i + 1, schedule_.steps, x)
     total = time.perf_counter() - start
     if not return_result:
         return x
@@ -300,4 +414,34 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int = 
     for f in shot_frames:
         ranges.append((s, s + f))
         s += f
-    return SampleResult(x, shot_frames, tuple(ranges), schedule.steps, total, step_seconds)
+    return SampleResult(x, shot_frames, tuple(ranges), schedule_.steps, total, step_seconds)
+
+
+def _batched_contexts(config, positive, neg, latent_positions: int, cfg_batch, parallel):
+    """Per shot [2, L, D] (cond, uncond) for the one-pass CFG, or None for two passes. The texts
+    are zero-padded to text_len, which the model does to each anyway, so the batch computes what
+    the two passes do; a text longer than text_len cannot be padded to match, so it stays two-pass."""
+    if cfg_batch is False:
+        return None
+    text_len = getattr(config, "text_len", None)
+    if text_len is None:
+        if cfg_batch:
+            raise ValueError("cfg_batch needs a model with config.text_len (a Wan DiT)")
+        return None
+    fits = all(c.shape[-2] <= text_len for c in [*positive, neg])
+    if not fits:
+        if cfg_batch:
+            raise ValueError(f"cfg_batch: a text embedding is longer than the model's text_len {text_len}; "
+                             f"the two branches cannot share one batch (use cfg_batch=False)")
+        return None
+    if cfg_batch is None:
+        patch = math.prod(getattr(config, "patch_size", (1, 2, 2)))
+        if parallel is not None or latent_positions // patch > CFG_BATCH_MAX_TOKENS:
+            return None
+    pn = _pad_text(neg, text_len)
+    done, out = {}, []
+    for p in positive:
+        if id(p) not in done:
+            done[id(p)] = torch.cat([_pad_text(p, text_len), pn.to(p.dtype)], dim=0)
+        out.append(done[id(p)])
+    return out
