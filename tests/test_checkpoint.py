@@ -246,17 +246,19 @@ def test_truncated_files(tmp_path, plain):
         inspect_checkpoint(cut)
 
 
-def test_image_to_video_and_wan22_are_named(tmp_path):
-    sd = tiny_model(seed=15).dit_state_dict()
-    i2v = dict(sd, **{"img_emb.proj.0.weight": torch.ones(8), "blocks.0.cross_attn.k_img.weight": torch.ones(64, 64)})
-    with pytest.raises(CheckpointError, match="Wan2.1 image-to-video.*not supported yet|image-to-video.*only Wan2.1"):
-        load_model(_write_raw(tmp_path / "i2v.safetensors", to_layout(i2v, "comfyui"), {"moga.num_heads": "4"}))
-    ti2v = tiny_model(seed=15, in_dim=48, out_dim=48).dit_state_dict()
-    with pytest.raises(CheckpointError, match="Wan2.2 TI2V-5B"):
-        load_model(_write_raw(tmp_path / "ti2v.safetensors", ti2v, {"moga.num_heads": "4"}))
-    i2v22 = tiny_model(seed=15, in_dim=36).dit_state_dict()
-    with pytest.raises(CheckpointError, match="Wan2.2 I2V-A14B"):
-        inspect_checkpoint(_write_raw(tmp_path / "i2v22.safetensors", i2v22, {"moga.num_heads": "4"}))
+def test_unsupported_image_variants_are_named(tmp_path):
+    # the supported kinds (Wan2.1 I2V, Wan2.2 I2V / TI2V) load: tests/test_wan_models.py
+    sd = tiny_model(seed=15, in_dim=36, image_dim=24).dit_state_dict()
+    flf = dict(sd, **{"img_emb.emb_pos": torch.ones(1, 514, 24)})
+    with pytest.raises(CheckpointError, match="first-last-frame"):
+        load_model(_write_raw(tmp_path / "flf.safetensors", to_layout(flf, "comfyui"), {"moga.num_heads": "4"}))
+    half = {k: v for k, v in sd.items() if ".k_img." not in k}
+    with pytest.raises(CheckpointError, match="incomplete Wan2.1 I2V"):
+        load_model(_write_raw(tmp_path / "half.safetensors", half, {"moga.num_heads": "4"}))
+    odd = tiny_model(seed=15).dit_state_dict()
+    odd["patch_embedding.weight"] = torch.randn(64, 20, 1, 2, 2)
+    with pytest.raises(CheckpointError, match="image/control-conditioned"):
+        inspect_checkpoint(_write_raw(tmp_path / "odd.safetensors", odd, {"moga.num_heads": "4"}))
 
 
 def test_text_encoder_and_vae_files_are_named(tmp_path):

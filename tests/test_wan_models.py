@@ -246,3 +246,73 @@ def test_two_experts_on_two_gloo_ranks_match_one_process(cfg_batch):
     want = torch.from_numpy(_pair_run(None, False))
     for out in run_on_ranks(_pair_run, 2, args=(cfg_batch,), timeout=120):
         assert rel(torch.from_numpy(out), want) < 1e-5
+
+
+# ---- loading the model kinds -----------------------------------------------------------------
+KINDS = {"Wan2.1 I2V": dict(in_dim=36, image_dim=24), "Wan2.2 I2V": dict(in_dim=36),
+         "Wan2.2 TI2V": dict(in_dim=48, out_dim=48)}
+
+
+@pytest.mark.parametrize("layout", ["wan", "comfyui", "diffusers"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_image_models_load_in_every_layout(tmp_path, kind, layout):
+    from moga.checkpoint import inspect_checkpoint, load_model
+    from moga.testing import write_tiny_checkpoint
+
+    conf = KINDS[kind]
+    path = write_tiny_checkpoint(tmp_path / "m.safetensors", layout=layout, seed=3, **conf)
+    model = load_model(path)
+    want = tiny_model(seed=3, **conf)
+    assert model.config == want.config
+    assert inspect_checkpoint(path).config["in_dim"] == conf["in_dim"]
+    g = torch.Generator().manual_seed(1)
+    out_dim = conf.get("out_dim", 16)
+    x = torch.randn(1, out_dim, 2, 4, 4, generator=g)
+    kw = {}
+    if conf["in_dim"] != out_dim:
+        kw["y"] = torch.randn(1, conf["in_dim"] - out_dim, 2, 4, 4, generator=g)
+    if conf.get("image_dim"):
+        kw["clip"] = torch.randn(1, 5, 24, generator=g)
+    ctx = torch.randn(1, 6, model.config.text_dim, generator=g)
+    with torch.inference_mode():
+        assert torch.equal(model(x, torch.tensor([300.0]), ctx, **kw), want(x, torch.tensor([300.0]), ctx, **kw))
+
+
+def test_expert_pair_loads_from_two_files_or_one_folder(tmp_path):
+    from moga.checkpoint import CheckpointError, load_experts, sampler_metadata
+    from moga.testing import write_tiny_checkpoint
+
+    folder = tmp_path / "wan22"
+    folder.mkdir()
+    meta = sampler_metadata(steps=4, cfg=1.0, shift=5.0, schedule="distill")
+    hi = write_tiny_checkpoint(folder / "wan2.2_i2v_high_noise_14B.safetensors", layout="comfyui", seed=1,
+                               num_groups=3, in_dim=36, metadata=meta)
+    lo = write_tiny_checkpoint(folder / "wan2.2_i2v_low_noise_14B.safetensors", layout="comfyui", seed=2,
+                               num_groups=5, in_dim=36)
+    pair = load_experts(folder)
+    assert pair.boundary == 0.9 and pair.high.moga_config.num_groups == 3 and pair.low.moga_config.num_groups == 5
+    assert sampler_settings(pair)["schedule"] == "distill" and pair.high.sampler_defaults["steps"] == 4
+    pair2 = load_experts(hi, lo, boundary=0.8)
+    assert pair2.boundary == 0.8
+    sub = tmp_path / "release"
+    (sub / "high_noise_model").mkdir(parents=True)
+    (sub / "low_noise_model").mkdir()
+    write_tiny_checkpoint(sub / "high_noise_model" / "diffusion_pytorch_model.safetensors", layout="diffusers", seed=1)
+    write_tiny_checkpoint(sub / "low_noise_model" / "diffusion_pytorch_model.safetensors", layout="diffusers", seed=2)
+    assert load_experts(sub).boundary == 0.875
+    write_tiny_checkpoint(folder / "another_high_noise.safetensors", seed=3)
+    with pytest.raises(CheckpointError, match="2 high-noise and 1 low-noise"):
+        load_experts(folder)
+    with pytest.raises(CheckpointError, match="pass the low-noise expert"):
+        load_experts(hi)
+    with pytest.raises(CheckpointError, match="differ in shape"):
+        load_experts(hi, write_tiny_checkpoint(tmp_path / "t2v.safetensors", seed=4))
+
+
+def test_bad_sampler_metadata_is_named(tmp_path):
+    from moga.checkpoint import CheckpointError, load_model
+    from moga.testing import write_tiny_checkpoint
+
+    bad = write_tiny_checkpoint(tmp_path / "b.safetensors", metadata={"moga.sampler.schedule": "fancy"})
+    with pytest.raises(CheckpointError, match="moga.sampler.schedule"):
+        load_model(bad)

@@ -1,4 +1,4 @@
-"""Wan2.1 T2V checkpoints (safetensors only): reading every published key layout, the MoGA format,
+"""Wan checkpoints (safetensors only: Wan2.1 T2V / I2V, Wan2.2 A14B expert pairs, TI2V-5B): reading every published key layout, the MoGA format,
 and `patch` (add routers to a plain checkpoint). The format is documented in
 docs/checkpoint-format.md.
 
@@ -23,12 +23,14 @@ from __future__ import annotations
 from .calibrate import (CALIBRATED_CAPACITY, CALIBRATED_DENSE_WARMUP, calibrate_routers, patch_checkpoint,
                         spherical_kmeans)
 from .errors import CheckpointError
+from .experts import find_experts, load_experts
 from .inspection import CheckpointInfo, Plan, inspect_checkpoint, plan_checkpoint
 from .layouts import (EXTRA_PREFIXES, LAYOUTS, PREFIX_COMFYUI, canonical_key, detect_layout, diffusers_to_wan,
                       router_key, to_layout, wan_to_diffusers)
 from .loader import EXTRA_LOADERS, load_model, register_extras
 from .lora import check_loras, lora_specs, merge_loras, parse_lora_spec, read_lora
-from .moga_format import FORMAT_VERSION, format_layers, moga_metadata, parse_layers, save_checkpoint
+from .moga_format import (FORMAT_VERSION, format_layers, moga_metadata, parse_layers, sampler_defaults,
+                          sampler_metadata, save_checkpoint)
 from .router_file import RouterSet, compare_fingerprint, make_fingerprint, read_routers, write_routers
 from .safetensors_io import Entry, TensorSource, read_header, write_safetensors
 
@@ -39,4 +41,5 @@ __all__ = ["load_model", "inspect_checkpoint", "save_checkpoint", "patch_checkpo
            "CALIBRATED_CAPACITY", "parse_layers", "format_layers", "router_key", "wan_to_diffusers",
            "diffusers_to_wan", "Plan", "Entry", "PREFIX_COMFYUI", "LAYOUTS", "EXTRA_PREFIXES", "check_loras",
            "merge_loras", "parse_lora_spec", "read_lora", "lora_specs", "RouterSet", "read_routers", "write_routers",
-           "make_fingerprint", "compare_fingerprint"]
+           "make_fingerprint", "compare_fingerprint", "load_experts", "find_experts", "sampler_metadata",
+           "sampler_defaults"]

@@ -11,7 +11,7 @@ from ..attention import MoGAConfig
 from ..model import WanConfig
 from .errors import CheckpointError
 from .layouts import EXTRA_PREFIXES, canonical_key, detect_layout
-from .moga_format import _moga_settings, _num_heads, format_layers
+from .moga_format import _moga_settings, _num_heads, format_layers, sampler_defaults
 from .safetensors_io import TensorSource
 
 def _what_else(keys: list[str]) -> str | None:
@@ -31,9 +31,10 @@ def _what_else(keys: list[str]) -> str | None:
 
 
 def _variant(canon: Mapping[str, tuple]) -> str | None:
-    """Name an unsupported Wan variant found in canonical keys/shapes, or None for Wan2.1 T2V."""
+    """Name an unsupported Wan variant found in canonical keys/shapes, or None for the supported ones
+    (Wan2.1 T2V / I2V, Wan2.2 A14B T2V / I2V experts, Wan2.2 TI2V-5B: `WanConfig.conditioning`)."""
     keys = set(canon)
-    tag = lambda what: f"{what}; only Wan2.1-architecture text-to-video models are supported yet"  # noqa: E731
+    tag = lambda what: f"{what}; supported: Wan2.1 T2V and I2V, Wan2.2 A14B T2V and I2V experts, Wan2.2 TI2V-5B"  # noqa: E731
     if any(k.startswith("vace_") for k in keys):
         return tag("a Wan VACE model (vace_blocks)")
     if any(k.startswith("control_adapter.") for k in keys):
@@ -42,18 +43,16 @@ def _variant(canon: Mapping[str, tuple]) -> str | None:
         return tag("a Wan audio-driven model (S2V / HuMo)")
     if any(k.startswith("face_adapter.") for k in keys):
         return tag("a Wan Animate model")
-    if any(k.startswith("img_emb.") for k in keys) or any(".k_img." in k for k in keys):
-        kind = "first-last-frame-to-video (FLF2V)" if "img_emb.emb_pos" in keys else "image-to-video (I2V)"
-        return tag(f"a Wan2.1 {kind} model (it has the CLIP image embedding img_emb / k_img)")
+    if "img_emb.emb_pos" in keys:
+        return tag("a Wan2.1 first-last-frame-to-video (FLF2V) model (img_emb.emb_pos)")
+    if any(k.startswith("img_emb.") for k in keys) != any(".k_img." in k for k in keys):
+        return tag("an incomplete Wan2.1 I2V model (img_emb and cross_attn.k_img come together)")
     pe, hh = canon.get("patch_embedding.weight"), canon.get("head.head.weight")
     if pe is not None and hh is not None and len(pe) == 5:
         in_dim, out_dim = pe[1], hh[0] // max(1, math.prod(pe[2:]))
-        if out_dim == 48:
-            return tag(f"a Wan2.2 TI2V-5B model (48-channel Wan2.2 VAE latents, dim {pe[0]})")
-        if in_dim != out_dim:
-            what = "a Wan2.2 I2V-A14B model" if in_dim == 36 else "an image/control-conditioned Wan model"
-            return tag(f"{what} (input channels {in_dim} != output channels {out_dim}: the latent is "
-                       f"concatenated with a conditioning image)")
+        if in_dim != out_dim and in_dim != 2 * out_dim + 4:
+            return tag(f"an image/control-conditioned Wan model (input channels {in_dim}, output {out_dim}: "
+                       f"not the noise + 4 mask + {out_dim} image-latent channels of Wan's I2V)")
     if any(k.startswith("ref_conv.") for k in keys):
         return tag("a Wan Fun reference-image model (ref_conv)")
     return None
@@ -72,6 +71,7 @@ class Plan:
     scaled_fp8: bool
     extras: str | None
     ignored: list[str] = field(default_factory=list)
+    sampler: dict = field(default_factory=dict)   # the file's sampler defaults (moga.sampler.*)
 
 
 def plan_checkpoint(path, num_heads: int | None = None) -> Plan:
@@ -117,7 +117,7 @@ def plan_checkpoint(path, num_heads: int | None = None) -> Plan:
     names.pop("scaled_fp8", None)
     for c in [c for c in names if c.endswith(".scale_input")]:  # only for fp8 matmuls; unused
         ignored.append(names.pop(c))
-    return Plan(src, layout, names, cfg, moga, warmup, scaled, extras, ignored)
+    return Plan(src, layout, names, cfg, moga, warmup, scaled, extras, ignored, sampler_defaults(meta, src.path))
 
 
 @dataclass

@@ -26,7 +26,8 @@ def register_extras(name: str, loader: Callable) -> None:
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None, num_heads: int | None = None,
                loras=None, lora_fp8: str = "compute") -> WanModel:
-    """Load a Wan2.1 T2V checkpoint (file or diffusers/Wan folder; any key layout) as a WanModel.
+    """Load a Wan checkpoint (file or diffusers/Wan folder; any key layout) as a WanModel: Wan2.1
+    T2V / I2V, one Wan2.2 A14B expert (a pair: `moga.checkpoint.load_experts`), Wan2.2 TI2V-5B.
 
     dtype: the dtype floating weights are stored in on `device` (None: as in the file). fp8 weights
     stay fp8 and are upcast per layer at compute time, to `dtype` if given (else bfloat16). Router
@@ -87,6 +88,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, num_heads: 
     if plan.moga is not None:
         model.moga_config = plan.moga
     model.dense_warmup = plan.dense_warmup
+    model.sampler_defaults = dict(plan.sampler)
     if dtype is not None:
         model.compute_dtype = dtype
     model.eval().requires_grad_(False)

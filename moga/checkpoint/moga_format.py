@@ -50,6 +50,39 @@ def format_layers(layers: Iterable[int]) -> str:
     return ",".join(parts)
 
 
+SAMPLER_KEYS = {"steps": int, "cfg": float, "shift": float, "schedule": str, "solver": str}
+
+
+def sampler_metadata(**settings) -> dict[str, str]:
+    """`moga.sampler.*` header keys: the sampler settings a checkpoint expects (a step-distilled model:
+    steps=4, cfg=1.0, shift=5.0, schedule="distill"); `moga generate` uses them unless told otherwise."""
+    bad = sorted(set(settings) - set(SAMPLER_KEYS))
+    if bad:
+        raise ValueError(f"unknown sampler settings {bad}; known: {sorted(SAMPLER_KEYS)}")
+    return {f"moga.sampler.{k}": str(v) for k, v in settings.items() if v is not None}
+
+
+def sampler_defaults(meta: Mapping[str, str], path="the file") -> dict:
+    """Parse the `moga.sampler.*` keys of a header (absent keys: absent)."""
+    from ..sampling import SCHEDULES, SOLVERS
+
+    out = {}
+    for k, kind in SAMPLER_KEYS.items():
+        raw = meta.get(f"moga.sampler.{k}")
+        if raw in (None, ""):
+            continue
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise CheckpointError(f"{path}: moga.sampler.{k} = {raw!r} is not a {kind.__name__}") from None
+        ok = {"steps": lambda v: v >= 1, "cfg": lambda v: v >= 0, "shift": lambda v: v > 0,
+              "schedule": lambda v: v in SCHEDULES, "solver": lambda v: v in SOLVERS}[k](value)
+        if not ok:
+            raise CheckpointError(f"{path}: moga.sampler.{k} = {raw!r} is out of range; fix or drop the key")
+        out[k] = value
+    return out
+
+
 def moga_metadata(cfg: MoGAConfig, layers: Iterable[int], dense_warmup: float = 0.0) -> dict[str, str]:
     """The header metadata of a MoGA checkpoint (docs/checkpoint-format.md)."""
     return {
