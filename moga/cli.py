@@ -51,7 +51,20 @@ def lora_list(specs) -> list:
 def _add_generate(sub):
     p = sub.add_parser("generate", help="render a multi-shot video from a shot list",
                        description="Denoise every shot of a story as one sequence and write an mp4.")
-    p.add_argument("--model", required=True, help="DiT checkpoint (.safetensors file or folder)")
+    p.add_argument("--model", required=True, help="DiT checkpoint (.safetensors file or folder); Wan2.2 A14B: the "
+                   "high-noise expert, or one folder holding both experts")
+    p.add_argument("--model-low", help="Wan2.2 A14B: the low-noise expert (with --model HIGH)")
+    p.add_argument("--boundary", type=float, default=None,
+                   help="Wan2.2 A14B expert switch, a fraction of the timestep range (default 0.875 T2V, 0.9 I2V)")
+    p.add_argument("--offload-expert", action="store_true",
+                   help="Wan2.2 A14B: keep the expert not in use on the CPU (one expert on the GPU at a time)")
+    p.add_argument("--lora-low", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="Wan2.2 A14B: a LoRA of the low-noise expert (repeatable; then --lora is the high-noise "
+                        "expert's only; without it --lora goes to both)")
+    p.add_argument("--image", help="start image of shot 1 (image-to-video models)")
+    p.add_argument("--shot-image", action="append", default=[], metavar="N:FILE",
+                   help="start image of shot N (counted from 1; repeatable)")
+    p.add_argument("--clip-vision", help="CLIP vision encoder folder (Wan2.1 I2V; a diffusers image_encoder/)")
     p.add_argument("--shots", help="shot list: a .txt (one shot per line, optional [frames] or [2.5s]) or .json")
     p.add_argument("--prompt", action="append", default=[], help="a shot prompt (repeat for more shots); "
                    "instead of --shots")
@@ -63,10 +76,16 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="story.mp4", help="output video (default story.mp4)")
     p.add_argument("--save-latent", help="also save the final latent and shot boundaries (.safetensors)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50, Wan2.1's)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 5.0)")
-    p.add_argument("--shift", type=float, default=None, help="sigma shift (default 5.0)")
-    p.add_argument("--solver", choices=("unipc", "euler"), default=None, help="default unipc")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's, else 5.0; "
+                   "1 runs no negative pass)")
+    p.add_argument("--shift", type=float, default=None, help="sigma shift (default: the checkpoint's, else 5.0)")
+    p.add_argument("--solver", choices=("unipc", "euler"), default=None,
+                   help="default unipc (euler with --schedule distill)")
+    p.add_argument("--schedule", choices=("wan", "distill"), default=None,
+                   help="wan (default) or distill: LightX2V's few-step schedule for step-distill LoRAs/models")
+    p.add_argument("--cfg-batch", action=argparse.BooleanOptionalAction, default=None,
+                   help="run cond and uncond as one batch of 2 (default: when the video is short)")
     p.add_argument("--groups", type=int, default=None, help="MoGA groups M at run time (<= the routers' M)")
     p.add_argument("--window", help="window grid: 'frames,rows,cols' or 'rowsxcols' (default: the checkpoint's)")
     p.add_argument("--fusion", choices=("mean", "lse"), help="branch fusion (default: the checkpoint's)")
@@ -81,6 +100,8 @@ def _add_generate(sub):
     p.add_argument("--dense", action="store_true", help="run dense attention everywhere (baseline)")
     p.add_argument("--dense-steps", type=float, default=None,
                    help="fraction of the first steps that run dense attention (default: the checkpoint's)")
+    p.add_argument("--dense-warmup-steps", type=int, default=None,
+                   help="first steps that run dense attention, as a count (overrides --dense-steps)")
     p.add_argument("--dense-layers", default="", help="layers that always run dense, e.g. '0,1' or '0-3'")
     p.add_argument("--text-encoder", help="umT5 encoder folder (with its tokenizer); default: the model's own")
     p.add_argument("--vae", help="Wan VAE folder or .safetensors; default: the model's own")
@@ -347,6 +368,69 @@ def _record_routing(model, on: bool):
                 m.last_routing = None
 
 
+def parse_shot_images(args, num_shots: int) -> dict:
+    """{shot index: path} from --image and --shot-image N:FILE."""
+    out = {}
+    if args.image:
+        out[0] = args.image
+    for item in args.shot_image:
+        n, sep, path = item.partition(":")
+        if not sep or not n.strip().isdigit() or not path:
+            raise CliError(f"--shot-image {item!r}: write N:FILE, N the shot counted from 1 (e.g. 5:sheet.png)")
+        k = int(n) - 1
+        if not 0 <= k < num_shots:
+            raise CliError(f"--shot-image {item!r}: the plan has shots 1..{num_shots}")
+        if k in out:
+            raise CliError(f"shot {k + 1} has two start images (--image is shot 1's)")
+        out[k] = path
+    for path in out.values():
+        _check_exists(path, "start image")
+    return out
+
+
+def load_dit(args, device, dtype, loras=None, loras_low=None):
+    """A WanModel, or an ExpertPair (--model-low, or a folder holding both experts); each expert gets
+    the run's MoGA settings from its own routers and the flags. LoRAs: `loras` on the model (a pair:
+    on both experts unless `loras_low` gives the low-noise expert its own, as Wan2.2 distill LoRAs come)."""
+    from . import checkpoint as ckpt
+    pair = (args.model, args.model_low) if args.model_low else ckpt.find_experts(args.model)
+    if pair is None:
+        return ckpt.load_model(args.model, device=device, dtype=dtype, loras=loras or None), None
+    model = ckpt.load_experts(*pair, boundary=args.boundary, offload=args.offload_expert, device=device,
+                              dtype=dtype, loras=loras or None,
+                              loras_low=(loras if loras_low is None else loras_low) or None)
+    for net, path in ((model.high, pair[0]), (model.low, pair[1])):
+        net.moga_config = moga_settings(args, ckpt.inspect_checkpoint(path))
+    return model, pair
+
+
+def encode_images(args, model, vae, plan, images, width, height):
+    """The ImageCondition of the start images (None: text-to-video)."""
+    from .conditioning import image_condition
+    from .wan_image_io import ClipVision, encode_start_images, load_image
+    cfg = model.config
+    if not images:
+        if cfg.conditioning in ("concat", "clip+concat"):
+            raise CliError(f"{args.model} is {cfg.name}, an image-to-video model: pass --image FILE (shot 1's "
+                           f"start image)")
+        return None
+    if cfg.conditioning == "none":
+        raise CliError(f"{args.model} is {cfg.name}, a text-to-video model: --image/--shot-image need an "
+                       f"image-to-video checkpoint (Wan2.1 I2V, Wan2.2 I2V A14B, TI2V-5B)")
+    pixels = {s: load_image(p, width, height) for s, p in images.items()}
+    latents, fill = encode_start_images(vae, cfg, plan.shot_frames, pixels)
+    clip = None
+    if cfg.image_dim:
+        if not args.clip_vision:
+            raise CliError(f"{cfg.name} also reads the image through CLIP vision: pass --clip-vision DIR (a "
+                           f"CLIPVisionModel folder, e.g. the diffusers release's image_encoder/)")
+        enc = ClipVision.load(args.clip_vision)
+        clip = {s: enc.encode(img) for s, img in pixels.items()}
+    shots = plan.latent_shot_frames()
+    lat = next(iter(latents.values()))
+    return image_condition(cfg, shots, (sum(shots), *lat.shape[-2:]), latents, clip=clip, fill=fill)
+
+
 def cmd_generate(args) -> int:
     """One process, or one rank of a torchrun launch (WORLD_SIZE > 1): every rank checks the request
     before any collective (a bad flag is one clear error, not a hang), reads the same checkpoint,
@@ -356,6 +440,9 @@ def cmd_generate(args) -> int:
     width, height = parse_size(args.size)
     plan = load_plan(args)
     _check_exists(args.model, "model checkpoint")
+    _check_exists(args.model_low, "low-noise expert")
+    _check_exists(args.clip_vision, "CLIP vision encoder")
+    images = parse_shot_images(args, plan.num_shots)
     _check_exists(args.text_encoder, "text encoder")
     _check_exists(args.vae, "VAE")
     if args.steps is not None and args.steps < 1:
@@ -366,12 +453,17 @@ def cmd_generate(args) -> int:
     import torch
 
     from . import checkpoint as ckpt
-    from .sampling import DEFAULT_CFG, DEFAULT_SHIFT, DEFAULT_SOLVER, DEFAULT_STEPS, sample
+    from .sampling import sample, sampler_settings
     from .video import video_to_frames, write_video
     from .wan_io import decode_shots
 
-    info = ckpt.inspect_checkpoint(args.model)
+    found = (args.model, args.model_low) if args.model_low else ckpt.find_experts(args.model)
+    info = ckpt.inspect_checkpoint(found[0] if found else args.model)
     loras = lora_list(args.lora)
+    loras_low = lora_list(args.lora_low) if args.lora_low else None
+    if loras_low is not None and not found:
+        raise CliError("--lora-low is the low-noise expert's LoRA: it needs a Wan2.2 A14B pair (--model-low, "
+                       "or a folder holding both experts)")
     moga = moga_settings(args, info)
     dense_layers = ckpt.parse_layers(args.dense_layers) if args.dense_layers else ()
     if any(i >= info.config["num_layers"] for i in dense_layers):
@@ -409,28 +501,36 @@ def cmd_generate(args) -> int:
         if exchange is not None:
             say(f"sequence parallel: {world} ranks ({exchange.backend}), this one on {device}")
         t_load = time.perf_counter()
-        model = ckpt.load_model(args.model, device=device, dtype=dtype, loras=loras)
+        model, experts = load_dit(args, device, dtype, loras, loras_low)
+        net = model.high if experts else model   # the expert that answers config/encoder questions
         if getattr(args, "fp8_matmul", False):
             from .fp8 import enable_fp8
-            report = enable_fp8(model, device)
-            if lead:  # said even with --quiet when it is off: the user asked for it
-                (say if report.enabled else (lambda *a: print(*a, file=sys.stderr)))(report.summary())
+            for each in ((model.high, model.low) if experts else (model,)):
+                report = enable_fp8(each, device)
+                if lead:  # said even with --quiet when it is off: the user asked for it
+                    (say if report.enabled else (lambda *a: print(*a, file=sys.stderr)))(report.summary())
         if exchange is not None:
             check_heads(model.config.num_heads, world)
-        te, vae, umt5 = load_encoders(args, model, device, dtype)
+        te, vae, umt5 = load_encoders(args, net, device, dtype)
         say(f"loaded {info.architecture} in {time.perf_counter() - t_load:.1f} s")
 
         positive, negative = encode_plan(te, plan, use_wan_negative=umt5)
         del te
+        spatial = 16 if net.config.out_dim == 48 else 8   # TI2V-5B: the Wan2.2 VAE's 16x16 pixels
+        image = encode_images(args, net, vae, plan, images, width, height)
         if not lead:
             vae = None  # only rank 0 decodes
-        latent_size = plan.latent_size(width, height)
+        latent_size = plan.latent_size(width, height, spatial_ratio=spatial)
         shot_frames = plan.latent_shot_frames()
-        layout = plan.token_layout(width, height)
-        steps = args.steps or DEFAULT_STEPS
-        dense_steps = getattr(model, "dense_warmup", 0.0) if args.dense_steps is None else args.dense_steps
-        if model.config.num_groups == 0:
-            dense_steps = 0.0  # no routers: every step is dense anyway
+        layout = plan.token_layout(width, height, spatial_ratio=spatial)
+        run = sampler_settings(model, args.steps, args.cfg, args.shift, args.solver, args.schedule)
+        steps = run["steps"]
+        if args.dense_warmup_steps is not None and not 0 <= args.dense_warmup_steps <= steps:
+            raise CliError(f"--dense-warmup-steps is a step count in 0..{steps}, got {args.dense_warmup_steps}")
+        dense_steps = getattr(net, "dense_warmup", 0.0) if args.dense_steps is None else args.dense_steps
+        warmup_steps = args.dense_warmup_steps
+        if net.config.num_groups == 0:
+            dense_steps, warmup_steps = 0.0, None  # no routers: every step is dense anyway
 
         bar = None
         if lead and not args.quiet:
@@ -442,19 +542,19 @@ def cmd_generate(args) -> int:
             if bar is not None:
                 bar.update(1)
 
-        _record_routing(model, True)
+        probe = model.low if experts else model   # the last expert to run: its routing is the last step's
+        _record_routing(probe, True)
         try:
             result = sample(model, positive, negative, shot_frames=shot_frames, latent_size=latent_size,
-                            steps=steps, cfg=DEFAULT_CFG if args.cfg is None else args.cfg,
-                            shift=DEFAULT_SHIFT if args.shift is None else args.shift,
-                            solver=args.solver or DEFAULT_SOLVER, seed=args.seed, moga=moga,
-                            dense_steps=dense_steps, dense_layers=dense_layers, callback=progress,
-                            device=device, dtype=dtype, parallel=exchange, return_result=True)
+                            seed=args.seed, moga=None if experts else moga, dense_steps=dense_steps,
+                            dense_warmup_steps=warmup_steps, dense_layers=dense_layers, callback=progress,
+                            device=device, dtype=dtype, parallel=exchange, image=image,
+                            cfg_batch=args.cfg_batch, return_result=True, **run)
         finally:
             if bar is not None:
                 bar.close()
-        m_eff = effective_groups(model, moga.capacity, moga.capacity_split)
-        _record_routing(model, False)
+        m_eff = effective_groups(probe, moga.capacity, moga.capacity_split)
+        _record_routing(probe, False)
         if not lead:
             return 0
 

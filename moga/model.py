@@ -127,7 +127,7 @@ class WanConfig:
                  (5120, 40, 40, 13824, 36, False): "Wan2.2 I2V A14B expert",
                  (3072, 30, 24, 14336, 48, False): "Wan2.2 TI2V 5B"}
         kind = {"none": "T2V", "concat": "I2V (concat)", "clip+concat": "I2V (CLIP)", "replace": "TI2V"}
-        return known.get(key, f"Wan-architecture {kind[self.conditioning]} (dim {self.dim}, "
+        return known.get(key, f"Wan2.1-architecture {kind[self.conditioning]} (dim {self.dim}, "
                               f"{self.num_layers} layers)")
 
     def replace(self, **changes) -> "WanConfig":

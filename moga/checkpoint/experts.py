@@ -35,10 +35,11 @@ def find_experts(path) -> tuple[Path, Path] | None:
 
 
 def load_experts(high, low=None, boundary: float | None = None, offload: bool = False, device="cpu",
-                 **load_kwargs) -> ExpertPair:
+                 loras=None, loras_low=None, **load_kwargs) -> ExpertPair:
     """Load a Wan2.2 A14B pair (`high` and `low` files/folders, or one folder holding both) as an
     ExpertPair. offload=True keeps the expert not in use on the CPU (see moga.experts for the cost).
-    load_kwargs go to `load_model` for both experts (dtype, num_heads, ...)."""
+    loras / loras_low: [(file, strength)] merged into the high / low expert (Wan2.2 LoRAs come as a
+    high and a low file). load_kwargs go to `load_model` for both experts (dtype, num_heads, ...)."""
     if low is None:
         found = find_experts(high)
         if found is None:
@@ -47,8 +48,8 @@ def load_experts(high, low=None, boundary: float | None = None, offload: bool = 
                                   f"files): pass the low-noise expert too")
         high, low = found
     first = "cpu" if offload else device
-    h = load_model(high, device=first, **load_kwargs)
-    lo = load_model(low, device="cpu" if offload else device, **load_kwargs)
+    h = load_model(high, device=first, loras=loras, **load_kwargs)
+    lo = load_model(low, device="cpu" if offload else device, loras=loras_low, **load_kwargs)
     try:
         return ExpertPair(h, lo, boundary=boundary, offload=offload, device=device)
     except ValueError as exc:

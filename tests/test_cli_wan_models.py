@@ -1,0 +1,101 @@
+"""`moga generate` with image-to-video models (--image, --shot-image, --clip-vision) and Wan2.2 A14B pairs
+(--model-low, a folder), on tiny random files (umT5, Wan VAE, CLIP vision, DiTs)."""
+import numpy as np
+import pytest
+import torch
+
+from moga import wan_io
+
+pytestmark = pytest.mark.skipif(not wan_io.wan_extra_available(),
+                                reason="optional 'wan' extra (transformers, diffusers) not installed")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    import imageio.v3 as iio
+
+    from moga.wan_image_io import save_tiny_clip_vision
+    d = tmp_path_factory.mktemp("wanimg")
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        iio.imwrite(d / name, rng.integers(0, 255, (20, 40, 3), dtype=np.uint8))
+    return {"te": wan_io.save_tiny_text_encoder(d / "te", text_dim=32), "vae": wan_io.save_tiny_vae(d / "vae"),
+            "clip": save_tiny_clip_vision(d / "clip", width=24), "a": d / "a.png", "b": d / "b.png", "dir": d}
+
+
+def _run(files, model, tmp_path, *extra):
+    from moga.cli import main
+    shots = tmp_path / "shots.txt"
+    shots.write_text("[5] a red circle\n[5] a knight\n")
+    return main(["generate", "--model", str(model), "--shots", str(shots), "--size", "32x16", "--steps", "2",
+                 "--cfg", "1", "--text-encoder", str(files["te"]), "--vae", str(files["vae"]),
+                 "--out", str(tmp_path / "o.mp4"), "--save-latent", str(tmp_path / "o.safetensors"),
+                 "--quiet", *extra])
+
+
+def test_wan21_i2v_with_per_shot_images(files, tmp_path, capsys, monkeypatch):
+    from moga import sampling
+    from moga.testing import write_tiny_checkpoint
+    model = write_tiny_checkpoint(tmp_path / "i2v.safetensors", in_dim=36, image_dim=24)
+    seen = {}
+    real = sampling.sample
+
+    def spy(*a, **kw):
+        seen["image"] = kw["image"]
+        return real(*a, **kw)
+    monkeypatch.setattr(sampling, "sample", spy)
+    rc = _run(files, model, tmp_path, "--image", str(files["a"]), "--shot-image", f"2:{files['b']}",
+              "--clip-vision", str(files["clip"]))
+    assert rc == 0, capsys.readouterr().err
+    cond = seen["image"]
+    # two shots of 5 frames = 2 latent frames each: images on latent frames 0 and 2
+    assert cond.y.shape == (1, 20, 4, 2, 4)
+    assert cond.y[0, :4, [0, 2]].eq(1).all() and cond.y[0, :4, [1, 3]].eq(0).all()
+    assert len(cond.clip) == 2 and not torch.equal(cond.clip[0], cond.clip[1])
+    assert cond.clip[0].shape == (1, 5, 24)
+
+
+def test_image_flags_are_checked(files, tmp_path, capsys):
+    import re
+
+    from moga.testing import write_tiny_checkpoint
+    t2v = write_tiny_checkpoint(tmp_path / "t2v.safetensors")
+    i2v = write_tiny_checkpoint(tmp_path / "i2v.safetensors", in_dim=36, image_dim=24)
+    i2v22 = write_tiny_checkpoint(tmp_path / "i2v22.safetensors", in_dim=36)
+    cases = [(t2v, ["--image", str(files["a"])], "text-to-video model"),
+             (i2v22, [], "pass --image FILE"),
+             (i2v, ["--image", str(files["a"])], "--clip-vision"),
+             (i2v22, ["--shot-image", "3:" + str(files["a"])], "shots 1..2"),
+             (i2v22, ["--shot-image", "x.png"], "N:FILE"),
+             (i2v22, ["--image", str(tmp_path / "none.png")], "does not exist")]
+    for model, extra, match in cases:
+        capsys.readouterr()
+        assert _run(files, model, tmp_path, *extra) != 0
+        err = capsys.readouterr().err
+        assert re.search(re.escape(match), err), (match, err)
+
+
+def test_wan22_i2v_pair_from_a_folder_and_from_two_files(files, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from moga.testing import write_tiny_checkpoint
+    folder = tmp_path / "a14b"
+    folder.mkdir()
+    hi = write_tiny_checkpoint(folder / "wan2.2_i2v_high_noise_14B.safetensors", in_dim=36, seed=1, num_groups=2)
+    lo = write_tiny_checkpoint(folder / "wan2.2_i2v_low_noise_14B.safetensors", in_dim=36, seed=2, num_groups=3)
+    assert _run(files, folder, tmp_path, "--image", str(files["a"]), "--schedule", "distill") == 0
+    a = load_file(str(tmp_path / "o.safetensors"))["latent"]
+    assert _run(files, hi, tmp_path, "--model-low", str(lo), "--image", str(files["a"]),
+                "--schedule", "distill", "--offload-expert") == 0
+    b = load_file(str(tmp_path / "o.safetensors"))["latent"]
+    assert torch.equal(a, b)  # the same pair; on a CPU offloading moves nothing
+    assert _run(files, folder, tmp_path, "--image", str(files["a"]), "--schedule", "distill",
+                "--dense-warmup-steps", "1") == 0
+    assert not torch.equal(a, load_file(str(tmp_path / "o.safetensors"))["latent"])  # step 1 ran dense
+    capsys.readouterr()
+    assert _run(files, folder, tmp_path, "--image", str(files["a"]), "--dense-warmup-steps", "3") != 0
+    assert "0..2" in capsys.readouterr().err
+    assert _run(files, hi, tmp_path, "--model-low", str(lo), "--image", str(files["a"]),
+                "--schedule", "distill", "--boundary", "0.5") == 0
+    c = load_file(str(tmp_path / "o.safetensors"))["latent"]
+    assert not torch.equal(a, c)
