@@ -316,3 +316,15 @@ def test_bad_sampler_metadata_is_named(tmp_path):
     bad = write_tiny_checkpoint(tmp_path / "b.safetensors", metadata={"moga.sampler.schedule": "fancy"})
     with pytest.raises(CheckpointError, match="moga.sampler.schedule"):
         load_model(bad)
+
+
+@pytest.mark.parametrize("kind", ["Wan2.1 I2V", "Wan2.2 TI2V"])
+def test_patch_calibrates_image_models(tmp_path, kind):
+    from moga.checkpoint import load_model, patch_checkpoint
+    from moga.testing import write_tiny_checkpoint
+
+    src = write_tiny_checkpoint(tmp_path / "src.safetensors", seed=3, **KINDS[kind])
+    dst = tmp_path / "dst.safetensors"
+    patch_checkpoint(src, dst, num_groups=3, calibration_size=(3, 4, 4), calibration_steps=2)
+    model = load_model(dst)
+    assert model.config.num_groups == 3 and model.config.conditioning == tiny_model(**KINDS[kind]).config.conditioning

@@ -160,9 +160,16 @@ def calibrate_routers(path, num_groups: int, layers: Iterable[int], size=(9, 30,
     if tokens < num_groups:
         raise ValueError(f"the calibration latent {size} has {tokens} tokens, fewer than {num_groups} groups")
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, cfg.in_dim, f, h, w, generator=g)
+    x = torch.randn(1, cfg.out_dim, f, h, w, generator=g)
     if context is None:
         context = torch.randn(1, 64, cfg.text_dim, generator=g)
+    cond = {}  # image-to-video kinds: a random image latent on frame 0 (mask on), random CLIP tokens
+    if cfg.in_dim != cfg.out_dim:
+        y = torch.cat([torch.zeros(1, 4, f, h, w), torch.randn(1, cfg.out_dim, f, h, w, generator=g)], dim=1)
+        y[:, :4, 0] = 1.0
+        cond["y"] = y.to(model.device)
+    if cfg.image_dim:
+        cond["clip"] = torch.randn(1, 257, cfg.image_dim, generator=g).to(model.device)
     per_step = max(1, -(-max_tokens // steps))
     feats: dict[int, list] = {i: [] for i in layers}
     pick_gen = torch.Generator().manual_seed(seed + 1)
@@ -186,7 +193,7 @@ def calibrate_routers(path, num_groups: int, layers: Iterable[int], size=(9, 30,
         lat = x.to(dev)
         for i in range(steps):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            v = model(lat, torch.tensor([s * 1000.0], device=dev), context.to(dev), moga=dense).float()
+            v = model(lat, torch.tensor([s * 1000.0], device=dev), context.to(dev), moga=dense, **cond).float()
             lat = lat + (s_next - s) * v
     finally:
         for hd in handles:
