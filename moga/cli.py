@@ -79,6 +79,8 @@ def _add_generate(sub):
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's, else 5.0; "
                    "1 runs no negative pass)")
+    p.add_argument("--cfg-low", type=float, default=None,
+                   help="Wan2.2 A14B: guidance of the low-noise expert (default: --cfg; Wan2.2 T2V uses 4.0 high, 3.0 low)")
     p.add_argument("--shift", type=float, default=None, help="sigma shift (default: the checkpoint's, else 5.0)")
     p.add_argument("--solver", choices=("unipc", "euler"), default=None,
                    help="default unipc (euler with --schedule distill)")
@@ -523,7 +525,12 @@ def cmd_generate(args) -> int:
         latent_size = plan.latent_size(width, height, spatial_ratio=spatial)
         shot_frames = plan.latent_shot_frames()
         layout = plan.token_layout(width, height, spatial_ratio=spatial)
+        if args.cfg_low is not None and not experts:
+            raise CliError("--cfg-low is the low-noise expert's guidance: it needs a Wan2.2 A14B pair "
+                           "(--model-low, or a folder holding both experts)")
         run = sampler_settings(model, args.steps, args.cfg, args.shift, args.solver, args.schedule)
+        if args.cfg_low is not None:
+            run["cfg"] = (run["cfg"], args.cfg_low)
         steps = run["steps"]
         if args.dense_warmup_steps is not None and not 0 <= args.dense_warmup_steps <= steps:
             raise CliError(f"--dense-warmup-steps is a step count in 0..{steps}, got {args.dense_warmup_steps}")
