@@ -328,3 +328,26 @@ def test_patch_calibrates_image_models(tmp_path, kind):
     patch_checkpoint(src, dst, num_groups=3, calibration_size=(3, 4, 4), calibration_steps=2)
     model = load_model(dst)
     assert model.config.num_groups == 3 and model.config.conditioning == tiny_model(**KINDS[kind]).config.conditioning
+
+
+def test_offload_moves_only_the_expert_whose_turn_it_is():
+    class Fake:
+        def __init__(self, where):
+            self.config = tiny_model(num_layers=1).config
+            self.where, self.moves = torch.device(where), []
+
+        @property
+        def device(self):
+            return self.where
+
+        def to(self, device):
+            self.where = torch.device(device)
+            self.moves.append(str(device))
+            return self
+
+    high, low = Fake("cuda:0"), Fake("cpu")
+    pair = ExpertPair(high, low, offload=True, device="cuda:0")
+    assert pair.expert_for(999.0) is high and (high.moves, low.moves, pair.switches) == ([], [], 0)
+    assert pair.expert_for(870.0) is low
+    assert (high.moves, low.moves, pair.switches) == (["cpu"], ["cuda:0"], 2)
+    assert pair.expert_for(500.0) is low and pair.switches == 2   # no move while the same expert runs
