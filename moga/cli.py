@@ -87,7 +87,7 @@ def _add_generate(sub):
     p.add_argument("--schedule", choices=("wan", "distill"), default=None,
                    help="wan (default) or distill: LightX2V's few-step schedule for step-distill LoRAs/models")
     p.add_argument("--cfg-batch", action=argparse.BooleanOptionalAction, default=None,
-                   help="run cond and uncond as one batch of 2 (default: when the video is short)")
+                   help="run cond and uncond as one batch of 2 (default: on a GPU when the video is short)")
     p.add_argument("--groups", type=int, default=None, help="MoGA groups M at run time (<= the routers' M)")
     p.add_argument("--window", help="window grid: 'frames,rows,cols' or 'rowsxcols' (default: the checkpoint's)")
     p.add_argument("--fusion", choices=("mean", "lse"), help="branch fusion (default: the checkpoint's)")

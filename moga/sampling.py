@@ -42,8 +42,9 @@ DEFAULT_SOLVER = "unipc"
 SOLVERS = ("unipc", "euler")
 SCHEDULES = ("wan", "distill")
 NUM_TRAIN_TIMESTEPS = 1000
-# cfg > 1 runs both guidance branches as one batch of 2 up to this many tokens (cfg_batch=None):
-# the batch doubles the activations, so long videos stay two-pass unless asked (cfg_batch=True)
+# cfg > 1 runs both guidance branches as one batch of 2 on a GPU up to this many tokens (cfg_batch=None):
+# the batch doubles the activations, so long videos stay two-pass unless asked (cfg_batch=True); on a
+# CPU two passes stay the default (benchmarks/cfg_batch.py measures where the line belongs)
 CFG_BATCH_MAX_TOKENS = 65536
 
 
@@ -310,7 +311,8 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int | 
         at every step.
     image: a `moga.conditioning.ImageCondition` (start images per shot), or None.
     cfg_batch: run the two guidance branches as one batch of 2 (True), two passes (False), or (None)
-        batch when the latent has at most CFG_BATCH_MAX_TOKENS tokens and no sequence parallelism.
+        batch on a CUDA device when the latent has at most CFG_BATCH_MAX_TOKENS tokens and no sequence
+        parallelism.
     callback(step, total, latent): after every step, step counted from 1. cancel(): checked before every
         model call; True raises `Cancelled` (so a run stops within one model evaluation).
     on_step(step, timestep, expert): before each step's model call (expert: "high"/"low"/"single").
@@ -369,7 +371,7 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int | 
         x = image.apply(x)
     batch_ctx = None
     if neg is not None:
-        batch_ctx = _batched_contexts(config, positive, neg, F * H * W, cfg_batch, parallel)
+        batch_ctx = _batched_contexts(config, positive, neg, F * H * W, cfg_batch, parallel, device)
 
     def check_cancel():
         if cancel is not None and cancel():
@@ -417,7 +419,7 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int | 
     return SampleResult(x, shot_frames, tuple(ranges), schedule_.steps, total, step_seconds)
 
 
-def _batched_contexts(config, positive, neg, latent_positions: int, cfg_batch, parallel):
+def _batched_contexts(config, positive, neg, latent_positions: int, cfg_batch, parallel, device):
     """Per shot [2, L, D] (cond, uncond) for the one-pass CFG, or None for two passes. The texts
     are zero-padded to text_len, which the model does to each anyway, so the batch computes what
     the two passes do; a text longer than text_len cannot be padded to match, so it stays two-pass."""
@@ -436,7 +438,7 @@ def _batched_contexts(config, positive, neg, latent_positions: int, cfg_batch, p
         return None
     if cfg_batch is None:
         patch = math.prod(getattr(config, "patch_size", (1, 2, 2)))
-        if parallel is not None or latent_positions // patch > CFG_BATCH_MAX_TOKENS:
+        if device.type != "cuda" or parallel is not None or latent_positions // patch > CFG_BATCH_MAX_TOKENS:
             return None
     pn = _pad_text(neg, text_len)
     done, out = {}, []
