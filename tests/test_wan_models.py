@@ -351,3 +351,14 @@ def test_offload_moves_only_the_expert_whose_turn_it_is():
     assert pair.expert_for(870.0) is low
     assert (high.moves, low.moves, pair.switches) == (["cpu"], ["cuda:0"], 2)
     assert pair.expert_for(500.0) is low and pair.switches == 2   # no move while the same expert runs
+
+
+def test_a_pair_folder_is_not_loaded_as_one_model(tmp_path):
+    from moga.checkpoint import CheckpointError, inspect_checkpoint, load_model
+    from moga.testing import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path / "a_high_noise.safetensors", seed=1)
+    write_tiny_checkpoint(tmp_path / "a_low_noise.safetensors", seed=2)
+    for fn in (load_model, inspect_checkpoint):
+        with pytest.raises(CheckpointError, match="expert pair"):
+            fn(tmp_path)

@@ -75,6 +75,13 @@ class Plan:
 
 
 def plan_checkpoint(path, num_heads: int | None = None) -> Plan:
+    if not isinstance(path, TensorSource):
+        from .experts import find_experts  # here, not at import: experts.py imports the loader
+        pair = find_experts(path)
+        if pair is not None:
+            raise CheckpointError(f"{path} holds a Wan2.2 A14B expert pair ({pair[0].name} + {pair[1].name}), "
+                                  f"not one model: load it with moga.checkpoint.load_experts (moga generate "
+                                  f"--model FOLDER does), or name one expert's file")
     src = path if isinstance(path, TensorSource) else TensorSource(path)
     keys = src.keys()
     if not keys:
