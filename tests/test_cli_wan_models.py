@@ -68,7 +68,8 @@ def test_image_flags_are_checked(files, tmp_path, capsys):
              (i2v22, ["--shot-image", "3:" + str(files["a"])], "shots 1..2"),
              (i2v22, ["--shot-image", "x.png"], "N:FILE"),
              (i2v22, ["--image", str(tmp_path / "none.png")], "does not exist"),
-             (i2v22, ["--image", str(files["a"]), "--cfg-low", "2"], "needs a Wan2.2 A14B pair")]
+             (i2v22, ["--image", str(files["a"]), "--cfg-low", "2"], "needs a Wan2.2 A14B pair"),
+             (i2v22, ["--image", str(files["a"]), "--lora-low", str(files["a"])], "needs a Wan2.2 A14B pair")]
     for model, extra, match in cases:
         capsys.readouterr()
         assert _run(files, model, tmp_path, *extra) != 0

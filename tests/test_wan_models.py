@@ -362,3 +362,22 @@ def test_a_pair_folder_is_not_loaded_as_one_model(tmp_path):
     for fn in (load_model, inspect_checkpoint):
         with pytest.raises(CheckpointError, match="expert pair"):
             fn(tmp_path)
+
+
+def test_expert_loras_go_to_their_expert(tmp_path):
+    from safetensors.torch import save_file
+
+    from moga.checkpoint import load_experts, load_model
+    from moga.testing import write_tiny_checkpoint
+
+    hi = write_tiny_checkpoint(tmp_path / "x_high_noise.safetensors", seed=1)
+    lo = write_tiny_checkpoint(tmp_path / "x_low_noise.safetensors", seed=2)
+    delta = 0.1 * torch.randn(64)
+    save_file({"diffusion_model.blocks.0.norm3.diff_b": delta}, str(tmp_path / "low_lora.safetensors"))
+    lora = [(str(tmp_path / "low_lora.safetensors"), 1.0)]
+    base_hi, base_lo = load_model(hi), load_model(lo)
+    pair = load_experts(hi, lo, loras_low=lora)
+    assert torch.equal(pair.high.blocks[0].norm3.bias, base_hi.blocks[0].norm3.bias)
+    assert torch.allclose(pair.low.blocks[0].norm3.bias, base_lo.blocks[0].norm3.bias + delta, atol=1e-6)
+    both = load_experts(tmp_path, loras=lora, loras_low=lora)
+    assert torch.allclose(both.high.blocks[0].norm3.bias, base_hi.blocks[0].norm3.bias + delta, atol=1e-6)
