@@ -39,24 +39,33 @@ def video_to_frames(video) -> np.ndarray:
 
 
 def write_video(path, frames, fps: float = 16, quality: float = 8.0) -> Path:
-    """Write frames (see `to_uint8_frames`) as an H.264 mp4 (yuv420p: plays everywhere; even sizes)."""
+    """Write frames (see `to_uint8_frames`) as H.264 (yuv420p: plays everywhere; even sizes) in the
+    container the extension names (.mp4, .mkv, .mov, .m4v), or VP9 for .webm. Atomic
+    (`moga.outputs.atomic_path`): an interrupted write leaves whatever was at `path` as it was."""
     import imageio.v2 as iio
+
+    from .outputs import VIDEO_CODECS, VIDEO_EXTENSIONS, atomic_path
 
     frames = to_uint8_frames(frames)
     h, w = frames.shape[1:3]
     if h % 2 or w % 2:
         raise ValueError(f"H.264 needs even frame sizes, got {w}x{h}")
     path = Path(path)
+    codec = VIDEO_CODECS.get(path.suffix.lower())
+    if codec is None:
+        raise ValueError(f"video {str(path)!r}: the extension {path.suffix or '(none)'!r} is not one of "
+                         f"{', '.join(VIDEO_EXTENSIONS)}: add .mp4")
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-    writer = iio.get_writer(str(path), format="FFMPEG", mode="I", fps=float(fps), codec="libx264",
-                            quality=quality, pixelformat="yuv420p", macro_block_size=1,
-                            ffmpeg_log_level="error")
-    try:
-        for frame in frames:
-            writer.append_data(frame)
-    finally:
-        writer.close()
+    with atomic_path(path) as tmp:
+        writer = iio.get_writer(str(tmp), format="FFMPEG", mode="I", fps=float(fps), codec=codec,
+                                quality=quality, pixelformat="yuv420p", macro_block_size=1,
+                                ffmpeg_log_level="error")
+        try:
+            for frame in frames:
+                writer.append_data(frame)
+        finally:
+            writer.close()
     return path
 
 

@@ -12,22 +12,23 @@ so each fits a transfer limit; reading joins them.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..outputs import save_safetensors, write_text
 
 
 def save_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
                  max_file_bytes: int | None = None) -> list[Path]:
     """Write tensors to `path` (one file), or to `stem.K.safetensors` shards of at most
-    `max_file_bytes` of tensor data each. Old shards of the same name are removed."""
+    `max_file_bytes` of tensor data each. Each file is written atomically; old files of the same
+    name that the new set does not replace are removed only after it is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for old in _shards(path):
-        old.unlink()
+    stale = _shards(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     groups: list[dict] = [{}]
@@ -44,9 +45,10 @@ def save_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
     else:
         targets = [path.with_name(f"{path.stem}.{i}{path.suffix}") for i in range(len(groups))]
     for target, group in zip(targets, groups):
-        tmp = target.with_name(target.name + ".part")
-        save_file(group, str(tmp), metadata={**meta, "shards": str(len(groups))})
-        os.replace(tmp, target)
+        save_safetensors(group, target, metadata={**meta, "shards": str(len(groups))})
+    for old in stale:
+        if old not in targets:
+            old.unlink()
     return targets
 
 
@@ -108,10 +110,7 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str
 
 
 def write_json(path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def read_json(path) -> dict:
