@@ -48,6 +48,11 @@ def lora_list(specs) -> list:
     return lora_specs(specs)
 
 
+def _add_overwrite(p):
+    p.add_argument("-y", "--overwrite", action="store_true",
+                   help="replace an existing output file (only a video / safetensors file; never anything else)")
+
+
 def _add_generate(sub):
     p = sub.add_parser("generate", help="render a multi-shot video from a shot list",
                        description="Denoise every shot of a story as one sequence and write an mp4.")
@@ -70,11 +75,15 @@ def _add_generate(sub):
                    "instead of --shots")
     p.add_argument("--story", help="story prompt put before every shot's prompt (overrides the file's)")
     p.add_argument("--negative", help="negative prompt (overrides the file's; default: Wan's for umT5 models)")
-    p.add_argument("--seconds", type=float, default=None, help="default seconds per shot (default 5)")
-    p.add_argument("--size", default="832x480", help="WIDTHxHEIGHT in pixels, multiples of 16 (default 832x480)")
-    p.add_argument("--fps", type=float, default=None, help="frames per second (default 16, or the plan's)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="default seconds per shot (default: the checkpoint's shot length, else 5)")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels, multiples of 16 (default: the "
+                   "checkpoint's, else 832x480)")
+    p.add_argument("--fps", type=float, default=None, help="frames per second (default: the plan's, the "
+                   "checkpoint's, else 16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="story.mp4", help="output video (default story.mp4)")
+    p.add_argument("--out", default="story.mp4", help="output video: .mp4 .mkv .mov .m4v .webm (default story.mp4)")
+    _add_overwrite(p)
     p.add_argument("--save-latent", help="also save the final latent and shot boundaries (.safetensors)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's, else 5.0; "
@@ -131,8 +140,9 @@ def _add_patch(sub):
                                    "--routers-out instead of DST: calibrate and write only the routers (a few MB, "
                                    "for ComfyUI's MoGA Patch Model on the model core loads).")
     p.add_argument("src")
-    p.add_argument("dst", nargs="?", help="the new MoGA checkpoint (or give --routers-out)")
+    p.add_argument("dst", nargs="?", help="the new MoGA checkpoint (.safetensors; or give --routers-out)")
     p.add_argument("--routers-out", help="write only the calibrated routers (+ settings and a fingerprint of SRC) here")
+    _add_overwrite(p)
     p.add_argument("--groups", type=int, default=None, help="group count M (needed to calibrate)")
     p.add_argument("--window", default="0,2,2")
     p.add_argument("--routers", help="router weights (.safetensors) from training; else calibrate")
@@ -155,9 +165,10 @@ def _add_patch(sub):
 def _add_demo(sub):
     p = sub.add_parser("demo", help="render a 4-shot story with the bundled demo model "
                        "(or, without it, the MoGA-vs-dense attention demo)")
-    p.add_argument("--out", default="demo.mp4")
+    p.add_argument("--out", default="demo.mp4", help="output video (default demo.mp4)")
+    _add_overwrite(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     # the demo model's own options (moga.demo.add_arguments lists the same; kept here so --help needs no torch)
@@ -221,13 +232,33 @@ def _run_module(module: str, argv) -> int:
 
 
 # ---- shared pieces (also for moga.parallel's torchrun entry) ------------------------------------
-def resolve_device_dtype(device, dtype_name: str):
+def check_device(device):
+    """--device as a torch.device that exists here, else a CliError naming the ones that do."""
     import torch
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"device {device} asked for but CUDA is not available: use --device cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise CliError(f"--device {device!r} is not a device torch knows: use cpu, cuda or cuda:N "
+                       f"(or mps on a Mac)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {device} asked for but CUDA is not available here: use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CliError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                           f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise CliError(f"--device {device} asked for but MPS is not available here: use --device cpu")
+    elif dev.type != "cpu":
+        raise CliError(f"--device {device}: moga runs on cpu, cuda or mps, not {dev.type}")
+    return dev
+
+
+def resolve_device_dtype(device, dtype_name: str):
+    import torch
+    device = check_device(device)
     if dtype_name in (None, "auto"):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -235,25 +266,83 @@ def resolve_device_dtype(device, dtype_name: str):
     return device, dtype
 
 
-def load_plan(args):
+def load_plan(args, fps: float | None = None, seconds: float | None = None):
     """The ShotPlan from --shots / --prompt, with --story/--negative/--seconds/--fps applied (flags win
-    over the file's values)."""
+    over the file's values, the file's over `fps` / `seconds`: the checkpoint's defaults)."""
     from .shots import DEFAULT_FPS, DEFAULT_SECONDS, ShotPlan
     if args.shots and args.prompt:
         raise CliError("give the shots with --shots FILE or with --prompt (repeated), not both")
+    seconds = args.seconds if args.seconds is not None else seconds
     if args.shots:
         if not os.path.isfile(args.shots):
             raise CliError(f"shot list {args.shots!r} does not exist: write one prompt per line in a text file")
-        plan = ShotPlan.load(args.shots, default_seconds=args.seconds, fps=args.fps)
+        if args.fps is None and fps is not None and _plan_gives_fps(args.shots):
+            fps = None  # the plan's own fps wins over the checkpoint's
+        plan = ShotPlan.load(args.shots, default_seconds=seconds, fps=args.fps or fps)
     elif args.prompt:
-        plan = ShotPlan.parse_text("\n".join(args.prompt), default_seconds=args.seconds or DEFAULT_SECONDS,
-                                   fps=args.fps or DEFAULT_FPS)
+        plan = ShotPlan.parse_text("\n".join(args.prompt), default_seconds=seconds or DEFAULT_SECONDS,
+                                   fps=args.fps or fps or DEFAULT_FPS)
     else:
         raise CliError("no shots: pass --shots FILE (one prompt per line) or --prompt TEXT (once per shot)")
     if args.story is not None or args.negative is not None:
         plan = type(plan)(plan.shots, plan.story if args.story is None else args.story,
                           plan.negative if args.negative is None else args.negative, plan.fps)
     return plan
+
+
+def _plan_gives_fps(path) -> bool:
+    """Whether a shot file is a JSON plan with its own fps (a text plan has none)."""
+    import json
+    try:
+        obj = json.loads(open(path, "rb").read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and "fps" in obj
+
+
+def checkpoint_defaults(metadata) -> dict:
+    """Sampling settings a checkpoint records for itself (the demo model's `moga.demo` JSON: steps,
+    cfg, shift, solver, fps, its world's frame size and shot length; any file's `moga.sampler.*` keys);
+    {} when it records none."""
+    import json
+    try:
+        record = json.loads((metadata or {}).get("moga.demo") or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    found = {}
+    sampling, world = record.get("sampling") or {}, record.get("world") or {}
+    for key, kind in (("steps", int), ("cfg", float), ("shift", float), ("solver", str), ("fps", float)):
+        if sampling.get(key) is not None:
+            found[key] = kind(sampling[key])
+    if world.get("size"):
+        found["size"] = f"{int(world['size'])}x{int(world['size'])}"
+    if world.get("shot_frames") and found.get("fps"):
+        found["seconds"] = int(world["shot_frames"]) / found["fps"]
+    from .checkpoint import sampler_defaults
+    found.update(sampler_defaults(metadata or {}))  # a file's moga.sampler.* keys win over its demo record
+    return found
+
+
+def _run_settings(args, defaults: dict) -> tuple[dict, list[str]]:
+    """Each setting from its flag, else the checkpoint's; and the list of those taken from the checkpoint
+    (to say so). The size falls back to Wan's 832x480 here; the sampler's settings left None take Wan's
+    defaults in `sampling.sampler_settings` (which also picks Euler for the distill schedule)."""
+    out, taken = {}, []
+    for key in ("size", "steps", "cfg", "shift", "solver", "schedule"):
+        given = getattr(args, key)
+        if given is not None:
+            out[key] = given
+        elif key in defaults:
+            out[key] = defaults[key]
+            taken.append(f"{key} {defaults[key]:g}" if isinstance(defaults[key], float) else f"{key} {defaults[key]}")
+        else:
+            out[key] = "832x480" if key == "size" else None
+    for key in ("fps", "seconds"):  # applied through the plan
+        if getattr(args, key) is None and key in defaults:
+            taken.append(f"{key} {defaults[key]:g}" + (" per shot" if key == "seconds" else ""))
+    return out, taken
 
 
 def _check_exists(path, what: str):
@@ -439,22 +528,25 @@ def cmd_generate(args) -> int:
     encodes the same prompts and samples the full latent with the Ulysses exchange; rank 0 decodes
     and writes."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    width, height = parse_size(args.size)
-    plan = load_plan(args)
+    if args.size is not None:
+        parse_size(args.size)
+    shots_only = load_plan(args)  # the shot list's own errors first (no torch yet)
     _check_exists(args.model, "model checkpoint")
     _check_exists(args.model_low, "low-noise expert")
     _check_exists(args.clip_vision, "CLIP vision encoder")
-    images = parse_shot_images(args, plan.num_shots)
+    images = parse_shot_images(args, shots_only.num_shots)
     _check_exists(args.text_encoder, "text encoder")
     _check_exists(args.vae, "VAE")
     if args.steps is not None and args.steps < 1:
         raise CliError(f"--steps must be >= 1, got {args.steps}")
     if args.dense_steps is not None and not 0.0 <= args.dense_steps <= 1.0:
         raise CliError(f"--dense-steps is a fraction of the steps in [0, 1], got {args.dense_steps}")
+    _check_outputs(args)  # before any model is loaded: a bad --out must not cost the run
 
     import torch
 
     from . import checkpoint as ckpt
+    from .outputs import save_safetensors
     from .sampling import sample, sampler_settings
     from .video import video_to_frames, write_video
     from .wan_io import decode_shots
@@ -466,6 +558,10 @@ def cmd_generate(args) -> int:
     if loras_low is not None and not found:
         raise CliError("--lora-low is the low-noise expert's LoRA: it needs a Wan2.2 A14B pair (--model-low, "
                        "or a folder holding both experts)")
+    defaults = checkpoint_defaults(info.metadata)
+    run, from_ckpt = _run_settings(args, defaults)
+    width, height = parse_size(run["size"])
+    plan = load_plan(args, fps=defaults.get("fps"), seconds=defaults.get("seconds"))
     moga = moga_settings(args, info)
     dense_layers = ckpt.parse_layers(args.dense_layers) if args.dense_layers else ()
     if any(i >= info.config["num_layers"] for i in dense_layers):
@@ -499,6 +595,8 @@ def cmd_generate(args) -> int:
         say = (lambda *a: print(*a, file=sys.stderr)) if (lead and not args.quiet) else (lambda *a: None)
         if info.extras:
             _import_extras(info.extras)
+        if from_ckpt:
+            say(f"from the checkpoint's own settings: {', '.join(from_ckpt)} (flags override them)")
         say(plan.describe())
         if exchange is not None:
             say(f"sequence parallel: {world} ranks ({exchange.backend}), this one on {device}")
@@ -528,7 +626,7 @@ def cmd_generate(args) -> int:
         if args.cfg_low is not None and not experts:
             raise CliError("--cfg-low is the low-noise expert's guidance: it needs a Wan2.2 A14B pair "
                            "(--model-low, or a folder holding both experts)")
-        run = sampler_settings(model, args.steps, args.cfg, args.shift, args.solver, args.schedule)
+        run = sampler_settings(model, run["steps"], run["cfg"], run["shift"], run["solver"], run["schedule"])
         if args.cfg_low is not None:
             run["cfg"] = (run["cfg"], args.cfg_low)
         steps = run["steps"]
@@ -561,6 +659,7 @@ def cmd_generate(args) -> int:
             if bar is not None:
                 bar.close()
         m_eff = effective_groups(probe, moga.capacity, moga.capacity_split)
+        run_groups = moga.num_groups if net.config.num_groups else 0
         _record_routing(probe, False)
         if not lead:
             return 0
@@ -572,13 +671,12 @@ def cmd_generate(args) -> int:
                                f"the plan asks for {plan.total_frames} of {width}x{height}")
         out = write_video(args.out, frames, fps=plan.fps)
         if args.save_latent:
-            from safetensors.torch import save_file
-            save_file({"latent": result.latent.contiguous().cpu(),
-                       "shot_frames": torch.tensor(shot_frames, dtype=torch.int64)}, args.save_latent,
-                      metadata={"fps": str(plan.fps), "size": f"{width}x{height}", "world_size": str(world)})
+            save_safetensors({"latent": result.latent.contiguous().cpu(),
+                              "shot_frames": torch.tensor(shot_frames, dtype=torch.int64)}, args.save_latent,
+                             metadata={"fps": str(plan.fps), "size": f"{width}x{height}", "world_size": str(world)})
         decode_s = time.perf_counter() - t_dec
 
-        sparsity = "dense" if m_eff is None else f"{m_eff:.2f}"
+        sparsity = "dense" if m_eff is None else f"{m_eff:.2f}" + _groups_note(run_groups, moga.capacity)
         ranks = "" if exchange is None else f" over {world} ranks"
         print(f"wrote {out}: {plan.num_shots} shots, {plan.total_frames} frames {width}x{height} at "
               f"{plan.fps:g} fps ({plan.seconds:.1f} s)")
@@ -591,6 +689,25 @@ def cmd_generate(args) -> int:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _check_outputs(args):
+    from .outputs import check_output
+    overwrite = getattr(args, "overwrite", False)
+    check_output(args.out, "video", overwrite, flag="--out")
+    if args.save_latent:
+        check_output(args.save_latent, "safetensors", overwrite, flag="--save-latent")
+        if os.path.abspath(args.save_latent) == os.path.abspath(args.out):
+            raise CliError("--save-latent and --out name the same file: give the latent its own .safetensors")
+
+
+def _groups_note(groups: int, capacity) -> str:
+    """What M_eff is measured against: with a group capacity the over-full groups are cut into parts,
+    each attended alone, so M_eff (the routed branch's dense-cost ratio) can exceed M."""
+    if not groups:
+        return ""
+    return f" (M {groups}" + (f", capacity {capacity:g}: groups cut to size, so M_eff can exceed M)"
+                              if capacity else ")")
 
 
 def _import_extras(name: str):
@@ -631,6 +748,11 @@ def cmd_patch(args) -> int:
         raise CliError(f"--capacity must be >= 0 (0 = off), got {args.capacity}")
     if len(size) != 3 or min(size) < 1:
         raise CliError(f"--calibration-size {args.calibration_size!r} is not 'frames,height,width' in latent units")
+    from .outputs import check_output
+    target, flag = (args.dst, "DST") if args.dst is not None else (args.routers_out, "--routers-out")
+    if os.path.abspath(target) == os.path.abspath(args.src):
+        raise CliError(f"{flag} {target!r} is the source: write the patched checkpoint to a new file")
+    check_output(target, "safetensors", args.overwrite, flag=flag)  # before calibration, not after
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     if args.routers_out is not None:
         from .checkpoint.router_file import calibrate_router_file
@@ -655,6 +777,15 @@ def cmd_patch(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .outputs import check_output
+    if args.steps is not None and args.steps < 1:
+        raise CliError(f"--steps must be >= 1 (the demo model's own setting is 40), got {args.steps}")
+    if args.dense_steps is not None and not 0.0 <= args.dense_steps <= 1.0:
+        raise CliError(f"--dense-steps is a fraction of the steps in [0, 1], got {args.dense_steps}")
+    if args.checkpoint is not None:
+        _check_exists(args.checkpoint, "demo checkpoint")
+    check_output(args.out, "video", args.overwrite, flag="--out")
+    args.device = str(check_device(args.device))
     if _has_module("moga.demo"):
         demo = importlib.import_module("moga.demo")
         run_demo = getattr(demo, "run_demo", None)
@@ -666,13 +797,31 @@ def cmd_demo(args) -> int:
 
 
 # ---- entry -------------------------------------------------------------------------------------
+def _subparser(parser, command):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
+def _unknown_hint(command, unknown) -> str:
+    if any(a.split("=")[0] in ("--gpus", "--gpu", "--nproc", "--world-size") for a in unknown):
+        return (f"; `moga {command}` runs on one device (--device); for several GPUs launch it with "
+                f"`torchrun --nproc-per-node G -m moga {command} ...` (docs/parallel.md)")
+    return ""
+
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in _FORWARDS:  # the module parses its own options, --help included
         args = argparse.Namespace(func=lambda a: _run_module(_FORWARDS[argv[0]], argv[1:]))
     else:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse would blame the top-level parser and print its usage, not the command's
+            _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}"
+                                                   + _unknown_hint(args.command, unknown))
     from .sampling import Cancelled  # after parsing: `--help` never imports torch
     from .wan_io import MissingExtra
     try:

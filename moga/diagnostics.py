@@ -25,7 +25,6 @@ how many calls ran dense or MoGA) during sampling; `main(args)` is the command l
 """
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -490,9 +489,9 @@ def main(args) -> int:
     print(f"{args.checkpoint}: step {args.at} of {args.steps}; text: {source}")
     print(report.table())
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(report.to_dict(), checkpoint=str(args.checkpoint), step=args.at, steps=args.steps,
-                           text=source), fh, indent=1)
+        from .outputs import write_json
+        write_json(args.json, dict(report.to_dict(), checkpoint=str(args.checkpoint), step=args.at,
+                                   steps=args.steps, text=source))
     return 0
 
 

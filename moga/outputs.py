@@ -21,6 +21,8 @@ VIDEO_CODECS = {".mp4": "libx264", ".mkv": "libx264", ".mov": "libx264", ".m4v":
                 ".webm": "libvpx-vp9"}
 VIDEO_EXTENSIONS = tuple(VIDEO_CODECS)
 SAFETENSORS_EXTENSIONS = (".safetensors",)
+# a safetensors file may have any name (a latent as .st), but not one that says it is something else
+NOT_SAFETENSORS = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".gguf", ".json", ".txt") + VIDEO_EXTENSIONS
 JSON_EXTENSIONS = (".json",)
 
 
@@ -135,10 +137,12 @@ def check_output(path, kind: str, overwrite: bool = False, flag: str = "--out") 
     if path.is_dir() or shown.endswith(os.sep) or shown.endswith("/"):
         raise OutputError(f"{flag} {shown!r} is a folder: give a file name, e.g. "
                           f"{os.path.join(shown, 'out' + allowed[0])!r}")
-    if path.suffix.lower() not in allowed:
+    suffix = path.suffix.lower()
+    if suffix not in allowed if kind != "safetensors" else suffix in NOT_SAFETENSORS:
         what = "no extension" if not path.suffix else f"the extension {path.suffix!r}"
-        raise OutputError(f"{flag} {shown!r} has {what}, which is not a {kind} file this can write: "
-                          f"add {allowed[0]} (or use one of {', '.join(allowed)})")
+        others = f" (or use one of {', '.join(allowed)})" if len(allowed) > 1 else ""
+        raise OutputError(f"{flag} {shown!r} has {what}, not one of the {kind} formats moga writes: "
+                          f"add {allowed[0]}{others}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{flag} {shown!r}: the folder {str(parent)!r} does not exist: create it first "
@@ -149,11 +153,10 @@ def check_output(path, kind: str, overwrite: bool = False, flag: str = "--out") 
         content = sniff(path)
         ours = content in _OURS[kind] or content == "empty" or (kind == "json" and _is_json(path))
         if not ours:
-            held = {"pickle": "a pickle file", "zip": "a zip (or torch.save) file",
-                    "video": "a video", "safetensors": "a safetensors file"}.get(content, "something that is "
-                                                                                         f"not a {kind} file")
-            raise OutputError(f"{flag} {shown!r} already exists and holds {held}, not a {kind} written by "
-                              f"moga: it is never replaced (not even with --overwrite); choose another name")
+            held = {"pickle": "a pickle file", "zip": "a zip (or torch.save) file", "video": "a video",
+                    "safetensors": "a safetensors file"}.get(content, "other data (text or an unknown format)")
+            raise OutputError(f"{flag} {shown!r} already exists and holds {held}, not a {kind}: moga never "
+                              f"replaces such a file, not even with --overwrite; choose another name")
         if not overwrite:
             raise OutputError(f"{flag} {shown!r} already exists: pass -y/--overwrite to replace it, or choose "
                               f"another name")

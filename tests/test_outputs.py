@@ -157,7 +157,7 @@ def test_check_output_existing_files(tmp_path):
     assert check_output(video, "video", overwrite=True) == video
     text = tmp_path / "notes.mp4"
     text.write_text("my notes, not a video")
-    with pytest.raises(OutputError, match="never replaced"):
+    with pytest.raises(OutputError, match="other data.*never replaces"):
         check_output(text, "video", overwrite=True)
     # a safetensors file where a video should go, and a video where a checkpoint should go
     st = tmp_path / "w.safetensors"
@@ -170,7 +170,7 @@ def test_check_output_existing_files(tmp_path):
     assert check_output(st, "safetensors", overwrite=True) == st
     fake = tmp_path / "v.safetensors"
     fake.write_bytes(video.read_bytes())
-    with pytest.raises(OutputError, match="holds a video.*never replaced"):
+    with pytest.raises(OutputError, match="holds a video.*never replaces"):
         check_output(fake, "safetensors", overwrite=True)
     pk = tmp_path / "p.safetensors"
     torch.save({"a": torch.randn(2)}, pk)
@@ -187,3 +187,10 @@ def test_sniff(tmp_path):
     assert sniff(p) == "empty"
     p.write_text("hello world, plain text")
     assert sniff(p) == "other"
+
+
+def test_check_output_safetensors_names(tmp_path):
+    assert check_output(tmp_path / "latent.st", "safetensors") == tmp_path / "latent.st"  # any neutral name
+    for bad in ("model.pt", "model.ckpt", "x.mp4"):
+        with pytest.raises(OutputError, match="add .safetensors$"):
+            check_output(tmp_path / bad, "safetensors")

@@ -53,8 +53,11 @@ def run_demo(args) -> int:
     start = time.perf_counter()
     model = load_demo(getattr(args, "checkpoint", None), device=device)
     settings = demo_info(model)["sampling"]
-    steps = int(getattr(args, "steps", None) or DEMO_STEPS)
-    cfg = float(getattr(args, "cfg", None) or settings["cfg"])
+    given_steps, given_cfg = getattr(args, "steps", None), getattr(args, "cfg", None)
+    steps = DEMO_STEPS if given_steps is None else int(given_steps)
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1 (the demo's own setting is {DEMO_STEPS}), got {steps}")
+    cfg = float(settings["cfg"] if given_cfg is None else given_cfg)
     story = story_from_captions(list(captions), seed=seed)
     shots = latent_shot_frames(story)
     side = story.size // model.vae.spatial_ratio

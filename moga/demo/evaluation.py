@@ -8,7 +8,6 @@ by moga.diagnostics.attention_flops) relative to dense, and writes JSON with --j
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -128,6 +127,7 @@ def main(argv=None) -> int:
                args.seed, args.batch, args.device, args.capacity, args.capacity_split, args.shift, args.solver,
                args.dense_steps)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        from ..outputs import write_json
+        write_json(args.json, rows)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

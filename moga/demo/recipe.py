@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..outputs import write_json
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m moga.demo.recipe")
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
         save_codec(codec, codec_path)
         q = codec_quality(codec, stories=4 if args.tiny else 16, device=args.device)
         say(f"codec: {json.dumps(q)}")
-        (out / "codec_quality.json").write_text(json.dumps(q, indent=1))
+        write_json(out / "codec_quality.json", q)
         del codec
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..outputs import write_json
 from ..attention.config import CAPACITY_SPLITS
 from ..train.state import load_tensors, read_json, save_tensors
 from ..train.trainer import Trainer, TrainConfig
@@ -219,7 +220,7 @@ def train_demo(args) -> dict:
             how = args.init_routers
             if how == "calibrate":
                 calibrate_routers(model, text, data, fresh, seed=args.seed, shift=args.shift, log=log)
-        init_record.write_text(json.dumps({"init": Path(args.init).name, "init_routers": how}))
+        write_json(init_record, {"init": Path(args.init).name, "init_routers": how})
         log(f"weights from {args.init} (fresh optimizer; routers: {how})")
     modules = {"text_encoder": text}
     if resumed:

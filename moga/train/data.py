@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..outputs import write_json
 from ..shots import PATCH, SPATIAL_RATIO, TEMPORAL_RATIO, Shot, ShotPlan, check_size
 
 FORMAT = "moga-train-shards"
@@ -337,8 +338,8 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.tensors:
             return
-        from safetensors.torch import save_file
-        save_file(self.tensors, str(self.out / self.current), metadata={"format": FORMAT})
+        from ..outputs import save_safetensors
+        save_safetensors(self.tensors, self.out / self.current, metadata={"format": FORMAT})
         self.tensors, self.size, self.count = {}, 0, 0
         self.shards += 1
 
@@ -388,7 +389,7 @@ def prepare(source, out, vae, text_encoder, settings: PrepareSettings | None = N
     index = dict(format=FORMAT, version=VERSION, settings=dict(settings.__dict__, **dims,
                                                                 **(encoder_names or {})),
                  samples=samples, skipped=[dict(name=n, reason=r) for n, r in skipped])
-    (out / "index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
+    write_json(out / "index.json", index)
     say(f"prepared {len(samples)} clips into {writer.shards} shard(s) in {out}; skipped {len(skipped)}")
     return index
 
