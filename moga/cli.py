@@ -200,6 +200,8 @@ def _add_forward(sub, name: str, module: str, help_text: str):
 
 
 _FORWARDS: dict[str, str] = {}  # forwarded command -> module (filled by build_parser)
+# a forwarded command whose options a torch-free module parses first: --help and bad flags answer at once
+_LIGHT_PARSERS = {"inspect": "moga.inspect_args"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,6 +231,12 @@ def _run_module(module: str, argv) -> int:
             sys.argv = saved
         return 0
     return int(main(list(argv)) or 0)
+
+
+def _run_parsed(module: str, options) -> int:
+    if getattr(options, "device", None) is not None:
+        options.device = str(check_device(options.device))
+    return int(importlib.import_module(module).main(options) or 0)
 
 
 # ---- shared pieces (also for moga.parallel's torchrun entry) ------------------------------------
@@ -797,6 +805,18 @@ def cmd_demo(args) -> int:
 
 
 # ---- entry -------------------------------------------------------------------------------------
+def _loaded_types(*types) -> tuple:
+    """Exception types to catch; (module, name) ones only if that module was imported (it alone raises
+    them), so that `moga train --help` and the like never import torch for an except clause."""
+    out = []
+    for t in types:
+        if isinstance(t, tuple):
+            t = getattr(sys.modules.get(t[0]), t[1], None)
+        if t is not None:
+            out.append(t)
+    return tuple(out)
+
+
 def _subparser(parser, command):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:
@@ -815,21 +835,22 @@ def _unknown_hint(command, unknown) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in _FORWARDS:  # the module parses its own options, --help included
+    if argv and argv[0] in _LIGHT_PARSERS and argv[0] in _FORWARDS:
+        options = importlib.import_module(_LIGHT_PARSERS[argv[0]]).build_parser().parse_args(argv[1:])
+        args = argparse.Namespace(func=lambda a: _run_parsed(_FORWARDS[argv[0]], options))
+    elif argv and argv[0] in _FORWARDS:  # the module parses its own options, --help included
         args = argparse.Namespace(func=lambda a: _run_module(_FORWARDS[argv[0]], argv[1:]))
     else:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # argparse would blame the top-level parser and print its usage, not the command's
             _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}"
                                                    + _unknown_hint(args.command, unknown))
-    from .sampling import Cancelled  # after parsing: `--help` never imports torch
-    from .wan_io import MissingExtra
     try:
         return args.func(args)
-    except (Cancelled, KeyboardInterrupt):
+    except _loaded_types(KeyboardInterrupt, ("moga.sampling", "Cancelled")):
         print("moga: cancelled", file=sys.stderr)
         return EXIT_CANCELLED
-    except (CliError, ValueError, FileNotFoundError, MissingExtra) as e:
+    except _loaded_types(CliError, ValueError, FileNotFoundError, ("moga.wan_io", "MissingExtra")) as e:
         print(f"moga: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

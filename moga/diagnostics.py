@@ -34,8 +34,8 @@ import torch
 from .attention import MoGAConfig, TokenLayout, dense_attention, moga_attention
 from .attention.mixture import attention_pairs, window_groups
 from .attention.router import cap_routing
+from .inspect_args import STREAMS, add_arguments, build_parser  # torch-free: `moga inspect --help` is fast
 
-STREAMS = ("moga", "dense")
 
 
 # ---- one layer: recall and overlap on sampled queries ---------------------------------------------
@@ -375,39 +375,6 @@ def attention_flops(model):
 # ---- command line ---------------------------------------------------------------------------------
 
 
-def add_arguments(p) -> None:
-    """The `moga inspect` options (argparse)."""
-    p.add_argument("checkpoint", help="Wan2.1 / MoGA checkpoint (.safetensors file or folder)")
-    p.add_argument("--shots", help="shot plan: a .txt (one shot per line) or .json file")
-    p.add_argument("--prompt", action="append", help="a shot's prompt (repeat for several shots)")
-    p.add_argument("--seconds", type=float, default=2.0, help="seconds per shot for --prompt (default 2)")
-    p.add_argument("--fps", type=int, default=16)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--text-encoder", help="text encoder folder for a model that brings none (else a seeded "
-                                          "random embedding is used, and the report says so)")
-    p.add_argument("--steps", type=int, default=50, help="schedule length (default 50)")
-    p.add_argument("--at", type=int, default=0, help="inspect the model call of this step; the steps "
-                                                     "before it run dense from seeded noise (default 0)")
-    p.add_argument("--shift", type=float, default=None)
-    p.add_argument("--groups", type=int, help="M for this run (default: the checkpoint's)")
-    p.add_argument("--fusion", choices=("mean", "lse"), help="default: the checkpoint's")
-    p.add_argument("--capacity", type=float, help="routed group capacity, 0 = off (default: the checkpoint's)")
-    p.add_argument("--window", help="'frames,rows,cols' or 'rowsxcols' (default: the checkpoint's)")
-    p.add_argument("--context-frames", type=int)
-    p.add_argument("--dense-layers", default="", help="layers run dense, e.g. '0-1,29'")
-    p.add_argument("--queries", type=int, default=256, help="query tokens sampled per layer for the recall")
-    p.add_argument("--stream", choices=STREAMS, default="moga",
-                   help="moga: layers see the MoGA model's activations (errors compound); dense: the dense "
-                        "model's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda, cpu... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                   help="a LoRA merged into the DiT at load (default strength 1.0); repeat for several")
-    p.add_argument("--json", help="also write the report as JSON here")
-
-
 def _plan(args):
     from .shots import ShotPlan
     if args.shots:
@@ -433,10 +400,7 @@ def _encode(model, plan, args, dtype):
 def main(args) -> int:
     """`moga inspect`: args is the argparse Namespace from `add_arguments` (or a list of strings)."""
     if isinstance(args, (list, tuple)):
-        import argparse
-        parser = argparse.ArgumentParser(prog="moga inspect", description=__doc__.split("\n")[0])
-        add_arguments(parser)
-        args = parser.parse_args(list(args))
+        args = build_parser().parse_args(list(args))
     from .checkpoint import load_model, parse_layers
     from .sampling import DEFAULT_SHIFT, Cancelled, initial_noise, make_schedule, sample
 

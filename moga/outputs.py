@@ -107,12 +107,12 @@ def sniff(path) -> str:
         return "video"  # ISO base media (mp4, mov, m4v)
     if head.startswith(b"\x1a\x45\xdf\xa3"):
         return "video"  # Matroska / WebM
+    if len(head) >= 9 and head[8:9] == b"{":  # before pickle: a header length may begin with 0x80
+        return "safetensors"  # 8-byte little-endian header length, then the JSON header
     if head.startswith(b"\x80") and len(head) > 1 and head[1] in range(2, 6):
         return "pickle"  # pickle protocol 2-5 (torch.save's legacy format)
     if head.startswith(b"PK\x03\x04"):
         return "zip"  # torch.save's default format is a zip of pickles
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"  # 8-byte little-endian header length, then the JSON header
     return "other"
 
 

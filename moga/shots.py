@@ -39,16 +39,24 @@ SPATIAL_RATIO = 8   # Wan VAE: 8x8 pixels per latent pixel
 PATCH = (1, 2, 2)   # Wan DiT: latent frames x rows x cols per token
 DEFAULT_FPS = 16    # Wan2.1's sample_fps
 DEFAULT_SECONDS = 5.0  # 81 frames at 16 fps, Wan2.1's default clip
+# A hard bound per shot (10 minutes at 16 fps, 2401 latent frames): far past what any device holds
+# (memory is checked before sampling), it turns a typo like [100001] into an error instead of a run.
+MAX_SHOT_FRAMES = 9601
 
 
 def is_valid_frames(frames: int, temporal_ratio: int = TEMPORAL_RATIO) -> bool:
     return isinstance(frames, int) and frames >= 1 and (frames - 1) % temporal_ratio == 0
 
 
-def nearest_valid_frames(frames: float, temporal_ratio: int = TEMPORAL_RATIO) -> tuple[int, ...]:
-    """The valid lengths (k*ratio + 1) around `frames`: one if it is valid or below 1, else two."""
+def nearest_valid_frames(frames: float, temporal_ratio: int = TEMPORAL_RATIO,
+                         limit: int = MAX_SHOT_FRAMES) -> tuple[int, ...]:
+    """The valid lengths (k*ratio + 1, at most `limit`) around `frames`: one if it is valid, below 1 or
+    above the limit, else two."""
     if frames <= 1:
         return (1,)
+    top = (limit - 1) // temporal_ratio * temporal_ratio + 1
+    if frames >= top:
+        return (top,)
     low = int(math.floor((frames - 1) / temporal_ratio)) * temporal_ratio + 1
     if low == frames:
         return (int(frames),)
@@ -59,6 +67,11 @@ def check_frames(frames, temporal_ratio: int = TEMPORAL_RATIO, what: str = "shot
     if isinstance(frames, bool) or not isinstance(frames, (int, float)) or frames != int(frames):
         raise ValueError(f"{what} length {frames!r} is not a whole number of frames")
     frames = int(frames)
+    if frames > MAX_SHOT_FRAMES:
+        raise ValueError(
+            f"{what} length {frames} frames is over the limit of {MAX_SHOT_FRAMES} frames per shot "
+            f"({(MAX_SHOT_FRAMES - 1) / DEFAULT_FPS / 60:g} min at {DEFAULT_FPS} fps): use at most "
+            f"{nearest_valid_frames(frames, temporal_ratio)[0]} frames, or split it into several shots")
     if not is_valid_frames(frames, temporal_ratio):
         near = " or ".join(str(v) for v in nearest_valid_frames(frames, temporal_ratio))
         raise ValueError(
@@ -264,7 +277,7 @@ class ShotPlan:
         if not path.is_file():
             raise ValueError(f"shot list {str(path)!r} does not exist: write one prompt per line in a "
                              ".txt file, or a JSON plan")
-        text = path.read_text(encoding="utf-8")
+        text = _read_utf8(path)
         if path.suffix.lower() == ".json":
             return cls.from_json(text if text.strip() else {"shots": []}, default_seconds, fps)
         if text.lstrip().startswith(("{", "[")):  # JSON without the suffix; '[41] a shot' is the text form
@@ -287,6 +300,17 @@ class ShotPlan:
         for i, (s, (a, b)) in enumerate(zip(self.shots, self.frame_ranges)):
             lines.append(f"  shot {i + 1}: frames {a}-{b - 1} ({s.frames}) {s.prompt[:60]}")
         return "\n".join(lines)
+
+
+def _read_utf8(path: Path) -> str:
+    """A shot file's text; a byte that is not UTF-8 is named with the file, its offset and its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # a BOM from Windows editors is fine
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"shot list {str(path)!r} is not UTF-8 text: byte {e.start} (0x{raw[e.start]:02x}, "
+                         f"line {line}) cannot be decoded; save the file as UTF-8") from None
 
 
 def check_size(width: int, height: int, multiple: int = SPATIAL_RATIO * PATCH[1]) -> None:

@@ -93,13 +93,15 @@ def test_atomic_json_not_serialisable_keeps_old(tmp_path):
 
 
 def test_safetensors_writers_are_atomic(tmp_path, monkeypatch):
-    """An interrupt during state.save_tensors / save_safetensors leaves the old file."""
+    """An interrupt during write_safetensors / state.save_tensors / save_safetensors leaves the old file."""
     import torch
 
+    from moga.checkpoint import write_safetensors
     from moga.train import state
 
     g = torch.Generator().manual_seed(0)
-    for name, write in (("s.safetensors", lambda p, t: state.save_tensors(p, t)),
+    for name, write in (("w.safetensors", lambda p, t: write_safetensors(p, t)),
+                        ("s.safetensors", lambda p, t: state.save_tensors(p, t)),
                         ("l.safetensors", lambda p, t: outputs.save_safetensors(t, p))):
         target = tmp_path / name
         write(target, {"a": torch.randn(4, 4, generator=g)})
@@ -113,7 +115,7 @@ def test_safetensors_writers_are_atomic(tmp_path, monkeypatch):
             write(target, {"a": torch.randn(64, 64, generator=g)})
         monkeypatch.setattr(os, "fsync", real_fsync)
         assert target.read_bytes() == before, name
-    assert _leftovers(tmp_path, {"s.safetensors", "l.safetensors"}) == []
+    assert _leftovers(tmp_path, {"w.safetensors", "s.safetensors", "l.safetensors"}) == []
 
 
 # ---- checks before any work ----------------------------------------------------------------------
@@ -180,7 +182,11 @@ def test_check_output_existing_files(tmp_path):
 
 def test_sniff(tmp_path):
     import pickle
+    import struct
     p = tmp_path / "x"
+    header = b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' + b" " * 842  # length 0x380
+    p.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert len(header) & 0xFF == 0x80 and sniff(p) == "safetensors"  # not read as a pickle
     p.write_bytes(pickle.dumps({"a": 1}, protocol=4))
     assert sniff(p) == "pickle"
     p.write_bytes(b"")

@@ -5,7 +5,6 @@ source without loading them."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Mapping
 import torch
 
 from ..model import FP8_DTYPES
+from ..outputs import atomic_open, sniff
 from .errors import CheckpointError
 
 _DTYPES = {
@@ -44,6 +44,12 @@ def read_header(path: Path) -> tuple[dict, dict, int]:
     path = Path(path)
     size = path.stat().st_size
     hint = next((h for exts, h in _NOT_SAFETENSORS_HINTS.items() if path.suffix.lower() in exts), None)
+    held = sniff(path)  # by content: a pickle renamed to .safetensors gets the pickle hint too
+    if held in ("pickle", "zip"):
+        hint = (f"this is a pickle (.pt/.ckpt) file{' (a torch.save zip)' if held == 'zip' else ''}, whatever "
+                f"its name; pickles are never loaded (they can run code): convert it to safetensors (e.g. "
+                f"safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')) or use "
+                f"the model's .safetensors release")
 
     def not_st(why):
         raise CheckpointError(f"{path} is not a safetensors file ({why})"
@@ -205,8 +211,7 @@ def write_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as out:
+    with atomic_open(path, "wb") as out:  # an interrupted write leaves the old file as it was
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for name, _, _, nbytes, (kind, obj) in items:
@@ -214,7 +219,6 @@ def write_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
                 obj.read_bytes(name, out)
             elif nbytes:
                 out.write(_tensor_bytes(obj))
-    os.replace(tmp, path)
     return path
 
 
