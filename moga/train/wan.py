@@ -680,7 +680,7 @@ class WanTrainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_safetensors(path, new, meta, copy_from=copy)
         if lora and lora_output == "separate":
-            from safetensors.torch import save_file
+            from ..outputs import save_safetensors
             from .lora import COMFY_PREFIX
             sd = {}
             alpha = float(self.s.lora_rank if self.s.lora_alpha is None else self.s.lora_alpha)
@@ -688,8 +688,8 @@ class WanTrainer:
                 sd[f"{COMFY_PREFIX}{mod}.lora_down.weight"] = down.float().contiguous()
                 sd[f"{COMFY_PREFIX}{mod}.lora_up.weight"] = up.float().contiguous()
                 sd[f"{COMFY_PREFIX}{mod}.alpha"] = torch.tensor(alpha)
-            save_file(sd, str(path.parent / LORA_NAME),
-                      metadata={"moga.train": meta["moga.train"], "moga.base": Path(self.source).name})
+            save_safetensors(sd, path.parent / LORA_NAME,
+                             metadata={"moga.train": meta["moga.train"], "moga.base": Path(self.source).name})
         src.close()
         self._barrier()
         return path
