@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from moga.sampling import sampler_settings
+
 from moga import checkpoint as ckpt
 from moga.cli import _run_settings, build_parser, checkpoint_defaults, main
 from moga.demo.model import DEMO_PATH
@@ -117,10 +119,20 @@ def test_checkpoint_defaults_from_the_demo_metadata():
                  "seconds": 17 / 8}
     args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--cfg", "6"])
     run, taken = _run_settings(args, d)
-    assert run == {"size": "128x128", "steps": 40, "cfg": 6.0, "shift": 3.0, "solver": "unipc"}
+    assert run == {"size": "128x128", "steps": 40, "cfg": 6.0, "shift": 3.0, "solver": "unipc", "schedule": None}
     assert "cfg" not in " ".join(taken) and "steps 40" in taken and "size 128x128" in taken
-    run, taken = _run_settings(args, {})  # a file that records nothing: Wan's
-    assert run == {"size": "832x480", "steps": 50, "cfg": 6.0, "shift": 5.0, "solver": "unipc"} and not taken
+    run, taken = _run_settings(args, {})  # a file that records nothing: Wan's (the sampler fills them)
+    assert run == {"size": "832x480", "steps": None, "cfg": 6.0, "shift": None, "solver": None,
+                   "schedule": None} and not taken
+    filled = sampler_settings(object(), run["steps"], run["cfg"], run["shift"], run["solver"], run["schedule"])
+    assert filled == {"steps": 50, "cfg": 6.0, "shift": 5.0, "solver": "unipc", "schedule": "wan"}
+    # a file's moga.sampler.* keys (a distill checkpoint's) are its defaults too, and win over its demo record
+    d = checkpoint_defaults({"moga.sampler.steps": "4", "moga.sampler.cfg": "1", "moga.sampler.schedule": "distill"})
+    assert d == {"steps": 4, "cfg": 1.0, "schedule": "distill"}
+    run, taken = _run_settings(build_parser().parse_args(["generate", "--model", "m", "--prompt", "p"]), d)
+    assert sampler_settings(object(), run["steps"], run["cfg"], run["shift"], run["solver"], run["schedule"]) == \
+        {"steps": 4, "cfg": 1.0, "shift": 5.0, "solver": "euler", "schedule": "distill"}
+    assert "schedule distill" in taken
     assert checkpoint_defaults({"moga.demo": "not json"}) == {}
 
 

@@ -30,7 +30,7 @@ def _run(files, model, tmp_path, *extra):
     return main(["generate", "--model", str(model), "--shots", str(shots), "--size", "32x16", "--steps", "2",
                  "--cfg", "1", "--text-encoder", str(files["te"]), "--vae", str(files["vae"]),
                  "--out", str(tmp_path / "o.mp4"), "--save-latent", str(tmp_path / "o.safetensors"),
-                 "--quiet", *extra])
+                 "--quiet", "--overwrite", *extra])  # the same outputs again: replaced on purpose
 
 
 def test_wan21_i2v_with_per_shot_images(files, tmp_path, capsys, monkeypatch):
