@@ -88,3 +88,30 @@ class DemoTextEncoder(nn.Module):
             ids, lengths = self.batch_ids([c])
             out.append(self.forward(ids, lengths).float())
         return out
+
+
+def extend_vocab(text: DemoTextEncoder, vocab: tuple[str, ...]) -> DemoTextEncoder:
+    """A copy of `text` over `vocab` (its own vocabulary followed by new words): the known words keep their rows,
+    each new word starts as the <unk> row (what the encoder read it as before), so the extended encoder first
+    computes what the old one did."""
+    vocab = tuple(vocab)
+    if vocab[:len(text.vocab)] != text.vocab:
+        raise ValueError(f"the new vocabulary must begin with the encoder's own {len(text.vocab)} words "
+                         f"(the old ids must not move); it begins {vocab[:len(text.vocab)][-3:]}")
+    if vocab == text.vocab:
+        return text
+    out = DemoTextEncoder(text.dim, text.layers, text.heads, text.max_len, vocab=vocab)
+    load_text_state(out, text.state_dict())
+    return out.to(text.pos.device)
+
+
+def load_text_state(text: DemoTextEncoder, state: dict) -> None:
+    """Load a text encoder's weights into `text`, whose vocabulary may extend the saved one (the shipped
+    model's 26 words into a long-story encoder): the extra rows become the saved <unk> row."""
+    state = dict(state)
+    saved = state.get("embed.weight")
+    own = text.embed.weight
+    if saved is not None and saved.shape[0] < own.shape[0] and saved.shape[1:] == own.shape[1:]:
+        extra = saved[UNK:UNK + 1].expand(own.shape[0] - saved.shape[0], -1)
+        state["embed.weight"] = torch.cat([saved, extra.to(saved.dtype)])
+    text.load_state_dict(state)

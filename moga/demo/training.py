@@ -157,9 +157,24 @@ def fresh_models(args):
     router rows drawn at --router-init-std (default Wan's 0.02)."""
     std = getattr(args, "router_init_std", None) or 0.02
     if args.tiny:
-        return _tiny(args.dense, args.seed, args.num_groups, router_std=std)
-    groups = {"num_groups": args.num_groups} if args.num_groups and not args.dense else {}
-    return build_demo(args.dense, args.seed, router_std=std, **groups)
+        model, text = _tiny(args.dense, args.seed, args.num_groups, router_std=std)
+    else:
+        groups = {"num_groups": args.num_groups} if args.num_groups and not args.dense else {}
+        model, text = build_demo(args.dense, args.seed, router_std=std, **groups)
+    if getattr(args, "world", "short") == "long":  # callbacks add words ("the red one ...")
+        from .long_world import LONG_VOCAB
+        from .text import extend_vocab
+        text = extend_vocab(text, LONG_VOCAB)
+    return model, text
+
+
+def make_data(args, codec) -> WorldData:
+    """The training stories: the short world's, or long stories mixed with them (--world long)."""
+    if getattr(args, "world", "short") == "long":
+        from .long_data import LongWorldData
+        return LongWorldData(codec, seed=args.seed, object_weight=args.object_weight,
+                             long_shot_frames=args.long_shot_frames, short_every=args.short_every)
+    return WorldData(codec, seed=args.seed, object_weight=args.object_weight)
 
 
 def train_demo(args) -> dict:
@@ -209,7 +224,7 @@ def train_demo(args) -> dict:
                          max_file_mb=args.max_file_mb, moga=dict(attention),
                          router_lr_scale=args.router_lr_scale, balance_weight=args.balance_weight,
                          dense_warmup=args.dense_warmup)
-    data = WorldData(codec, seed=args.seed, object_weight=args.object_weight)
+    data = make_data(args, codec)
     ckpt = out / "ckpt"
     resumed = args.resume and (ckpt / "state.json").exists()
     init_record = out / "init.json"  # how the run began, for the exported file's record after resumes
@@ -269,6 +284,8 @@ def train_demo(args) -> dict:
                           "ema": args.ema, "object_weight": args.object_weight,
                           "router_lr_scale": args.router_lr_scale, "balance_weight": args.balance_weight,
                           "dense_warmup": args.dense_warmup, "router_init_std": args.router_init_std,
+                          **({"world": "long", "long_shot_frames": args.long_shot_frames,
+                              "short_every": args.short_every} if getattr(args, "world", "short") == "long" else {}),
                           **(read_json(init_record) if args.init and init_record.exists() else {}),
                           "date": time.strftime("%Y-%m-%d"), **({"attention": attention} if attention else {})}}
     path = save_demo(out / "model.safetensors", final_model.cpu(), final_text.cpu(), codec.cpu(), extra=extra)
@@ -333,8 +350,9 @@ def init_from(path, model, text) -> list[int]:
                          f"size (a dense file may start a MoGA model; its routers are then calibrated), and the "
                          f"same --num-groups as the file's routers")
     model.load_state_dict(own, strict=False)
-    text.load_state_dict({k[len("text_encoder."):]: v.float() for k, v in sd.items()
-                          if k.startswith("text_encoder.")})
+    from .text import load_text_state
+    load_text_state(text, {k[len("text_encoder."):]: v.float() for k, v in sd.items()
+                           if k.startswith("text_encoder.")})
     return sorted(int(k.split(".")[1]) for k in missing)
 
 
@@ -493,6 +511,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --auto-steps: fit the step count to this many seconds of training in all, "
                         "run in chunks of --time-limit with --resume (the count is kept on resume)")
     p.add_argument("--export-margin", type=float, default=20.0, help="seconds kept for saving and export")
+    p.add_argument("--world", choices=("short", "long"), default="short",
+                   help="training stories: the short world's 1-4 shots, or long: 12-24-shot stories with callbacks "
+                        "(moga.demo.long_world) mixed with short ones (the text encoder gains 'the', 'one')")
+    p.add_argument("--long-shot-frames", type=int, default=53,
+                   help="--world long: pixel frames per shot (4n+1; 53 = 14 latent frames)")
+    p.add_argument("--short-every", type=int, default=4,
+                   help="--world long: every this-many-th batch is the short world's (0: long stories only)")
     p.add_argument("--sync-dir", default=None, help="folder where side-by-side runs agree on the step count")
     p.add_argument("--sync-name", default=None)
     p.add_argument("--sync-peers", default="moga,dense")
