@@ -179,6 +179,10 @@ def _add_demo(sub):
     p.add_argument("--dense", action="store_true", help="run with dense attention (routers off)")
     p.add_argument("--dense-steps", type=float, default=None,
                    help="fraction of the first steps run dense (default: the model's dense warm-up)")
+    p.add_argument("--long", type=int, nargs="?", const=12, default=None, metavar="SHOTS",
+                   help="draw a long story instead (moga.demo.long_world: SHOTS shots of 53 frames, default 12, "
+                        "callbacks to objects shown earlier); minutes on a CPU, and labelled untrained-for-long "
+                        "unless the model was trained on long stories")
     p.set_defaults(func=cmd_demo)
 
 

@@ -33,6 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dense", action="store_true", help="run with dense attention (routers off)")
     p.add_argument("--dense-steps", type=float, default=None,
                    help="fraction of the first steps run dense (default: the model's dense warm-up)")
+    p.add_argument("--long", type=int, nargs="?", const=12, default=None, metavar="SHOTS",
+                   help="a long story of SHOTS shots (default 12) with callbacks (moga.demo.long_world)")
 
 
 def run_demo(args) -> int:
@@ -58,7 +60,20 @@ def run_demo(args) -> int:
     if steps < 1:
         raise ValueError(f"--steps must be >= 1 (the demo's own setting is {DEMO_STEPS}), got {steps}")
     cfg = float(settings["cfg"] if given_cfg is None else given_cfg)
-    story = story_from_captions(list(captions), seed=seed)
+    long_shots = getattr(args, "long", None)
+    if long_shots is not None:
+        from .long_world import demo_long_story
+        if getattr(args, "prompt", None):
+            raise ValueError("--long draws its own story: drop --prompt (or drop --long to give captions)")
+        long_story = demo_long_story(seed, int(long_shots))
+        captions = long_story.captions
+        story = long_story.world_story()
+        trained_long = (demo_info(model).get("training") or {}).get("world") == "long"
+        if not quiet and not trained_long:
+            print("note: this model was not trained on long stories (untrained-for-long): callbacks "
+                  "('the red one ...') use words it reads as <unk>", file=sys.stderr)
+    else:
+        story = story_from_captions(list(captions), seed=seed)
     shots = latent_shot_frames(story)
     side = story.size // model.vae.spatial_ratio
     dense = bool(getattr(args, "dense", False))
@@ -77,7 +92,20 @@ def run_demo(args) -> int:
         video = model.vae.decode_shots(latent, shots)[0].cpu()
     path = write_video(out, video_to_frames(video), fps=settings.get("fps", 8))
     seconds = time.perf_counter() - start
-    if not quiet:
+    if not quiet and long_shots is not None:
+        from .long_evaluate import score_long_story, summarize_long
+        scores, calls = score_long_story(video, long_story)
+        for i, (caption, s) in enumerate(zip(captions, scores)):
+            f = s.found
+            print(f"shot {i + 1}: {caption!r} -> {f['colour']} {f['size']} {f['shape']} moving {f['direction']}",
+                  file=sys.stderr)
+        summary = summarize_long([(scores, calls)])
+        print("score: " + ", ".join(f"{k} {summary[k]:.0f}%" for k in ("colour", "shape", "direction",
+                                                                        "consistency", "recall")
+                                    if summary[k] is not None) +
+              f" ({summary['callbacks']} callbacks)" +
+              ("" if trained_long else "  [untrained-for-long]"), file=sys.stderr)
+    elif not quiet:
         scores = score_story(video, story)
         for i, (caption, s) in enumerate(zip(captions, scores)):
             f = s.found
