@@ -71,9 +71,11 @@ def mean_score(summary: dict) -> float:
 
 
 def evaluate_long(model, stories: list[LongStory], *, steps: int, cfg: float, shift: float, solver: str = "unipc",
-                  moga=None, seed: int = 0, dense_steps: float = 0.0, batch: int = 1, device=None) -> dict:
+                  moga=None, seed: int = 0, dense_steps: float = 0.0, batch: int = 1, device=None,
+                  callback=None) -> dict:
     """Generate each story (noise seed = seed + its index), decode, score; attention FLOPs counted by
-    `moga.diagnostics.attention_flops` (stories of one shape are batched `batch` at a time)."""
+    `moga.diagnostics.attention_flops` (stories of one shape are batched `batch` at a time); `callback(i, n, x)`
+    after every sampling step, as `generate` calls it."""
     from ..diagnostics import attention_flops
     from .generate import decode, generate
 
@@ -88,7 +90,7 @@ def evaluate_long(model, stories: list[LongStory], *, steps: int, cfg: float, sh
                 first = lo + (0 if len(groups) == 1 else i)
                 lat = generate(model, group, steps=steps, cfg=cfg, shift=shift, solver=solver, moga=moga,
                                seeds=[seed + first + j for j in range(len(group))], device=device,
-                               dense_steps=dense_steps)
+                               dense_steps=dense_steps, callback=callback)
                 video = decode(model, lat, group[0]).cpu()
                 results += [score_long_story(video[j], s) for j, s in enumerate(group)]
     summary = summarize_long(results)
