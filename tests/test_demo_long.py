@@ -146,3 +146,17 @@ def test_callback_caption_is_read_by_the_short_vocabulary_as_unknown_words():
         ids = short.token_ids("the red one moves left on a grey background")
     assert ids[1] == ids[3] == 2
     assert 2 not in long.token_ids("the red one moves left on a grey background")
+
+
+def test_moga_demo_long_is_labelled_untrained_for_long(tmp_path, capsys):
+    from moga.cli import main
+
+    story = __import__("moga.demo.long_world", fromlist=["x"]).demo_long_story(0, 6)
+    assert "callback" in story.kinds  # the printed score has a recall figure
+    assert main(["demo", "--long", "6", "--steps", "1", "--out", str(tmp_path / "d.mp4")]) == 0
+    err = capsys.readouterr().err
+    assert "untrained-for-long" in err and "recall" in err and "shot 6:" in err
+    assert (tmp_path / "d.mp4").stat().st_size > 0
+    assert main(["demo", "--long", "--prompt", "it moves up on a black background",
+                 "--out", str(tmp_path / "e.mp4")]) != 0
+    assert "--long draws its own story" in capsys.readouterr().err

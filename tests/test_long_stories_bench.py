@@ -1,0 +1,52 @@
+"""benchmarks/long_stories.py end to end on the shipped model at a toy size (1 story of 3 short shots, 2 steps):
+every mode gives a row or a stated skip, the JSON carries every column, the doc table is generated from it."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import long_stories  # noqa: E402
+
+from moga.demo.sparse_baselines import sol_available  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ls") / "r.json"
+    long_stories.main(["--stories", "1", "--shots", "3", "--shot-frames", "5", "--steps", "2", "--threads", "1",
+                       "--out", str(out)])
+    return out, json.loads(out.read_text())
+
+
+def test_every_mode_has_a_row_or_a_reason(result):
+    _, r = result
+    rows = {x["mode"]: x for x in r["rows"]}
+    have_sol = sol_available()[0] is not None
+    for mode in long_stories.MODES:
+        if mode.startswith("sol") and not have_sol:
+            assert "comfy-kitchen" in r["skipped"][mode]
+        else:
+            assert mode in rows, mode
+    for row in rows.values():
+        for col in (*long_stories.COLUMNS, "attention_flops_ratio", "attention_gflops", "seconds", "score"):
+            assert col in row, (row["mode"], col)
+    assert rows["dense"]["attention_flops_ratio"] == 1.0
+    for mode in ("moga", "window", "topk", "lse"):
+        assert 0 < rows[mode]["attention_flops_ratio"] < 1.0, mode
+    assert rows["window"]["attention_flops_ratio"] < rows["moga"]["attention_flops_ratio"]
+    assert r["settings"]["stand_in_twin"] and not r["settings"]["trained_on_long_stories"]
+
+
+def test_doc_table_is_generated_from_the_json(result, tmp_path):
+    out, r = result
+    doc = tmp_path / "d.md"
+    doc.write_text(f"intro\n{long_stories.doc_begin(str(out))}\nold\n{long_stories.DOC_END}\nafter\n")
+    long_stories.main(["--table", str(out), "--doc", str(doc)])
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("after")
+    assert "| MoGA as trained |" in text and "NOT trained on long stories" in text
+    resumed = long_stories.main(["--stories", "1", "--shots", "3", "--shot-frames", "5", "--steps", "2",
+                                 "--out", str(out), "--resume", "--modes", "dense"])
+    assert [x["seconds"] for x in resumed["rows"]] == [x["seconds"] for x in r["rows"]]  # nothing re-measured
