@@ -97,20 +97,21 @@ def captured_qk(model, story, sampling, moga, seed: int):
     return seen
 
 
-def sparse_ratio(calls, tau: float) -> float:
-    pairs = sum(sb.sol_pairs(q[None], k[None], tau) for q, k in calls)
+def sparse_ratio(calls, tau: float, extra: int = 0) -> float:
+    pairs = sum(sb.sol_pairs(q[None], k[None], tau, extra_tokens=extra) for q, k in calls)
     dense = sum(q.shape[0] ** 2 * q.shape[1] for q, _ in calls)
     return pairs / dense
 
 
-def fit_tau(calls, target: float, lo: float = -4.0, hi: float = 12.0) -> tuple[float, float]:
-    """tau whose sparse-step FLOP ratio is nearest `target` (bisection; the ratio falls as tau rises)."""
-    if sparse_ratio(calls, hi) >= target:
-        return hi, sparse_ratio(calls, hi)
+def fit_tau(calls, target: float, lo: float = -4.0, hi: float = 12.0, extra: int = 0) -> tuple[float, float]:
+    """tau whose sparse-step FLOP ratio is nearest `target` (bisection; the ratio falls as tau rises); the
+    largest tau tried when even it spends more (the diagonal blocks and pooled terms are a floor)."""
+    if sparse_ratio(calls, hi, extra) >= target:
+        return hi, sparse_ratio(calls, hi, extra)
     for _ in range(24):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if sparse_ratio(calls, mid) > target else (lo, mid)
-    return hi, sparse_ratio(calls, hi)
+        lo, hi = (mid, hi) if sparse_ratio(calls, mid, extra) > target else (lo, mid)
+    return hi, sparse_ratio(calls, hi, extra)
 
 
 def moga_sparse_ratio(model, story, sampling, seed: int) -> float:
@@ -135,7 +136,7 @@ def measure(args, tmp: Path, argv) -> dict:
     sampling = dict(steps=args.steps or s["steps"], cfg=args.cfg or s["cfg"], shift=s["shift"], solver=s["solver"])
     stories = heldout_long_stories(args.stories, args.shots, seed=args.seed, shot_frames=args.shot_frames)
     out = Path(args.out)
-    settings = {"checkpoint": moga_path.name, "dense_checkpoint": twin_path.name if not stand_in else None,
+    settings = {"moga_dense_steps": args.moga_dense_steps, "checkpoint": moga_path.name, "dense_checkpoint": twin_path.name if not stand_in else None,
                 "stand_in_twin": stand_in, "trained_on_long_stories": trained_long, "stories": args.stories,
                 "shots": args.shots, "shot_frames": args.shot_frames, "seed": args.seed, "sampling": sampling}
     old = json.loads(out.read_text()) if args.resume and out.exists() else {}
@@ -145,7 +146,7 @@ def measure(args, tmp: Path, argv) -> dict:
     skipped = dict(old.get("skipped", {}))
     commands = old.get("commands", []) + ["python benchmarks/long_stories.py " + " ".join(argv)]
     dense_cfg = twin.moga_config.replace(dense=True)
-    warm = float(model.dense_warmup)
+    warm = float(model.dense_warmup if args.moga_dense_steps is None else args.moga_dense_steps)
 
     def save():
         result = {"date": datetime.date.today().isoformat(), "device": _device_name(device), "settings": settings,
@@ -200,7 +201,7 @@ def measure(args, tmp: Path, argv) -> dict:
             print(f"skip {sorted(sol_modes)}: {why}", flush=True)
             save()
         else:
-            ref = "fused kernel" if str(device).startswith("cuda") else "eager reference (CPU, float32)"
+            ref = "fused kernel (bf16)" if sb.sol_fused(device) else "eager reference (float32)"
             run("sol", twin, dense_steps=SOL_DENSE, override=("sol", {"tau": SOL_TAU, "token_aug": SOL_EXTRA}),
                 tau=SOL_TAU, token_aug=SOL_EXTRA, sol_backend=ref, model=twin_note)
             if "sol-equal" in sol_modes and "moga" not in rows:
@@ -210,7 +211,8 @@ def measure(args, tmp: Path, argv) -> dict:
                 n = sampling["steps"]
                 nd = dense_step_count(warm, n)
                 want = (rows["moga"]["attention_flops_ratio"] * n - nd) / max(n - nd, 1)
-                tau, got = fit_tau(captured_qk(twin, stories[0], sampling, dense_cfg, args.seed), want)
+                tau, got = fit_tau(captured_qk(twin, stories[0], sampling, dense_cfg, args.seed), want,
+                                   extra=SOL_EXTRA if sb.sol_fused(device) else 0)
                 run("sol-equal", twin, dense_steps=warm, override=("sol", {"tau": tau, "token_aug": SOL_EXTRA}),
                     tau=round(tau, 4), token_aug=SOL_EXTRA, sol_backend=ref, model=twin_note)
     return save()
@@ -288,6 +290,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 40)")
     p.add_argument("--cfg", type=float, default=None)
     p.add_argument("--groups", type=int, default=8, help="M of the calibrated routers")
+    p.add_argument("--moga-dense-steps", type=float, default=None,
+                   help="the MoGA row's dense warm-up (and top-k's, sol-equal's): default the file's moga.dense_warmup")
     p.add_argument("--seed", type=int, default=0, help="held-out stories and noise")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -50,3 +50,15 @@ def test_doc_table_is_generated_from_the_json(result, tmp_path):
     resumed = long_stories.main(["--stories", "1", "--shots", "3", "--shot-frames", "5", "--steps", "2",
                                  "--out", str(out), "--resume", "--modes", "dense"])
     assert [x["seconds"] for x in resumed["rows"]] == [x["seconds"] for x in r["rows"]]  # nothing re-measured
+
+
+def test_fit_tau_meets_the_target_ratio():
+    import torch
+    g = torch.Generator().manual_seed(0)
+    calls = [(torch.randn(640, 2, 16, generator=g), torch.randn(640, 2, 16, generator=g)) for _ in range(2)]
+    floor = long_stories.sparse_ratio(calls, 12.0)
+    for target in (0.9, 0.6, floor + 0.05):
+        tau, got = long_stories.fit_tau(calls, target)
+        assert abs(got - target) < 0.03 and got <= target + 1e-9, (target, got)
+    tau, got = long_stories.fit_tau(calls, floor / 2)   # unreachable: the floor, said by its ratio
+    assert tau == 12.0 and got == floor

@@ -117,6 +117,15 @@ def sol_available() -> tuple[object | None, str]:
     return fn, ""
 
 
+def sol_fused(device) -> bool:
+    """Whether comfy-kitchen's compiled Sol-Attn kernels run on `device` (else its eager reference)."""
+    try:
+        import comfy_kitchen
+        return torch.device(device).type == "cuda" and bool(comfy_kitchen.sol_attn_is_available(torch.device(device)))
+    except Exception:  # noqa: BLE001 - not installed / no kernels: the eager path
+        return False
+
+
 def sol_exact_blocks(q: torch.Tensor, k: torch.Tensor, tau: float, scale: float | None = None,
                      block: int = BLOCK) -> torch.Tensor:
     """q, k [T, H, D] -> bool [H, nq, nk]: the key blocks Sol-Attn attends exactly at threshold `tau`."""
@@ -133,9 +142,10 @@ def sol_exact_blocks(q: torch.Tensor, k: torch.Tensor, tau: float, scale: float 
     return exact | ((idx.view(1, -1) - idx.view(-1, 1)).abs() <= 1)
 
 
-def sol_pairs(q: torch.Tensor, k: torch.Tensor, tau: float, block: int = BLOCK) -> int:
+def sol_pairs(q: torch.Tensor, k: torch.Tensor, tau: float, block: int = BLOCK, extra_tokens: int = 0) -> int:
     """Query-key pairs Sol-Attn spends on [B, T, H, D]: exact token pairs + one pooled term per query row and
-    non-exact key block + the proxy scores (one per query block and key block)."""
+    non-exact key block + the proxy scores (one per query block and key block) + `extra_tokens` per query row
+    (the fused kernels' token_aug routes up to that many single tokens exactly; the eager reference none)."""
     b, t, h, _ = q.shape
     total = 0
     for i in range(b):
@@ -145,7 +155,7 @@ def sol_pairs(q: torch.Tensor, k: torch.Tensor, tau: float, block: int = BLOCK) 
         sizes[-1] = t - (n - 1) * block
         tok = int((exact.long() * sizes.view(1, 1, -1) * sizes.view(1, -1, 1)).sum())
         pooled = int(((~exact).long() * sizes.view(1, -1, 1)).sum())
-        total += tok + pooled + h * n * n
+        total += tok + pooled + h * n * n + h * t * extra_tokens
     return total
 
 
@@ -159,9 +169,9 @@ def sol_attention(q, k, v, tau: float = 1.3, token_aug: int = 256, fn=None) -> t
     if d > 128:
         raise ValueError(f"sol_attn takes head dim 128; this model has {d}")
     pad = lambda x: F.pad(x, (0, 128 - d)) if d < 128 else x  # noqa: E731
-    fused = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    if fused:
-        return fn(pad(q), pad(k), pad(v), tau=tau, scale=d ** -0.5, token_aug=token_aug)[..., :d]
+    if sol_fused(q.device):  # the kernels take bf16 / fp16 (ComfyUI runs Wan in bf16)
+        half = lambda x: pad(x).to(torch.bfloat16) if x.dtype not in (torch.float16, torch.bfloat16) else pad(x)  # noqa: E731
+        return fn(half(q), half(k), half(v), tau=tau, scale=d ** -0.5, token_aug=token_aug)[..., :d].to(q.dtype)
     outs = [fn(pad(q[i:i + 1, :, j:j + 1]), pad(k[i:i + 1, :, j:j + 1]), pad(v[i:i + 1, :, j:j + 1]), tau=tau,
                scale=d ** -0.5, token_aug=token_aug)[..., :d]
             for i in range(q.shape[0]) for j in range(q.shape[2])]
@@ -240,7 +250,7 @@ def override_attention(kind: str, dense_steps: int = 0, keep: float = 0.25, tau:
             out, pairs = topk_block_attention(q, k, v, keep)
             counter.pairs += pairs
             return out
-        counter.pairs += sol_pairs(q, k, tau)
+        counter.pairs += sol_pairs(q, k, tau, extra_tokens=token_aug if sol_fused(q.device) else 0)
         return sol_attention(q, k, v, tau, token_aug, fn=fn)
 
     layer.dense_attention = attend
