@@ -156,17 +156,51 @@ def _cached_quant(x2: torch.Tensor, key: torch.Tensor, mode: str):
     return xq, xs
 
 
+def share_quantized(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, mode: str = "token") -> None:
+    """Hand the next `share_input` layers reading x (the self-attention's q k v) its e4m3 copy made
+    elsewhere (a fused norm kernel): xq [..., K] like x, xs the per-token scales [x.numel() / K]."""
+    slot = _SHARED
+    ref = weakref.ref(x, lambda r: slot.__setitem__(0, None) if slot[0] and slot[0][0] is r else None)
+    _SHARED[0] = (ref, _version(x), mode, xq.reshape(-1, x.shape[-1]), xs.reshape(-1))
+
+
+class QuantizedActivation:
+    """A matmul input that exists only as e4m3 rows with per-token scales (made by a fused kernel:
+    `moga.fused`), standing for a tensor of `shape` and `dtype`; `Fp8Linear` takes it as its input."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        self.q, self.scale, self.dtype = q, scale.reshape(-1), dtype
+        self.shape = q.shape
+
+    def __getitem__(self, rows):
+        """A token slice [:, lo:hi] of a [B, n, K] activation (its scales follow)."""
+        b, n, k = self.shape
+        q = self.q.reshape(b, n, k)[rows]
+        return QuantizedActivation(q, self.scale.reshape(b, n)[rows[:2]], self.dtype)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        s = self.scale.to(dtype)
+        return self.q.to(dtype) * (s if s.numel() == 1 else s.reshape(*self.shape[:-1], 1))
+
+
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor | None, bias=None,
                mode: str = "token", out_dtype=torch.bfloat16, share_input: bool = False) -> torch.Tensor:
     """x [..., in] (bf16) @ fp8 weight [out, in] (scaled) + bias -> [..., out] out_dtype, on fp8 tensor cores.
     share_input: reuse the quantised x of the previous sharing call on this same tensor."""
-    k, n = x.shape[-1], w8.shape[0]
+    k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     xq, xs = _cached_quant(x2, x, mode) if share_input else quantize_activation(x2, mode)
+    return scaled_linear(xq, xs, w8, w_scale, bias, out_dtype).reshape(*x.shape[:-1], w8.shape[0])
+
+
+def scaled_linear(xq: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, w_scale, bias=None,
+                  out_dtype=torch.bfloat16) -> torch.Tensor:
+    """e4m3 xq [M, K] (scales xs [M] or ()) @ e4m3 w8 [out, K] (scaled) + bias -> [M, out] out_dtype."""
+    n = w8.shape[0]
     ws = _row_scale(w_scale, w8)
-    m = x2.shape[0]
+    m = xq.shape[0]
     if xs.dim() or ws.dim():          # row-wise kernel: both sides row-wise
         sa = (xs if xs.dim() else xs.expand(m)).reshape(m, 1).contiguous()
         sb = (ws if ws.dim() else ws.expand(n)).reshape(1, n).contiguous()
@@ -175,15 +209,14 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor | None, 
     b = bias.to(out_dtype) if bias is not None else None
     if b is not None and _BIAS_IN_MM[0]:
         try:
-            out = torch._scaled_mm(xq, w8.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=out_dtype,
-                                   use_fast_accum=FAST_ACCUM)
-            return out.reshape(*x.shape[:-1], n)
+            return torch._scaled_mm(xq, w8.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=out_dtype,
+                                    use_fast_accum=FAST_ACCUM)
         except RuntimeError:
             _BIAS_IN_MM[0] = False     # this torch's kernel takes no bias here: add it after
     out = torch._scaled_mm(xq, w8.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
     if b is not None:
         out += b
-    return out.reshape(*x.shape[:-1], n)
+    return out
 
 
 class Fp8Linear(nn.Linear):
@@ -193,11 +226,30 @@ class Fp8Linear(nn.Linear):
     act_scaling = "token"
     share_input = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
         scale = self._buffers.get("scale_weight")
+        if isinstance(x, QuantizedActivation):
+            return self._forward_quantized(x, scale)
         if x.is_cuda:
             return fp8_linear(x, self.weight, scale, self.bias, self.act_scaling, x.dtype, self.share_input)
-        return reference_linear(x, self.weight, scale, self.bias, self.act_scaling)
+        if not self.share_input:
+            return reference_linear(x, self.weight, scale, self.bias, self.act_scaling)
+        x2 = x.reshape(-1, x.shape[-1])     # CPU, shared: the quantised input a fused kernel handed over
+        xq, xs = _cached_quant(x2, x, self.act_scaling)
+        return self._forward_quantized(QuantizedActivation(xq.reshape(x.shape), xs, x.dtype), scale)
+
+    def _forward_quantized(self, x: QuantizedActivation, scale) -> torch.Tensor:
+        k, n = x.shape[-1], self.weight.shape[0]
+        if x.q.is_cuda:
+            q2 = x.q.reshape(-1, k)
+            out = scaled_linear(q2 if q2.is_contiguous() else q2.contiguous(), x.scale.reshape(-1),
+                                self.weight, scale, self.bias, x.dtype)
+        else:   # the CPU path: the same maths dequantised, as `reference_linear`
+            w = dequantize(self.weight, _row_scale(scale, self.weight))
+            out = x.dequantize().reshape(-1, k) @ w.t()
+            if self.bias is not None:
+                out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 _CHECKED: dict = {}
@@ -358,5 +410,6 @@ def _quantize_rows_triton(kernel, x2: torch.Tensor):
 
 
 __all__ = ["fp8_problem", "enable_fp8", "Fp8Linear", "Fp8Report", "fp8_linear", "reference_linear",
+           "scaled_linear", "share_quantized", "QuantizedActivation",
            "quantize", "quantize_weight", "quantize_activation", "weight_scales", "activation_scales",
            "dequantize", "E4M3_MAX"]

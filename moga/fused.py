@@ -39,26 +39,69 @@ def _kernels():
             return None
 
         @triton.jit
-        def modulate_kernel(out_ptr, x_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr, n, dim,
-                            sxb, sxt, sob, sot, smb, eps,
-                            MODULATE: tl.constexpr, AFFINE: tl.constexpr, BLOCK: tl.constexpr):
+        def row_kernel(x_ptr, y_ptr, g_ptr, out_ptr, q_ptr, qs_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr,
+                       n, dim, sxb, sxt, syb, syt, sob, sot, sqb, sqt, ssb, smb, eps,
+                       RESID: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr,
+                       AFFINE: tl.constexpr, OUT: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
+            # one token row: [x += (gate *) y, stored], then [LayerNorm, affine, modulation], then the
+            # compute-dtype copy and / or the per-token e4m3 copy with its scale
             row = tl.program_id(0).to(tl.int64)
             bi, ti = row // n, row % n
             cols = tl.arange(0, BLOCK)
             ok = cols < dim
-            x = tl.load(x_ptr + bi * sxb + ti * sxt + cols, mask=ok, other=0.0).to(tl.float32)
-            mean = tl.sum(x, axis=0) / dim
-            xc = tl.where(ok, x - mean, 0.0)
-            var = tl.sum(xc * xc, axis=0) / dim
-            y = xc / tl.sqrt(var + eps)
+            xp = x_ptr + bi * sxb + ti * sxt + cols
+            x = tl.load(xp, mask=ok, other=0.0).to(tl.float32)
+            if RESID:
+                y = tl.load(y_ptr + bi * syb + ti * syt + cols, mask=ok, other=0.0).to(tl.float32)
+                if GATE:
+                    y = y * tl.load(g_ptr + bi * smb + cols, mask=ok, other=0.0).to(tl.float32)
+                x = x + y
+                tl.store(xp, x, mask=ok)
+            v = x
+            if NORM:
+                mean = tl.sum(x, axis=0) / dim
+                xc = tl.where(ok, x - mean, 0.0)
+                var = tl.sum(xc * xc, axis=0) / dim
+                v = xc / tl.sqrt(var + eps)
             if AFFINE:
-                y = y * tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32) \
+                v = v * tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32) \
                     + tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
             if MODULATE:
                 sc = tl.load(scale_ptr + bi * smb + cols, mask=ok, other=0.0).to(tl.float32)
                 sh = tl.load(shift_ptr + bi * smb + cols, mask=ok, other=0.0).to(tl.float32)
-                y = y * (1.0 + sc) + sh
-            tl.store(out_ptr + bi * sob + ti * sot + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+                v = v * (1.0 + sc) + sh
+            if OUT:
+                tl.store(out_ptr + bi * sob + ti * sot + cols, v.to(out_ptr.dtype.element_ty), mask=ok)
+            if QUANT:
+                amax = tl.maximum(tl.max(tl.where(ok, tl.abs(v), 0.0), axis=0), 1e-12)
+                s = tl.math.div_rn(amax, 448.0)
+                qv = tl.minimum(tl.maximum(tl.math.div_rn(v, s), -448.0), 448.0)
+                # onto e4m3's grid first (3 mantissa bits, nearest even; below 2^-6 steps of 2^-9), so
+                # the cast is exact: the GPU's conversion and Triton's interpreter then agree
+                bits = qv.to(tl.int32, bitcast=True)
+                bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
+                qv = tl.where(tl.abs(qv) < 0.015625, (qv + 24576.0) - 24576.0, bits.to(tl.float32, bitcast=True))
+                tl.store(q_ptr + bi * sqb + ti * sqt + cols, qv.to(q_ptr.dtype.element_ty), mask=ok)
+                tl.store(qs_ptr + bi * ssb + ti, s)
+
+        @triton.jit
+        def gelu_quant_kernel(q_ptr, qs_ptr, h_ptr, k, sh, BLOCK: tl.constexpr):
+            # GELU (tanh approximation) of one row, then its per-token e4m3 copy and scale
+            row = tl.program_id(0).to(tl.int64)
+            cols = tl.arange(0, BLOCK)
+            ok = cols < k
+            h = tl.load(h_ptr + row * sh + cols, mask=ok, other=0.0).to(tl.float32)
+            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+            t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)          # tanh(u); exp overflow gives 1, underflow -1
+            g = 0.5 * h * (1.0 + t)
+            amax = tl.maximum(tl.max(tl.where(ok, tl.abs(g), 0.0), axis=0), 1e-12)
+            s = tl.math.div_rn(amax, 448.0)
+            qv = tl.minimum(tl.maximum(tl.math.div_rn(g, s), -448.0), 448.0)
+            bits = qv.to(tl.int32, bitcast=True)           # onto e4m3's grid, as in row_kernel
+            bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
+            qv = tl.where(tl.abs(qv) < 0.015625, (qv + 24576.0) - 24576.0, bits.to(tl.float32, bitcast=True))
+            tl.store(q_ptr + row * k + cols, qv.to(q_ptr.dtype.element_ty), mask=ok)
+            tl.store(qs_ptr + row, s)
 
         @triton.jit
         def rms_rope_kernel(x_ptr, w_ptr, rope_ptr, n, half, half_head, sxb, sxt, eps,
@@ -85,7 +128,7 @@ def _kernels():
 
         class K:
             pass
-        K.modulate, K.rms_rope = modulate_kernel, rms_rope_kernel
+        K.row, K.rms_rope, K.gelu_quant = row_kernel, rms_rope_kernel, gelu_quant_kernel
         _KERNELS = K
     return _KERNELS or None
 
@@ -145,23 +188,102 @@ def layer_norm_cast(x: torch.Tensor, weight, bias, eps: float, dtype: torch.dtyp
 
 
 def _row_norm(x, eps, dtype, shift=None, scale=None, weight=None, bias=None):
+    out = torch.empty(x.shape, device=x.device, dtype=dtype)
+    _row_pass(x, None, None, eps, out, None, shift, scale, weight, bias, norm=True)
+    return out
+
+
+def _row_pass(x, y, gate, eps, out, quant, shift=None, scale=None, weight=None, bias=None, norm=True):
+    """Launch `row_kernel` over x [B, n, dim] (rows contiguous); y like x or None; gate / shift / scale
+    [B, 1, dim]; out [B, n, dim] or None; quant (e4m3 [B, n, dim], float32 scales [B, n]) or None."""
     b, n, dim = x.shape
-    out = torch.empty(b, n, dim, device=x.device, dtype=dtype)
-    if out.numel() == 0:
-        return out
+    if b * n == 0:
+        return
     k = _kernels()
     block = 1 << (dim - 1).bit_length()
-    mod = shift is not None
-    if mod:
-        shift, scale = shift.float().contiguous(), scale.float().contiguous()
-    aff = weight is not None
+    f32 = lambda t: t.float().contiguous() if t is not None else None  # noqa: E731
+    gate, shift, scale = f32(gate), f32(shift), f32(scale)
+    aff, mod = weight is not None, shift is not None
     if aff:
         weight, bias = weight.contiguous(), bias.contiguous()
-    k.modulate[(b * n,)](out, x, shift if mod else x, scale if mod else x, weight if aff else x,
-                         bias if aff else x, n, dim, x.stride(0), x.stride(1), out.stride(0),
-                         out.stride(1), dim if mod else 0, float(eps), MODULATE=mod, AFFINE=aff,
-                         BLOCK=block, num_warps=_warps(block))
-    return out
+    q, qs = quant if quant is not None else (None, None)
+    d = lambda t: x if t is None else t  # noqa: E731  (an unused pointer: any tensor)
+    st = lambda t: (t.stride(0), t.stride(1)) if t is not None else (0, 0)  # noqa: E731
+    k.row[(b * n,)](x, d(y), d(gate), d(out), d(q), d(qs), d(shift), d(scale), d(weight), d(bias),
+                    n, dim, *st(x), *st(y), *st(out), *st(q), qs.stride(0) if q is not None else 0, dim,
+                    float(eps),
+                    RESID=y is not None, GATE=gate is not None, NORM=norm, MODULATE=mod, AFFINE=aff,
+                    OUT=out is not None, QUANT=q is not None, BLOCK=block, num_warps=_warps(block))
+
+
+@torch.compiler.disable
+def residual_norm(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, eps: float,
+                  dtype: torch.dtype, *, shift=None, scale=None, weight=None, bias=None, norm: bool = True,
+                  out: torch.Tensor | None = None, want_out: bool = True, quant: bool = False,
+                  quant_out: tuple | None = None):
+    """The gated residual update and the next matmul's input in one pass over the rows of x.
+
+    x [B, n, dim] float32 (a token slice may be strided) gets `x += gate * y` in place (gate [B, 1, dim]
+    or None: `x += y`; y None: no update). Then from the new x: LayerNorm without affine and the
+    modulation `* (1 + scale) + shift` (shift/scale [B, 1, dim]), or the affine LayerNorm (weight/bias),
+    or no norm (`norm=False`: a cast), in `dtype`, written into `out` when given (y's own buffer may be
+    it: each row is read before it is written). quant: also the per-token e4m3 copy (amax / 448 of the
+    float32 values, as `moga.fp8` quantises) in the same pass, into `quant_out` (e4m3 [B, n, dim],
+    float32 scales [B, n], e.g. token slices of bigger buffers) when given.
+
+    Returns (inp, q8): inp the `dtype` tensor (None unless `want_out` or out given, or when only the
+    plain torch path applied and quant was asked: the caller then quantises inp itself), q8 (e4m3,
+    scales [B, n]) or None."""
+    quant = quant or quant_out is not None
+    tensors = (x, y, gate, shift, scale, weight, bias, out) + tuple(quant_out or ())
+    fusable = (can_fuse(*tensors) and x.dim() == 3 and x.stride(-1) == 1 and x.dtype == torch.float32
+               and (y is None or (y.shape == x.shape and y.stride(-1) == 1))
+               and (out is None or (out.shape == x.shape and out.stride(-1) == 1 and out.dtype == dtype))
+               and all(t is None or t.shape == (x.shape[0], 1, x.shape[2]) for t in (gate, shift, scale))
+               and (shift is None) == (scale is None) and (weight is None) == (bias is None)
+               and (not quant or _fp8_dtype() is not None))
+    want_out = want_out or out is not None
+    if not fusable:
+        if y is not None:
+            if gate is not None:
+                x.addcmul_(y, gate)
+            else:
+                x += y
+        if not (want_out or quant):
+            return None, None
+        if shift is not None:
+            v = modulate(x, shift, scale, eps)
+        else:
+            v = layer_norm(x, weight, bias, eps) if norm else x
+        return (v.to(dtype) if out is None else out.copy_(v)), None
+    if out is None and want_out:
+        out = torch.empty(x.shape, device=x.device, dtype=dtype)
+    q8 = quant_out
+    if quant and q8 is None:
+        q8 = (torch.empty(x.shape, device=x.device, dtype=_fp8_dtype()),
+              torch.empty(x.shape[:2], device=x.device, dtype=torch.float32))
+    _row_pass(x, y, gate, eps, out, q8, shift, scale, weight, bias, norm)
+    return out, q8
+
+
+@torch.compiler.disable
+def gelu_quant(h: torch.Tensor):
+    """GELU (tanh approximation) of h [M, k] (rows contiguous) and its per-token e4m3 copy in one pass:
+    (e4m3 [M, k], float32 scales [M]), or None when the kernel does not apply (then GELU and quantise
+    separately)."""
+    if not (can_fuse(h) and h.dim() == 2 and h.stride(-1) == 1 and _fp8_dtype() is not None):
+        return None
+    m, k = h.shape
+    q = torch.empty(m, k, device=h.device, dtype=_fp8_dtype())
+    s = torch.empty(m, device=h.device, dtype=torch.float32)
+    if m:
+        block = 1 << (k - 1).bit_length()
+        _kernels().gelu_quant[(m,)](q, s, h, k, h.stride(0), BLOCK=block, num_warps=_warps(block))
+    return q, s
+
+
+def _fp8_dtype():
+    return getattr(torch, "float8_e4m3fn", None)
 
 
 @torch.compiler.disable
@@ -191,4 +313,4 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, rope: torch
 
 
 __all__ = ["FUSED", "can_fuse", "modulate", "layer_norm", "modulate_cast", "layer_norm_cast",
-           "rms_norm_rope"]
+           "residual_norm", "gelu_quant", "rms_norm_rope"]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from . import fused
+from . import fused, fused_block
 from .attention import MoGAAttention, MoGAConfig, RMSNorm, TokenLayout
 from .attention.layer import norm_rope
 from .wan_config import WanConfig
@@ -211,15 +211,22 @@ class WanBlock(nn.Module):
         return fused.layer_norm_cast(x, self.norm3.weight, self.norm3.bias, self.eps, dtype)
 
     def forward(self, x, e, rope, context_kv, layout, cfg, shot_ranges, chunk, cdtype, parallel=None,
-                segments=None):
+                segments=None, carry=None):
         """x [B, n, dim] float32 residual; e [B, S, 6, dim] float32, one row per timestep segment
         (segments: (a, b, s) local token ranges; None: one segment, e may be [B, 6, dim]);
         context_kv: per shot (k, v[, k_img, v_img]). With gradients off (inference) x is updated in
-        place, chunk by chunk: no full-size temporaries."""
+        place, chunk by chunk: no full-size temporaries. carry: a `moga.fused_block.Carry` (the fused
+        inference path, one segment, hands the next block its input through it)."""
         if e.dim() == 3:
             e = e[:, None]
         if segments is None:
             segments = [(0, x.shape[1], 0)]
+        if len(segments) == 1 and e.shape[1] == 1 and fused_block.applies(x):
+            mods = (self.modulation.float() + e[:, 0]).chunk(6, dim=1)     # six [B, 1, dim]
+            attend = lambda inp: self.self_attn(inp, layout, rope=rope, config=cfg, parallel=parallel)  # noqa: E731
+            return fused_block.forward(self, x, mods, attend, context_kv, shot_ranges, chunk, cdtype, carry)
+        if carry is not None:
+            carry.take()      # an input made for this block by the previous one: made again below
         mod = (self.modulation.float()[:, None] + e).unbind(2)   # six [B, S, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = (m.unsqueeze(2) for m in mod)  # [B, S, 1, dim]
         inplace = not torch.is_grad_enabled()
@@ -505,6 +512,7 @@ class WanModel(nn.Module):
         dense_cfg = mcfg.replace(dense=True)
         dense_layers = set(int(i) for i in dense_layers)
         chunk = int(self.chunk_tokens)
+        carry = fused_block.Carry()
         for i, block in enumerate(self.blocks):
             kv_cache: dict[tuple, tuple] = {}
             context_kv = []
@@ -518,7 +526,7 @@ class WanModel(nn.Module):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, h, *args, use_reentrant=False)
             else:
-                h = block(h, *args)
+                h = block(h, *args, carry=carry.prepare(self.blocks, i, e0))
 
         out = self.head(h, e, segments)           # [B, n, out_dim * prod(patch)] float32
         if parallel is not None:
