@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import FRAME, SHOT, WAN_CONFIGS, build_random_model, layout_for  # noqa: E402
 import step_profile  # noqa: E402
 
-from moga import fp8, fused  # noqa: E402
+from moga import fp8, fused, fused_block  # noqa: E402
 
 from moga.attention import MoGAConfig  # noqa: E402
 from moga.attention import layer as attention_layer  # noqa: E402
@@ -93,19 +93,23 @@ def block_bytes(block) -> int:
     return sum(t.numel() * t.element_size() for t in list(block.parameters()) + list(block.buffers()))
 
 
-VARIANTS = ("baseline", "fused", "fp8", "fp8-tensor")
+VARIANTS = ("baseline", "fused-r1", "fused", "fp8-r1", "fp8", "fp8-tensor")
 
 
 def use_variant(name: str, models: dict, chunk: int):
-    """Switch the process to a variant; returns its model. baseline: fused kernels off; fused: on;
-    fp8: fused + fp8 matmuls (per-row weights, per-token activations); fp8-tensor: per-tensor both."""
+    """Switch the process to a variant; returns its model. baseline: fused kernels off; fused: on, with the
+    residual updates fused into the next norm (moga.fused_block); fused-r1: the kernels of round one only
+    (separate residual adds); fp8: fused + fp8 matmuls (per-row weights, per-token activations; the norms
+    and GELU write e4m3); fp8-r1: fp8 on fused-r1 (a quantise pass per matmul input); fp8-tensor:
+    per-tensor both."""
     fused.FUSED = name != "baseline"
+    fused_block.ENABLED = not name.endswith("-r1")
     model = models["fp8" if name.startswith("fp8") else "bf16"]
     if name == "fp8-tensor":
         for m in model.modules():
             if isinstance(m, fp8.Fp8Linear):
                 m.act_scaling = "tensor"
-    elif name == "fp8":
+    elif name in ("fp8", "fp8-r1"):
         for m in model.modules():
             if isinstance(m, fp8.Fp8Linear):
                 m.act_scaling = "token"
@@ -310,7 +314,7 @@ def run_variants(args, info, device, dtype, frame, name, tokens, groups, window,
                          if "scaled_time_s" in r else f" peak {r['peak_gib']:6.1f} GiB")
                       + (f" err {r['rel_err_vs_first']:.2e}" if "rel_err_vs_first" in r else ""), flush=True)
                 save()
-    fused.FUSED = True
+    fused.FUSED, fused_block.ENABLED = True, True
     print_variants(info)
 
 

@@ -34,10 +34,13 @@ LABELS = {  # family -> (module, attribute) wrapped by `labelled`
     "q/k norm + RoPE": [("moga.attention.layer", "norm_rope"), ("moga.model", "norm_rope")],
     "norms/modulation": [("moga.fused", "modulate_cast"), ("moga.fused", "layer_norm_cast")],
     "fp8 quantise": [("moga.fp8", "quantize_activation")],
+    "residual + norm (fused)": [("moga.fused", "residual_norm")],
+    "GELU + fp8 quantise (fused)": [("moga.fused", "gelu_quant")],
 }
 CROSS = "cross-attn (non-matmul)"
 ORDER = ("matmul", "attention varlen", "dense self-attention", "MoGA gathers/scatters/merge", "router",
-         "q/k norm + RoPE", "norms/modulation", "fp8 quantise", CROSS, "GELU", "residual adds", "casts",
+         "q/k norm + RoPE", "norms/modulation", "fp8 quantise", "residual + norm (fused)",
+         "GELU + fp8 quantise (fused)", CROSS, "GELU", "residual adds", "casts",
          "attention (SDPA)", "other")
 
 

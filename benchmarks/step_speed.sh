@@ -5,6 +5,8 @@
 #                                           # 41 MB instead of 68) unpacked into .ck/ (git-ignored)
 #   device run, carry [".ck"] (plus flash-attn-4 as ../shared/tools/fa4-wheels.sh installs it):
 #       bash benchmarks/step_speed.sh run
+#   round two (fused residual passes; issue 25), flash-attn-4 installed, nothing carried:
+#       bash benchmarks/step_speed.sh fused       # -> dit-step-speed2-h200.json
 #
 # run writes under $OUT (default benchmarks/results): attention-peers-h200.json (dense fa4, MoGA, Sol-Attn,
 # INT8 at 187,200 / 561,600 tokens) and dit-step-speed-h200.json (14B config, 3 random bf16 blocks scaled to
@@ -34,5 +36,15 @@ run)
     --groups-per-size --capacity 1 --no-dense --variants baseline,fused,fp8 --chunks 16384,65536 \
     --profile --repeats 2 --budget-s 270 --json "$OUT/dit-step-speed-h200.json" \
     2>&1 | grep -v '^USDT' | tee "$OUT/dit-step-speed.log" || echo "dit: exit $?" ;;
-*) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+fused)
+  # round two (the residual updates fused into the next norm, e4m3 straight from the norms and GELU),
+  # next to round one's kernels (-r1), no peers: ~6 minutes on one H200, nothing to carry
+  OUT=${OUT:-benchmarks/results}
+  mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv || true
+  timeout 400 python3 benchmarks/dit.py --models 14B --blocks 3 --tokens 262080,561600 --groups 16,20 \
+    --groups-per-size --capacity 1 --no-dense --variants baseline,fused-r1,fused,fp8-r1,fp8 \
+    --profile --repeats 2 --budget-s 330 --json "$OUT/dit-step-speed2-h200.json" \
+    2>&1 | grep -v '^USDT' | tee "$OUT/dit-step-speed2.log" || echo "dit: exit $?" ;;
+*) echo "usage: $0 prepare|run|fused" >&2; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 """Fused elementwise parts of a Wan block, for inference: one pass over memory where plain torch makes several.
 
 At 262k tokens x 5120 channels one float32 pass over the residual stream is 5.4 GB, so the glue around the
-matmuls costs as much as a matmul when it runs as separate torch ops. Three row-wise Triton kernels:
+matmuls costs as much as a matmul when it runs as separate torch ops. Row-wise Triton kernels:
 
 - `modulate_cast`: LayerNorm (no affine, float32) * (1 + scale) + shift, cast to the compute dtype
   (the input of self-attention and of the FFN). Plain torch: ~5 passes; fused: read f32, write bf16.
@@ -9,6 +9,10 @@ matmuls costs as much as a matmul when it runs as separate torch ops. Three row-
 - `rms_norm_rope`: Wan's RMSNorm of q or k over all heads (float32), times its weight, then RoPE on channel
   pairs (2i, 2i+1), written back in place. Plain torch: ~12 passes; fused: one read, one write.
   Without `rope` it is the cross-attention's norm_q.
+- `residual_norm` (the general row kernel the first two use): the gated residual update `x += gate * y`
+  (float32, in place) and, from the new x, the next norm / modulation in the compute dtype and / or the
+  per-token e4m3 copy for an fp8 matmul, in one pass (`moga.fused_block` chains them).
+- `gelu_quant`: the FFN's GELU (tanh) straight to e4m3 with per-token scales (the input of an fp8 `ffn.2`).
 
 Every function falls back to the plain torch expression (the reference, bit for bit the unfused model)
 where the kernels do not apply: no CUDA tensor, no Triton, gradients needed (the kernels have no backward),

@@ -23,6 +23,8 @@ import torch
 from . import fused
 from .fp8 import Fp8Linear, QuantizedActivation, share_quantized
 
+ENABLED = True     # False: the block runs its plain order even where the kernels apply (benchmarks: "-r1")
+
 
 class Carry:
     """What a block hands the next one in a forward: the next block's self-attention input (and its
@@ -56,7 +58,7 @@ class Carry:
 
 def applies(x: torch.Tensor) -> bool:
     """Whether the fused block forward runs for this residual (inference, kernels available)."""
-    return (not torch.is_grad_enabled() and x.dtype == torch.float32 and x.dim() == 3 and x.is_contiguous()
+    return (ENABLED and not torch.is_grad_enabled() and x.dtype == torch.float32 and x.dim() == 3 and x.is_contiguous()
             and fused.can_fuse(x))
 
 

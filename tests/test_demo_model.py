@@ -174,6 +174,26 @@ def test_evaluator_counts_the_dense_warm_up_in_its_flops(tmp_path, patch_codec):
     assert abs(half["attention_flops_ratio"] - (1 + plain["attention_flops_ratio"]) / 2) < 0.01
 
 
+def test_evaluator_fp8_rows_run_on_e4m3_weights(tmp_path, patch_codec):
+    """--fp8: every row again on an fp8 copy (the CPU reference path), labelled "<mode>+fp8"; the file's
+    own model is sampled first, unchanged (the copy is made once, from it)."""
+    from moga import fp8
+    from moga.demo import evaluation
+
+    path, _, _ = _tiny_demo(tmp_path, patch_codec)
+    notes, copies = [], []
+    real = evaluation._fp8_copy
+    evaluation._fp8_copy = lambda *a: copies.append(real(*a)) or copies[-1]
+    try:
+        rows = evaluation.run(path, stories=1, shots=2, modes=("dense",), steps=2, cfg=2.0, device="cpu",
+                              fp8=True, log=notes.append)
+    finally:
+        evaluation._fp8_copy = real
+    assert [r["mode"] for r in rows] == ["dense", "dense+fp8"]
+    assert len(copies) == 1 and any(isinstance(m, fp8.Fp8Linear) for m in copies[0].modules())
+    assert any("fp8 matmuls on" in n for n in notes)
+
+
 def test_evaluator_samples_the_dense_trained_model_as_the_moga_model(tmp_path, patch_codec):
     """--dense-checkpoint: the dense-trained row uses the MoGA file's sampling settings, not its own (a
     dense file recording 2 steps would otherwise be compared at 2 steps against the MoGA file's 3)."""

@@ -41,22 +41,31 @@ def mode_config(model, mode: str, capacity: float | None = None, split: str | No
 def run(checkpoint=None, dense_checkpoint=None, stories: int = 32, shots: int = 4, modes=MODES, steps=None,
         cfg=None, seed: int = 0, batch: int = 16, device="cpu", capacity: float | None = None,
         capacity_split: str | None = None, shift: float | None = None, solver: str | None = None,
-        dense_steps: float | None = None, log=print) -> list[dict]:
+        dense_steps: float | None = None, fp8: bool = False, log=print) -> list[dict]:
     """Each (model, mode) on the same held-out stories, noise and sampling settings: steps, cfg, shift and
     solver default to the (first) checkpoint's own, for the dense-trained model too, and the MoGA mode's
-    dense warm-up (`dense_steps`, a fraction of the steps) to the file's `moga.dense_warmup`."""
+    dense warm-up (`dense_steps`, a fraction of the steps) to the file's `moga.dense_warmup`.
+    fp8: every row again with the blocks' linear layers on e4m3 (`moga.fp8.enable_fp8`: weights per row,
+    activations per token; off a fp8 GPU the dequantised reference, the same rounding), mode "<mode>+fp8"."""
     held = heldout_stories(stories, num_shots=shots, seed=seed)
     rows = []
     runs = [(checkpoint, m) for m in modes]
     if dense_checkpoint:
         runs.append((dense_checkpoint, "dense-trained"))
+    if fp8:
+        runs = [r for run_ in runs for r in (run_, (run_[0], run_[1] + "+fp8"))]
     models = {}
     s = None  # the sampling settings every row shares: the first file's, where not given
-    for path, mode in runs:
+    for path, label in runs:
+        mode = label.removesuffix("+fp8")
         key = str(path or DEMO_PATH)
         if key not in models:
             models[key] = load_demo(path, device=device)
         model = models[key]
+        if label != mode:
+            if key + "+fp8" not in models:
+                models[key + "+fp8"] = _fp8_copy(model, device, log)
+            model = models[key + "+fp8"]
         info = demo_info(model)
         if s is None:
             s = info["sampling"]
@@ -75,7 +84,7 @@ def run(checkpoint=None, dense_checkpoint=None, stories: int = 32, shots: int = 
                         shift=float(shift or s["shift"]), solver=solver or s["solver"])
         res = evaluate_model(model, held, **sampling, moga=mcfg, batch=batch, device=device, seed=seed,
                              dense_steps=warmup)
-        row = {"model": Path(key).name, "mode": mode, **res.summary,
+        row = {"model": Path(key).name, "mode": label, **res.summary,
                "attention_flops_ratio": round(res.flop_ratio, 4), "seconds": round(res.seconds, 1),
                **sampling, "seed": seed, "dense_steps": warmup, "training": info.get("training"),
                "capacity": mcfg.capacity if mcfg is not None and mode == "moga" else None,
@@ -84,6 +93,19 @@ def run(checkpoint=None, dense_checkpoint=None, stories: int = 32, shots: int = 
         rows.append(row)
         log(_row_text(row))
     return rows
+
+
+def _fp8_copy(model, device, log):
+    import copy
+
+    from .. import fp8
+    m8 = copy.deepcopy(model)
+    rep = fp8.enable_fp8(m8, device, force=True)
+    why = fp8.fp8_problem(device)
+    log(f"# {rep.summary()}" + (f" (emulated: {why.split(';')[0]})" if why else ""))
+    if not rep.enabled:
+        raise SystemExit(f"--fp8: {rep.summary()}")
+    return m8
 
 
 def _row_text(row: dict) -> str:
@@ -116,6 +138,9 @@ def main(argv=None) -> int:
                    help="group capacity for the MoGA modes (0: off; default: the file's setting)")
     p.add_argument("--capacity-split", choices=("runs", "stride"), default=None,
                    help="how over-capacity groups are cut (default: the file's setting)")
+    p.add_argument("--fp8", action="store_true",
+                   help="also every row with fp8 (e4m3) matmuls: on fp8 GPUs torch._scaled_mm, elsewhere the "
+                        "dequantised reference (the same rounding, slower)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
@@ -125,7 +150,7 @@ def main(argv=None) -> int:
     print(header())
     rows = run(args.checkpoint, args.dense_checkpoint, args.stories, args.shots, modes, args.steps, args.cfg,
                args.seed, args.batch, args.device, args.capacity, args.capacity_split, args.shift, args.solver,
-               args.dense_steps)
+               args.dense_steps, args.fp8)
     if args.json:
         from ..outputs import write_json
         write_json(args.json, rows)
