@@ -181,3 +181,22 @@ def test_fp8_step_takes_the_kernels_e4m3(on_cpu, monkeypatch):
     # one element in 30 lands on the other neighbour: their difference is of fp8's own size, not far below
     assert err_fp8 > 1e-3 and rel(got, plain) < err_fp8
     assert rel(got, bf16) < 1.25 * err_fp8
+
+
+@interpreted
+def test_per_frame_timesteps_take_the_plain_block(on_cpu, monkeypatch):
+    """Several timestep segments (TI2V's per-frame t): the fused block steps aside, the result is the plain one."""
+    model = tiny_model(seed=6, num_groups=2, num_layers=2)
+    x, _, ctx = random_inputs(model.config, frames=4, height=6, width=8, seed=7)
+    t = torch.tensor([[0.0, 500.0, 500.0, 700.0]])
+    used = []
+    real = fused_block.forward
+    monkeypatch.setattr(fused_block, "forward", lambda *a, **k: used.append(1) or real(*a, **k))
+    with torch.no_grad():
+        fused.FUSE_ON_CPU = False
+        plain = model(x, t, ctx)
+        fused.FUSE_ON_CPU = True
+        got = model(x, t, ctx)
+        assert not used
+        one = model(x, torch.tensor([500.0]), ctx)      # one segment: fused again
+    assert used and torch.allclose(got, plain, atol=1e-5) and one.shape == got.shape
