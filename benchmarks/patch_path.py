@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, spec.get("in_dim", 16), frames, frame[0] * 2, frame[1] * 2, generator=g).to(device, dtype)
-    ctx = (torch.randn(1, 512, spec["text_dim"], generator=g) * 0.1).to(device, dtype)
+    ctx = (torch.randn(1, 512, spec.get("text_dim", 4096), generator=g) * 0.1).to(device, dtype)
     sigma = torch.tensor([0.7], device=device)
 
     def core_call(m):

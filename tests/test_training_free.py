@@ -165,7 +165,7 @@ def _generate(files, name, *extra):
     shots.write_text("[5] a red circle\n[1] it moves\n")
     return main(["generate", "--model", str(files[name]), "--shots", str(shots), "--size", "32x32", "--steps", "4",
                  "--seed", "1", "--out", str(files["dir"] / f"{name}.mp4"), "--device", "cpu", "--quiet",
-                 "--cfg", "1", *extra])
+                 "--cfg", "1", "--overwrite", *extra])  # the module's tests write the same names again
 
 
 def _watch_loaded(calls, monkeypatch):
