@@ -40,9 +40,10 @@ LAYOUTS = {
         "9": (890, 580, 300, 170), "10": (1230, 60, 330, 270), "11": (1230, 380, 330, 60),
         "12": (1600, 60, 250, 60), "13": (1600, 170, 250, 80), "14": (1890, 60, 440, 480),
     },
+    # the decoder's long title widens its node to ~320 px in the frontend: its column is 360 wide
     "moga_demo_cpu": {
         "1": (40, 60, 330, 130), "4": (410, 60, 440, 480), "5": (890, 60, 330, 330),
-        "7": (1260, 60, 250, 100), "8": (1260, 210, 250, 80), "9": (1550, 60, 440, 400),
+        "7": (1260, 60, 360, 100), "8": (1260, 210, 360, 80), "9": (1660, 60, 440, 400),
     },
 }
 
@@ -53,8 +54,9 @@ def pack_object_info() -> dict:
         return {n.define_schema().node_id: env.io.object_info(n) for n in env.nodes.NODES}
 
 
-def all_object_info() -> dict:
-    return wc.core_object_info() | pack_object_info()
+def all_object_info(version: str = wc.OLDEST) -> dict:
+    """Core nodes of ComfyUI `version` (a snapshot in tests/data) and this pack's nodes."""
+    return wc.core_object_info(version) | pack_object_info()
 
 
 def build_ui(name: str, info: dict) -> dict:
