@@ -7,7 +7,8 @@ a fresh profile on http://127.0.0.1:PORT/, waits for the frontend, then in the p
 - lists the workflow's node types the frontend has not registered (what its "missing nodes" dialog shows),
 - loads the workflow with app.loadGraphData (as drag-and-drop does) and collects any dialog text,
 - converts the loaded graph with app.graphToPrompt (what Queue would send: the positional widget values mapped to
-  input names by the frontend itself) and the widgets of every node.
+  input names by the frontend itself), and the widgets and drawn bounds (x, y, width, height, title bar included)
+  of every node.
 Writes {workflow file name: that} as JSON to OUT.json, and a screenshot of each loaded graph into SCREENSHOT_DIR.
 One browser serves all the workflows, one after the other. Every wait has a timeout.
 """
@@ -49,7 +50,11 @@ PAGE_JS = """
   window.app.canvas.setDirty(true, true);
   await new Promise(r => setTimeout(r, 800));
   const prompt = await window.app.graphToPrompt();
-  const nodes = window.app.graph._nodes.map(n => ({id: n.id, type: n.type, title: n.title,
+  // where each node is drawn (title bar included), after the frontend widened it for its title and widgets
+  const bounds = n => n.getBounding ? Array.from(n.getBounding()).slice(0, 4)
+      : [n.pos[0], n.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT, n.size[0],
+         n.size[1] + window.LiteGraph.NODE_TITLE_HEIGHT];
+  const nodes = window.app.graph._nodes.map(n => ({id: n.id, type: n.type, title: n.title, bounds: bounds(n),
       widgets: (n.widgets || []).map(w => [w.name, w.value])}));
   return {missing, dialogs, output: prompt.output, nodes,
           frontend: window.__COMFYUI_FRONTEND_VERSION__ || null};

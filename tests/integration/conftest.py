@@ -1,16 +1,22 @@
-"""A real ComfyUI server with this pack linked into custom_nodes/, for the integration tests.
+"""Real ComfyUI servers with this pack linked into custom_nodes/, for the integration tests.
 
-Needs the host that ../shared/tools/comfy-host.sh builds (CI builds it and exports COMFYUI_PATH, COMFYUI_PYTHON,
-COMFY_HOST_TOOL, COMFY_HOST_DIR). Without COMFYUI_PATH every test here is skipped with the reason.
+Needs hosts that ../shared/tools/comfy-host.sh builds (CI builds v0.3.64 and v0.33.0). Every test here runs once
+per host, named by its ComfyUI version ([v0.3.64], [v0.33.0]):
+- COMFYUI_PATHS=dir1:dir2 (each a host's ComfyUI/ folder, or the host folder that holds ComfyUI/ and venv/), or
+- COMFYUI_PATH=dir for one host (COMFYUI_PYTHON and COMFY_HOST_DIR then name its python and folder).
+COMFY_HOST_TOOL names comfy-host.sh (default ../shared/tools/). COMFYUI_UNBUILT="v0.33.0: why; ..." lists hosts
+the caller could not build: their tests are skipped with that reason. Without any host every test here is skipped
+with the reason.
 
-The server runs from a private state folder (its pid, port and log files), with symlinks to the host's ComfyUI/
-and venv/, so a server someone else started from the same host is left alone. Files this session puts into the
-host's model and output folders carry a unique name and are removed afterwards.
+Each server runs from a private state folder (its pid, port and log files), with symlinks to the host's ComfyUI/
+and venv/, so a server someone else started from the same host is left alone; one server runs at a time. Files
+this session puts into a host's model and output folders carry a unique name and are removed afterwards.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,27 +36,64 @@ REPO = Path(__file__).resolve().parents[2]
 PACK_NAME = "ComfyUI-MoGA"
 START_TIMEOUT_S = 240
 LINK_TIMEOUT_S = 600
+NO_HOST = "no ComfyUI host: build one with `comfy-host.sh setup` (see .ci/run) and export " \
+          "COMFYUI_PATH=$COMFY_HOST_DIR/ComfyUI (or COMFYUI_PATHS=dir1:dir2) to run the real-ComfyUI tests"
 
 
-def _host():
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        return None, "COMFYUI_PATH is not set: build a host with `comfy-host.sh setup` (see .ci/run) and export " \
-                     "COMFYUI_PATH=$COMFY_HOST_DIR/ComfyUI to run the real-ComfyUI tests"
-    comfy = Path(path).resolve()
+@dataclass
+class Host:
+    name: str                  # the test id: the ComfyUI version, e.g. "v0.33.0"
+    info: dict | None = None   # comfy, python, venv, tool, dir, version
+    why_not: str | None = None
+
+
+def _version(comfy: Path) -> str | None:
+    text = (comfy / "comfyui_version.py").read_text() if (comfy / "comfyui_version.py").exists() else ""
+    m = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return m.group(1) if m else None
+
+
+def _host(path: str, python: str | None = None, host_dir: str | None = None) -> Host:
+    given = Path(path).resolve()
+    comfy = given / "ComfyUI" if (given / "ComfyUI" / "main.py").is_file() else given
+    version = _version(comfy) if comfy.is_dir() else None
+    name = f"v{version}" if version else comfy.parent.name or str(comfy)
     if not (comfy / "main.py").is_file():
-        return None, f"COMFYUI_PATH={path} holds no ComfyUI (main.py missing)"
-    host_dir = Path(os.environ.get("COMFY_HOST_DIR") or comfy.parent)
-    python = Path(os.environ.get("COMFYUI_PYTHON") or host_dir / "venv" / "bin" / "python")
+        return Host(name, why_not=f"{path} holds no ComfyUI (main.py missing)")
+    host_dir = Path(host_dir or comfy.parent)
+    python = Path(python or host_dir / "venv" / "bin" / "python")
     tool = os.environ.get("COMFY_HOST_TOOL") or str(REPO.parent / "shared" / "tools" / "comfy-host.sh")
     if not Path(tool).is_file():
-        return None, f"comfy-host.sh not found at {tool}: export COMFY_HOST_TOOL"
+        return Host(name, why_not=f"comfy-host.sh not found at {tool}: export COMFY_HOST_TOOL")
     if not python.is_file():
-        return None, f"the host's python {python} does not exist: export COMFYUI_PYTHON"
-    return dict(comfy=comfy, python=python, venv=python.parent.parent, tool=tool, dir=host_dir), None
+        return Host(name, why_not=f"the host's python {python} does not exist: export COMFYUI_PYTHON (one host) or "
+                                  f"build the host's venv/")
+    return Host(name, dict(comfy=comfy, python=python, venv=python.parent.parent, tool=tool, dir=host_dir,
+                           version=version))
 
 
-HOST, WHY_NOT = _host()
+def _hosts() -> list[Host]:
+    paths = [p for p in os.environ.get("COMFYUI_PATHS", "").split(os.pathsep) if p.strip()]
+    if paths:
+        hosts = [_host(p) for p in paths]
+    elif os.environ.get("COMFYUI_PATH"):
+        hosts = [_host(os.environ["COMFYUI_PATH"], os.environ.get("COMFYUI_PYTHON"), os.environ.get("COMFY_HOST_DIR"))]
+    else:
+        hosts = []
+    for item in os.environ.get("COMFYUI_UNBUILT", "").split(";"):
+        name, _, why = item.partition(":")
+        if name.strip():
+            hosts.append(Host(name.strip(), why_not=f"the ComfyUI {name.strip()} host could not be built: "
+                                                    f"{why.strip() or 'see the CI log'}"))
+    seen = {}
+    for h in hosts:  # two hosts of one version stay apart in the test ids
+        seen[h.name] = seen.get(h.name, 0) + 1
+        if seen[h.name] > 1:
+            h.name = f"{h.name}-{seen[h.name]}"
+    return hosts
+
+
+HOSTS = _hosts()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,8 +101,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.integration)
-            if HOST is None:
-                item.add_marker(pytest.mark.skip(reason=WHY_NOT))
+            if not HOSTS:
+                item.add_marker(pytest.mark.skip(reason=NO_HOST))
 
 
 def free_port() -> int:
@@ -70,8 +114,9 @@ def free_port() -> int:
 class Server:
     """The running server: HTTP helpers with timeouts, and the files this session put into the host."""
 
-    def __init__(self, port, comfy: Path, python: Path, state: Path, tag: str):
+    def __init__(self, port, comfy: Path, python: Path, state: Path, tag: str, version: str | None = None):
         self.port, self.comfy, self.python, self.state, self.tag = port, comfy, python, state, tag
+        self.version = version  # ComfyUI's version, e.g. "0.33.0"
         self.base = f"http://127.0.0.1:{port}"
         self.cleanup: list[Path] = []
 
@@ -149,21 +194,27 @@ def _run(cmd, env, timeout):
     return res.stdout
 
 
-@pytest.fixture(scope="session")
-def comfy_server():
-    if HOST is None:
-        pytest.skip(WHY_NOT)
+@pytest.fixture(scope="session", params=HOSTS or [Host("no-host", why_not=NO_HOST)], ids=lambda h: h.name)
+def comfy_server(request):
+    """A running server of one host; pytest runs every test of one host before it starts the next."""
+    host = request.param
+    if host.info is None:
+        pytest.skip(host.why_not)
+    info = host.info
     state = Path(tempfile.mkdtemp(prefix="moga-itest-host-"))
-    (state / "ComfyUI").symlink_to(HOST["comfy"])
-    (state / "venv").symlink_to(HOST["venv"])
+    (state / "ComfyUI").symlink_to(info["comfy"])
+    (state / "venv").symlink_to(info["venv"])
     env = dict(os.environ, COMFY_HOST_DIR=str(state))
-    tool = ["bash", HOST["tool"]]
+    tool = ["bash", info["tool"]]
     # link installs requirements.txt with the host's constraints: run it against the host's own folder
-    _run(tool + ["link", str(REPO), PACK_NAME], dict(os.environ, COMFY_HOST_DIR=str(HOST["dir"])), LINK_TIMEOUT_S)
+    _run(tool + ["link", str(REPO), PACK_NAME], dict(os.environ, COMFY_HOST_DIR=str(info["dir"])), LINK_TIMEOUT_S)
     port = free_port()
-    server = Server(port, HOST["comfy"], HOST["python"], state, tag=f"moga-itest-{uuid.uuid4().hex[:8]}")
+    server = Server(port, info["comfy"], info["python"], state, tag=f"moga-itest-{uuid.uuid4().hex[:8]}",
+                    version=info["version"])
     try:
         _run(tool + ["start", str(port)], env, START_TIMEOUT_S)
+        if server.version is None:
+            server.version = server.get("/system_stats")["system"].get("comfyui_version")
         yield server
     finally:
         try:
@@ -184,8 +235,7 @@ def object_info(comfy_server):
 
 @pytest.fixture(scope="session")
 def offline_info():
-    """This pack's /object_info entries built offline (through tests/comfy_fakes.py), and the core snapshot."""
+    """This pack's /object_info entries built offline (through tests/comfy_fakes.py)."""
     sys.path.insert(0, str(REPO / "tests"))
     import make_workflow_files
-    import workflow_check
-    return make_workflow_files.pack_object_info(), workflow_check.core_object_info()
+    return make_workflow_files.pack_object_info()
