@@ -142,13 +142,44 @@ class Server:
         """The prompt's /history entry once it finished (success or not); fails after `timeout` seconds."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            hist = self.get(f"/history/{prompt_id}")
-            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-                entry = hist[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
+            entry = self._finished(prompt_id)
+            if entry is not None:
+                return entry
             time.sleep(0.25)
         raise AssertionError(f"prompt {prompt_id} did not finish within {timeout} s; log tail:\n{self.log_tail()}")
+
+    def run(self, graph, stall_s=180, cap_s=1800) -> dict:
+        """Queue a graph and return its /history entry once it finished. Fails when the server sends no message
+        about it for `stall_s` seconds (a hang: a running prompt reports its nodes and steps) or after `cap_s` in
+        all; a slow, loaded machine is no failure."""
+        client = uuid.uuid4().hex
+        messages, proc = self.listen(client, seconds=cap_s + 60)
+        try:
+            prompt_id = self.queue(graph, client_id=client)
+            start = last = time.monotonic()
+            count = len(messages)
+            while time.monotonic() - start < cap_s:
+                entry = self._finished(prompt_id)
+                if entry is not None:
+                    return entry
+                if len(messages) > count:
+                    count, last = len(messages), time.monotonic()
+                elif time.monotonic() - last > stall_s:
+                    raise AssertionError(f"prompt {prompt_id}: no message from the server for {stall_s} s (last: "
+                                         f"{messages[-1:]}); log tail:\n{self.log_tail()}")
+                time.sleep(0.25)
+            raise AssertionError(f"prompt {prompt_id} did not finish within {cap_s} s; log tail:\n{self.log_tail()}")
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+    def _finished(self, prompt_id) -> dict | None:
+        hist = self.get(f"/history/{prompt_id}")
+        entry = hist.get(prompt_id) if isinstance(hist, dict) else None
+        if entry and entry.get("status", {}).get("completed") is not None \
+                and entry["status"].get("status_str") in ("success", "error"):
+            return entry
+        return None
 
     def log_tail(self, n=60) -> str:
         log = self.state / "server.log"
