@@ -226,6 +226,14 @@ def _run(cmd, env, timeout):
 
 
 @pytest.fixture(scope="session", params=HOSTS or [Host("no-host", why_not=NO_HOST)], ids=lambda h: h.name)
+def comfy_host(request) -> dict:
+    """One host (no server): comfy, python, venv, tool, dir, version; skipped with the reason if unusable."""
+    if request.param.info is None:
+        pytest.skip(request.param.why_not)
+    return request.param.info
+
+
+@pytest.fixture(scope="session", params=HOSTS or [Host("no-host", why_not=NO_HOST)], ids=lambda h: h.name)
 def comfy_server(request):
     """A running server of one host; pytest runs every test of one host before it starts the next."""
     host = request.param

@@ -3,7 +3,7 @@
 The same tiny random Wan2.1 base and LoRA files go through ComfyUI's path (comfy.sd.load_diffusion_model_state_dict,
 comfy.sd.load_lora_for_models: model_lora_keys_unet + comfy.lora.load_lora, then ModelPatcher.patch_model) and
 through ours; the merged weights and the model outputs are compared in float32. Runs in a subprocess under the
-ComfyUI host's python (COMFYUI_PATH, COMFYUI_PYTHON), importing `comfy` from the host and `moga` from this
+ComfyUI host's python (each host of tests/integration/conftest.py), importing `comfy` from the host and `moga` from this
 checkout. As a script (`python tests/integration/test_lora_parity.py`) it prints the errors as JSON.
 """
 from __future__ import annotations
@@ -103,15 +103,13 @@ def compare() -> dict:
     return {"torch": torch.__version__, "errors": results, "max": worst}
 
 
-def test_our_lora_merge_matches_comfyui_lora_loading():
-    path, python = os.environ.get("COMFYUI_PATH"), os.environ.get("COMFYUI_PYTHON")
-    if not path or not python:
-        pytest.skip("set COMFYUI_PATH and COMFYUI_PYTHON (a ComfyUI host, comfy-host.sh) to compare with ComfyUI's "
-                    "LoRA loading")
+def test_our_lora_merge_matches_comfyui_lora_loading(comfy_host):
+    """On every host of the integration tests (COMFYUI_PATHS or COMFYUI_PATH, see conftest.py)."""
+    path, python = str(comfy_host["comfy"]), str(comfy_host["python"])
     if not (Path(path) / "comfy" / "lora.py").is_file():
-        pytest.skip(f"COMFYUI_PATH={path} has no comfy/lora.py")
+        pytest.skip(f"{path} has no comfy/lora.py")
     proc = subprocess.run([python, str(Path(__file__).resolve())], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": ""})
+                          env={**os.environ, "PYTHONPATH": "", "COMFYUI_PATH": path})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(report, indent=1))
