@@ -35,7 +35,7 @@ def _errors(entry) -> str:
 
 
 def test_patch_nodes_are_listed(object_info, offline_info):
-    pack, _ = offline_info
+    pack = offline_info
     for name, outputs in PATCH_NODES.items():
         assert name in object_info, f"{name} missing from /object_info"
         assert object_info[name]["output"] == outputs
