@@ -1,0 +1,238 @@
+"""Preflight: will this run fit? Estimate the memory of a sampling run before any weight is read, and
+refuse (with the estimate and what to change) a run that cannot fit or is past the hard limits.
+
+    est = estimate_memory(config, layout, device="cuda", dtype=torch.bfloat16, weight_bytes=...)
+    check_run(est, available_bytes(device))          # PreflightError (a ValueError) if it cannot fit
+
+What is counted, per device (sequence parallel: each of P ranks holds ceil(N / P) tokens):
+- weights: every DiT parameter in the dtype it is held in (the file's, or the compute dtype the loader
+  casts floating weights to; fp8 stays fp8);
+- activations: the largest of the phases of one block's forward (inference, the residual updated in
+  place), counted tensor by tensor from moga/model.py and moga/attention/ (`_phase_units`), in
+  units of tokens x dim, float32 (f) or compute-dtype (c) bytes each;
+- chunk workspaces: the FFN's [chunk, ffn_dim] hidden (twice: linear and GELU output) and its
+  modulated input, `WanModel.chunk_tokens` tokens at a time;
+- the head's output and the unpatchify copies (full N on every rank: the output is all-gathered);
+- the sampler's float32 latents (x, the two guidance outputs, the solver's history);
+tests/test_preflight.py checks the estimate against torch's measured peak on the CPU (profiler
+memory timeline) and against the H100 figures of benchmarks/RESULTS.md ("DiT step", 1.3B and 14B at
+32k-262k tokens: the count is within -3% / +10% of them, lowest at the longest runs).
+
+Hard limits, whatever the memory: MAX_LATENT_FRAMES (Wan2.1 defines RoPE positions 0..1023 per axis;
+beyond, the trained model has never seen a position) and MAX_TOKENS (the varlen kernels index packed
+tokens with int32 cumulative lengths).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+MAX_LATENT_FRAMES = 1024           # Wan2.1's RoPE table: rope_params(1024, ...) per axis
+MAX_TOKENS = 2**31 - 1             # int32 cu_seqlens of the varlen attention kernels
+HEADROOM = 0.95                    # refuse above this share of the free memory (the count is
+                                   # up to 3% under the measured peaks)
+TEMPORAL_RATIO = 4                 # Wan VAE: 4n + 1 frames -> n + 1 latent frames
+
+
+class PreflightError(ValueError):
+    """The run cannot fit or is past a hard limit; the message holds the estimate and the fix."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    device_type: str          # "cuda" or "cpu"
+    world_size: int           # devices sharing the tokens (sequence parallel)
+    num_tokens: int
+    latent_frames: int
+    weights: int              # bytes per device
+    activations: int          # bytes per device, the peak of one block (with chunk workspaces)
+    latent: int               # bytes per device: sampler latents, head output
+
+    @property
+    def per_device(self) -> int:
+        return self.weights + self.activations + self.latent
+
+    def describe(self) -> str:
+        where = (f"per GPU ({self.world_size} GPUs)" if self.device_type == "cuda" and self.world_size > 1
+                 else "on the GPU" if self.device_type == "cuda"
+                 else f"per process ({self.world_size} processes)" if self.world_size > 1 else "in RAM")
+        return (f"{gib(self.per_device)} {where} for {self.num_tokens:,} tokens ({self.latent_frames} latent "
+                f"frames): weights {gib(self.weights)}, activations {gib(self.activations)}, "
+                f"latents {gib(self.latent)}")
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _bytes(dtype) -> int:
+    import torch
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _block_units(c: int, f: int, *, moga: bool, parallel: bool, varlen: bool, fused: bool) -> dict[str, int]:
+    """Bytes per (local token x dim) alive at the peak of each attention phase of one block
+    (moga/model.py WanBlock, inference: the residual is updated in place).
+
+    h: the float32 residual, alive throughout; xm: the modulated input in the compute dtype, alive
+    for the whole self-attention call. On a float32 model (c == f) the float32 copies are no-ops."""
+    h, xm = f, c
+    f32_copies = 2 * f if c != f else 0
+    phases = {
+        # MoGAAttention.qkv: `q, k = apply_rope(q), apply_rope(k)` holds q and k both before and
+        # after RoPE, plus v; k's RoPE works in float32 and complex64 (4 bytes a channel)
+        "qkv": h + xm + 5 * c + f32_copies,
+        # dense: SDPA's output (flash kernels: nothing N x N) and the o projection
+        "dense": h + xm + 5 * c,
+    }
+    if moga:
+        # routed branch: q, k, v gathered into group order and the packed output; the sdpa backend
+        # (CPU, float32) copies every length bucket again and concatenates the pieces
+        routed = h + xm + 3 * c + 3 * c + (4 * c if not varlen else c)
+        # window branch: the routed output kept, q, k, v gathered into window order, the packed
+        # output and (unless the fused merge reads it packed) its unsorted copy
+        window = h + xm + 3 * c + c + 3 * c + c + (0 if fused else c)
+        phases["moga"] = max(routed, window)
+        phases.pop("dense")
+    if parallel:
+        # Ulysses: q, k, v shards and their head-sharded copies both alive (one tuple assignment),
+        # plus the all-to-all's send and receive buffers (moga/parallel/ulysses.py)
+        phases["all_to_all"] = h + xm + 3 * c + 3 * c + 2 * c
+    return phases
+
+
+def estimate_memory(config, num_tokens: int, latent_frames: int, *, device_type: str, dtype,
+                    weight_bytes: int, world_size: int = 1, moga: bool = True, varlen: bool | None = None,
+                    latent_numel: int | None = None, chunk_tokens: int = 16384) -> MemoryEstimate:
+    """The peak memory of one device during sampling. config: a WanConfig (or its dict);
+    dtype: the compute dtype; weight_bytes: bytes of the weights as held on the device; varlen:
+    whether the attention runs a varlen kernel (default: on CUDA in 16-bit, as `auto` picks)."""
+    import torch
+    get = (lambda k: config[k]) if isinstance(config, dict) else (lambda k: getattr(config, k))
+    dim, ffn = int(get("dim")), int(get("ffn_dim"))
+    heads, out_dim = int(get("num_heads")), int(get("out_dim"))
+    patch = math.prod(int(p) for p in get("patch_size"))
+    c, f = _bytes(dtype), 4
+    cuda = device_type == "cuda"
+    if varlen is None:
+        varlen = cuda and dtype in (torch.float16, torch.bfloat16)
+    p = max(1, int(world_size))
+    n, n_local = int(num_tokens), -(-int(num_tokens) // p)
+    units = _block_units(c, f, moga=moga, parallel=p > 1, varlen=varlen, fused=cuda and varlen)
+    rope = 4 * (dim // heads) * n_local  # complex64 [N, head_dim / 2], alive for the whole call
+    chunk = min(int(chunk_tokens), n_local)
+    phases = {name: u * dim * n_local for name, u in units.items()}
+    # FFN, chunk by chunk: modulate's float32 output and its cast, the hidden before and after GELU
+    phases["ffn"] = f * dim * n_local + chunk * (dim * (f + c) + 2 * ffn * c)
+    # head: its float32 output [N, out_dim * patch] (all-gathered to full N) and two unpatchify copies
+    phases["head"] = f * dim * n_local + 3 * n * out_dim * patch * 4
+    activations = max(phases.values()) + rope
+    if latent_numel is None:
+        latent_numel = n * patch * int(get("in_dim"))
+    # sampler, float32, alive during a model call: x, the conditional output during the
+    # unconditional pass, UniPC's two data predictions and its previous x
+    latent = 5 * latent_numel * 4
+    return MemoryEstimate(device_type, p, n, int(latent_frames), int(weight_bytes), int(activations),
+                          int(latent))
+
+
+def weight_bytes(info, dtype) -> int:
+    """Bytes of a checkpoint's weights once loaded with `dtype` (moga.checkpoint.load_model's rule:
+    floating weights cast to the compute dtype, fp8 kept); info: a CheckpointInfo."""
+    c = _bytes(dtype)
+    total = 0
+    for name, count in info.dtypes.items():
+        name = str(name).removeprefix("torch.").lower()
+        if "float8" in name or name.startswith("f8") or "e4m3" in name or "e5m2" in name:
+            total += count
+        elif name in ("float32", "float16", "bfloat16", "float64", "f32", "f16", "bf16", "f64"):
+            total += count * c
+        else:  # integer tensors (rarely any) keep their size: count them at 8 bytes, the worst
+            total += count * 8
+    return total
+
+
+def available_bytes(device) -> int | None:
+    """Free memory where the run goes: CUDA's mem_get_info, else the system's MemAvailable (None if
+    this system cannot say)."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _fixes(est: MemoryEstimate, available: int, can_add_devices: bool) -> str:
+    """What to change, with the share of tokens that would fit."""
+    fixed = est.weights
+    per_token = max(1.0, (est.per_device - fixed) / max(1, est.num_tokens))
+    fit_tokens = max(0, int((available * HEADROOM - fixed) / per_token))
+    share = fit_tokens / max(1, est.num_tokens)
+    out = []
+    if fit_tokens <= 0:
+        out.append("the weights alone do not fit: use a smaller model, a lower-precision dtype "
+                   "(--dtype bfloat16) or a device with more memory")
+    else:
+        out.append(f"fewer frames or a smaller size: about {fit_tokens:,} tokens fit here "
+                   f"({share:.0%} of this run)")
+    if can_add_devices:
+        word = "GPUs" if est.device_type == "cuda" else "processes"
+        need = math.ceil(est.num_tokens * per_token * est.world_size / max(1.0, available * HEADROOM - fixed)) \
+            if available * HEADROOM > fixed else None
+        if need:
+            out.append(f"more {word} (sequence parallel: about {need} share the tokens)")
+    return "; or ".join(out)
+
+
+def check_run(est: MemoryEstimate, available: int | None, *, can_add_devices: bool = True,
+              where: str | None = None) -> MemoryEstimate:
+    """Raise PreflightError if the run is past a hard limit or does not fit in `available` bytes
+    (None: unknown, only the hard limits apply). Returns the estimate."""
+    if est.latent_frames > MAX_LATENT_FRAMES:
+        frames = (MAX_LATENT_FRAMES - 1) * TEMPORAL_RATIO + 1
+        raise PreflightError(
+            f"the video has {est.latent_frames:,} latent frames, more than the {MAX_LATENT_FRAMES} Wan2.1 "
+            f"has positions for (about {frames:,} frames in all, {frames / 16 / 60:.1f} min at 16 fps); "
+            f"estimated memory {est.describe()}. Fix: shorten the shots (at most {frames:,} frames together)")
+    if est.num_tokens > MAX_TOKENS:
+        raise PreflightError(f"{est.num_tokens:,} tokens are more than the attention kernels can index "
+                             f"({MAX_TOKENS:,}); estimated memory {est.describe()}. Fix: fewer frames or a "
+                             f"smaller size")
+    if available is not None and est.per_device > available * HEADROOM:
+        place = where or ("the GPU" if est.device_type == "cuda" else "RAM")
+        raise PreflightError(
+            f"this run needs about {est.describe()}, but {place} has {gib(available)} free. "
+            f"Fix: {_fixes(est, available, can_add_devices)}")
+    return est
+
+
+def preflight(config, layout, *, device, dtype, weight_bytes: int, world_size: int = 1, moga: bool = True,
+              available: int | None = -1, resident: int = 0, can_add_devices: bool = True,
+              chunk_tokens: int = 16384) -> MemoryEstimate:
+    """estimate_memory + check_run for a TokenLayout on `device`. available=-1: ask the device
+    (available_bytes). resident: bytes of this run's weights already on the device (they count as
+    free: the run reuses them)."""
+    import torch
+    device = torch.device(device)
+    est = estimate_memory(config, layout.num_tokens, layout.frames, device_type=device.type, dtype=dtype,
+                          weight_bytes=weight_bytes, world_size=world_size, moga=moga,
+                          chunk_tokens=chunk_tokens)
+    if available == -1:
+        available = available_bytes(device)
+    if available is not None:
+        available += int(resident)
+    return check_run(est, available, can_add_devices=can_add_devices)
