@@ -604,6 +604,7 @@ def cmd_generate(args) -> int:
     else:
         device, dtype = resolve_device_dtype(args.device, args.dtype)
     try:
+        _preflight(info, plan.token_layout(width, height), device, dtype, world, moga)
         say = (lambda *a: print(*a, file=sys.stderr)) if (lead and not args.quiet) else (lambda *a: None)
         if info.extras:
             _import_extras(info.extras)
@@ -720,6 +721,17 @@ def _groups_note(groups: int, capacity) -> str:
         return ""
     return f" (M {groups}" + (f", capacity {capacity:g}: groups cut to size, so M_eff can exceed M)"
                               if capacity else ")")
+
+
+def _preflight(info, layout, device, dtype, world: int, moga):
+    """Refuse, before any weight is read, a run past the hard limits or beyond the device's free
+    memory (moga.preflight; the message holds the estimate and the fix)."""
+    from .preflight import available_bytes, preflight, weight_bytes
+    available = available_bytes(device)
+    if available is not None and device.type == "cpu":
+        available //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # ranks of one host share its RAM
+    return preflight(info.config, layout, device=device, dtype=dtype, weight_bytes=weight_bytes(info, dtype),
+                     world_size=world, moga=bool(info.moga) and not moga.dense, available=available)
 
 
 def _import_extras(name: str):

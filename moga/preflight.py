@@ -57,13 +57,14 @@ class MemoryEstimate:
         where = (f"per GPU ({self.world_size} GPUs)" if self.device_type == "cuda" and self.world_size > 1
                  else "on the GPU" if self.device_type == "cuda"
                  else f"per process ({self.world_size} processes)" if self.world_size > 1 else "in RAM")
-        return (f"{gib(self.per_device)} {where} for {self.num_tokens:,} tokens ({self.latent_frames} latent "
+        return (f"{gib(self.per_device)} {where} for {self.num_tokens:,} tokens ({self.latent_frames:,} latent "
                 f"frames): weights {gib(self.weights)}, activations {gib(self.activations)}, "
                 f"latents {gib(self.latent)}")
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    """Bytes for a person: GiB from 1 GiB up, else MiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _bytes(dtype) -> int:
@@ -185,7 +186,7 @@ def _fixes(est: MemoryEstimate, available: int, can_add_devices: bool) -> str:
     out = []
     if fit_tokens <= 0:
         out.append("the weights alone do not fit: use a smaller model, a lower-precision dtype "
-                   "(--dtype bfloat16) or a device with more memory")
+                   "(bfloat16) or a device with more memory")
     else:
         out.append(f"fewer frames or a smaller size: about {fit_tokens:,} tokens fit here "
                    f"({share:.0%} of this run)")
@@ -236,3 +237,25 @@ def preflight(config, layout, *, device, dtype, weight_bytes: int, world_size: i
     if available is not None:
         available += int(resident)
     return check_run(est, available, can_add_devices=can_add_devices)
+
+
+def model_bytes(model) -> int:
+    """Bytes of a loaded model's parameters and buffers, as held."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def preflight_model(model, layout, device, *, world_size: int = 1, moga_config=None, available: int | None = -1,
+                    can_add_devices: bool = True) -> MemoryEstimate:
+    """`preflight` for a loaded WanModel about to run on `device` (its weights move there as they are).
+    Weights already on `device` count as free (the run reuses them)."""
+    import torch
+    device = torch.device(device)
+    weights = model_bytes(model)
+    cfg = moga_config if moga_config is not None else getattr(model, "moga_config", None)
+    moga = model.config.num_groups > 0 and not (cfg is not None and cfg.dense)
+    on_device = next(iter(model.parameters())).device
+    resident = weights if (on_device.type == device.type and
+                           (on_device.index or 0) == (device.index or 0)) else 0
+    return preflight(model.config, layout, device=device, dtype=model._compute_dtype(), weight_bytes=weights,
+                     world_size=world_size, moga=moga, available=available, resident=resident,
+                     can_add_devices=can_add_devices, chunk_tokens=getattr(model, "chunk_tokens", 16384))

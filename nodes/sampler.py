@@ -66,6 +66,25 @@ def _previewer(channels: int, device):
         return None
 
 
+def _check_fits(net, layout, device, moga_config, workers_loaded: bool = False) -> None:
+    """moga.preflight before any work is dispatched: a clear error (estimate and fix), not an OOM.
+    `device`: one device, or the pool's list (each GPU holds the weights and 1/P of the tokens)."""
+    from moga.preflight import PreflightError, available_bytes, model_bytes, preflight_model
+
+    devices = device if isinstance(device, list) else [device]
+    available = -1  # one device: preflight asks it (and counts weights already there as free)
+    if len(devices) > 1:
+        free = [available_bytes(d) for d in devices]
+        available = None if None in free else min(free)
+        if available is not None and workers_loaded:
+            available += model_bytes(net)  # the pool's workers already hold the weights
+    try:
+        preflight_model(net, layout, devices[0], world_size=len(devices), moga_config=moga_config,
+                        available=available)
+    except PreflightError as e:
+        raise ValueError(f"{NODE}: {e}") from None
+
+
 class MoGASampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -147,18 +166,19 @@ class MoGASampler(io.ComfyNode):
         common = dict(shot_frames=shot_frames, latent_size=latent_size, steps=steps, cfg=float(cfg),
                       shift=float(shift), solver=solver, seed=int(seed), moga=model.moga,
                       dense_steps=model.dense_warmup, dense_layers=model.dense_layers)
+        layout = plan.token_layout(int(width), int(height))
         if len(devices) > 1:
-            latent = cls._run_pool(devices, model, shots, common, on_step, mm, previewer is not None)
+            latent = cls._run_pool(devices, model, shots, common, on_step, mm, previewer is not None, layout)
         else:
             device = mm.get_torch_device() if not devices or gpus.strip().lower() in ("auto", "", "1") \
                 else f"cuda:{devices[0]}"
-            latent = cls._run_here(device, model, shots, common, on_step, mm)
+            latent = cls._run_here(device, model, shots, common, on_step, mm, layout)
         out = {"samples": latent.to(mm.intermediate_device(), dtype=latent.dtype),
                LATENT_SHOT_FRAMES: list(shot_frames), LATENT_FPS: float(plan.fps)}
         return io.NodeOutput(out)
 
     @staticmethod
-    def _run_here(device, model, shots, common, on_step, mm):
+    def _run_here(device, model, shots, common, on_step, mm, layout):
         import torch
         from moga.sampling import Cancelled, sample
 
@@ -168,6 +188,7 @@ class MoGASampler(io.ComfyNode):
             mm.unload_all_models()
             mm.soft_empty_cache()
         net = model.model
+        _check_fits(net, layout, device, model.moga)
         try:
             net.to(device)
             with torch.inference_mode():
@@ -182,7 +203,7 @@ class MoGASampler(io.ComfyNode):
                 mm.soft_empty_cache()
 
     @staticmethod
-    def _run_pool(devices, model, shots, common, on_step, mm, preview):
+    def _run_pool(devices, model, shots, common, on_step, mm, preview, layout):
         from moga.sampling import Cancelled
 
         from moga.parallel.pool import get_pool
@@ -190,6 +211,7 @@ class MoGASampler(io.ComfyNode):
         # one persistent pool per process: workers keep the model loaded while devices and file stay the same
         dtype = None if model.dtype is None else str(model.dtype).removeprefix("torch.")
         pool = get_pool(_pool_devices(devices), model.path, {"dtype": dtype, "loras": list(model.loras)})
+        _check_fits(model.model, layout, _pool_devices(devices), model.moga, workers_loaded=pool.alive)
         job = dict(common, positive=[p.cpu() for p in shots.positive],
                    negative=None if shots.negative is None else shots.negative.cpu())
         try:

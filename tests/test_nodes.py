@@ -484,3 +484,22 @@ def test_empty_multi_shot_latent_has_the_shots_length(env):
     assert five["samples"].shape == (1, 48, 10, 3, 4)
     with pytest.raises(ValueError, match="Empty Multi-Shot Latent.*not a multiple of 16"):
         node.execute(shots, width=40, height=48, latent_format="wan2.2 TI2V-5B (48 ch, /16)")
+
+
+def test_sampler_refuses_a_run_that_cannot_fit_before_any_step(env, monkeypatch):
+    import moga.preflight
+    model = load(env)
+    calls = []
+    original = model.model.forward
+    model.model.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        long = shots(env, model=model, clip=FakeClip(TEXT_DIM), text="a cat walks [100001]")
+        with pytest.raises(ValueError, match=r"MoGA Sampler: the video has 25,001 latent frames.*iB.*Fix:"):
+            run(env.nodes.MoGASampler, model=model, shots=long, **SAMPLER)
+        sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+        monkeypatch.setattr(moga.preflight, "available_bytes", lambda device: 0)
+        with pytest.raises(ValueError, match=r"MoGA Sampler: this run needs about .* in RAM.*free\. Fix: "):
+            run(env.nodes.MoGASampler, model=model, shots=sh, **SAMPLER)
+        assert calls == [] and env.utils.updates == []  # refused before any model call
+    finally:
+        del model.model.forward
