@@ -588,7 +588,7 @@ def cmd_generate(args) -> int:
     exchange, world, lead = None, 1, True
     if distributed:
         try:
-            from .parallel.launch import env_ranks, init_from_env
+            from .parallel.launch import agree_on_error, env_ranks, init_from_env
             from .parallel.ulysses import check_heads
         except ImportError as e:
             raise CliError(f"this is a torchrun launch (WORLD_SIZE={os.environ['WORLD_SIZE']}) but the "
@@ -596,15 +596,25 @@ def cmd_generate(args) -> int:
                            f"without torchrun for one device") from None
         rank, world, _ = env_ranks()
         num_heads = info.config.get("num_heads") if isinstance(info.config, dict) else None
-        if num_heads:
-            check_heads(int(num_heads), world)  # before joining the group: no rank waits on another
+        if num_heads:  # before joining the group: no rank waits on another
+            on_gpu = args.device in (None, "cuda") or str(args.device).startswith("cuda")
+            check_heads(int(num_heads), world, "GPUs" if on_gpu and torch.cuda.is_available() else "processes")
         exchange, device = init_from_env(None if args.device in (None, "cuda") else args.device)
         lead = rank == 0
         _, dtype = resolve_device_dtype(str(device), args.dtype)
     else:
         device, dtype = resolve_device_dtype(args.device, args.dtype)
     try:
-        _preflight(info, plan.token_layout(width, height), device, dtype, world, moga)
+        refused = None
+        try:
+            _preflight(info, plan.token_layout(width, height), device, dtype, world, moga,
+                       experts=2 if (found and not args.offload_expert) else 1)
+        except ValueError as e:
+            refused = e
+        if exchange is not None:
+            agree_on_error(refused)  # one rank short of memory stops every rank, none waits for it
+        elif refused is not None:
+            raise refused
         say = (lambda *a: print(*a, file=sys.stderr)) if (lead and not args.quiet) else (lambda *a: None)
         if info.extras:
             _import_extras(info.extras)
@@ -623,7 +633,7 @@ def cmd_generate(args) -> int:
                 if lead:  # said even with --quiet when it is off: the user asked for it
                     (say if report.enabled else (lambda *a: print(*a, file=sys.stderr)))(report.summary())
         if exchange is not None:
-            check_heads(model.config.num_heads, world)
+            check_heads(model.config.num_heads, world, "GPUs" if device.type == "cuda" else "processes")
         te, vae, umt5 = load_encoders(args, net, device, dtype)
         say(f"loaded {info.architecture} in {time.perf_counter() - t_load:.1f} s")
 
@@ -723,15 +733,22 @@ def _groups_note(groups: int, capacity) -> str:
                               if capacity else ")")
 
 
-def _preflight(info, layout, device, dtype, world: int, moga):
+def _preflight(info, layout, device, dtype, world: int, moga, experts: int = 1):
     """Refuse, before any weight is read, a run past the hard limits or beyond the device's free
-    memory (moga.preflight; the message holds the estimate and the fix)."""
-    from .preflight import available_bytes, preflight, weight_bytes
+    memory (moga.preflight; the message holds the estimate and the fix). experts: expert models held
+    on the device at once (an A14B pair without --offload-expert: 2)."""
+    from .preflight import PreflightError, available_bytes, preflight, weight_bytes
     available = available_bytes(device)
     if available is not None and device.type == "cpu":
         available //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # ranks of one host share its RAM
-    return preflight(info.config, layout, device=device, dtype=dtype, weight_bytes=weight_bytes(info, dtype),
-                     world_size=world, moga=bool(info.moga) and not moga.dense, available=available)
+    try:
+        return preflight(info.config, layout, device=device, dtype=dtype,
+                         weight_bytes=experts * weight_bytes(info, dtype), world_size=world,
+                         moga=bool(info.moga) and not moga.dense, available=available)
+    except PreflightError as e:
+        if experts > 1 and "Fix:" in str(e):
+            raise PreflightError(f"{e}; or --offload-expert (one expert on the device at a time)") from None
+        raise
 
 
 def _import_extras(name: str):
@@ -861,14 +878,52 @@ def main(argv=None) -> int:
         if unknown:  # argparse would blame the top-level parser and print its usage, not the command's
             _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}"
                                                    + _unknown_hint(args.command, unknown))
+    rank = _torchrun_rank()  # under torchrun: rank 0 alone prints, every rank exits alike
+    stop_watch = None
+    if rank is not None:
+        from .parallel import launch  # imports no torch
+        stop_watch = launch.watch_signals(lead=rank == 0)
+    say = (lambda msg: print(msg, file=sys.stderr)) if rank in (None, 0) else (lambda msg: None)
+    try:
+        code = _run(args, say, rank)
+        return launch.exit_together(int(code or 0)) if rank is not None else code
+    finally:
+        if stop_watch is not None:
+            stop_watch()
+
+
+def _torchrun_rank() -> int | None:
+    """This process's rank when torchrun started it (WORLD_SIZE > 1), else None."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    except ValueError:
+        return None
+
+
+def _run(args, say, rank) -> int:
+    """The command, with every error a person can act on as one line and its exit status."""
+    def cancelled_by_signal():  # under torchrun: a collective broken by the other ranks' Ctrl-C
+        if rank is None:
+            return False
+        from .parallel import launch
+        return launch.cancelled()
+
     try:
         return args.func(args)
     except _loaded_types(KeyboardInterrupt, ("moga.sampling", "Cancelled")):
-        print("moga: cancelled", file=sys.stderr)
+        say("moga: cancelled")
         return EXIT_CANCELLED
     except _loaded_types(CliError, ValueError, FileNotFoundError, ("moga.wan_io", "MissingExtra")) as e:
-        print(f"moga: error: {e}", file=sys.stderr)
+        if cancelled_by_signal():
+            say("moga: cancelled")
+            return EXIT_CANCELLED
+        say(f"moga: error: {e}")
         return EXIT_USAGE
+    except BaseException:
+        if cancelled_by_signal():
+            say("moga: cancelled")
+            return EXIT_CANCELLED
+        raise
 
 
 if __name__ == "__main__":

@@ -281,7 +281,9 @@ def test_progress_bar_on_stderr(tiny, tmp_path, capsys):
 def test_torchrun_joins_the_process_group(tiny, tmp_path, monkeypatch, capsys):
     # under torchrun (WORLD_SIZE > 1) generate checks the request, then joins torchrun's group
     joined = []
+    import moga.parallel.launch as real_launch
     fake = types.ModuleType("moga.parallel.launch")
+    fake.__dict__.update({k: v for k, v in vars(real_launch).items() if not k.startswith("__")})
     fake.env_ranks = lambda: (0, 2, 0)
 
     def init_from_env(device=None):
@@ -296,7 +298,11 @@ def test_torchrun_joins_the_process_group(tiny, tmp_path, monkeypatch, capsys):
     assert len(joined) == 1
     assert not (tmp_path / "t.mp4").exists()
     monkeypatch.setitem(sys.modules, "moga.parallel.launch", None)  # import fails
-    assert _generate(tiny, tmp_path / "t.mp4") == 2
+    import signal
+    try:
+        assert _generate(tiny, tmp_path / "t.mp4") == 2
+    finally:  # a rank exiting with a code keeps SIGTERM blocked (moga.parallel.launch): not this test process
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     assert "torchrun" in capsys.readouterr().err
 
 

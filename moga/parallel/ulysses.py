@@ -26,13 +26,14 @@ def valid_world_sizes(num_heads: int) -> list[int]:
     return [p for p in range(1, num_heads + 1) if num_heads % p == 0]
 
 
-def check_heads(num_heads: int, world_size: int) -> None:
-    """ValueError unless num_heads splits evenly over world_size ranks."""
+def check_heads(num_heads: int, world_size: int, unit: str = "ranks") -> None:
+    """ValueError unless num_heads splits evenly over world_size ranks; `unit` names them in the
+    message ("GPUs" on CUDA, "processes" on the CPU)."""
     if num_heads % world_size:
         raise ValueError(
-            f"sequence parallelism splits the {num_heads} attention heads over {world_size} GPUs, "
+            f"sequence parallelism splits the {num_heads} attention heads over {world_size} {unit}, "
             f"but {num_heads} is not divisible by {world_size}: use one of "
-            f"{valid_world_sizes(num_heads)} GPUs")
+            f"{valid_world_sizes(num_heads)} {unit}")
 
 
 class UlyssesExchange:

@@ -33,7 +33,7 @@ def _serve(cfg: dict, inbox: Connection, outbox: Connection) -> None:
             torch.set_num_threads(threads)
         exchange = init_rank(rank, world_size, device, cfg["port"], cfg["timeout"])
         model = _load_model(cfg["checkpoint"], device, cfg["settings"], cfg.get("extras_from"))
-        check_heads(model.config.num_heads, world_size)
+        check_heads(model.config.num_heads, world_size, "GPUs" if torch.device(device).type == "cuda" else "processes")
         outbox.send(("ready", rank, os.getpid()))
     except BaseException as err:  # noqa: BLE001 - reported, then this worker ends
         outbox.send(("invalid" if isinstance(err, ValueError) else "fatal", rank, traceback.format_exc()))
