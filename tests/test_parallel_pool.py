@@ -87,12 +87,13 @@ def test_cancel_stops_every_rank_and_the_pool_stays_usable(pool, embeddings):
         steps.append(s)
         if s == 2:
             flag.set()
-            progress.at = time.monotonic()
 
+    # the timeout only guards against a hang; the assertion is on steps: the cancel, raised after
+    # step 2's event, reaches the workers before their next model call, so step 3 (already under
+    # way) may still finish but step 4 never starts
     with pytest.raises(Cancelled):
-        pool.run(_job(embeddings, 60), on_progress=progress, cancel=flag.is_set, timeout=120)
-    assert time.monotonic() - progress.at < 10, "cancel must stop within a step"
-    assert len(steps) < 10
+        pool.run(_job(embeddings, 60), on_progress=progress, cancel=flag.is_set, timeout=300)
+    assert steps[:2] == [1, 2] and steps[-1] <= 3, steps
     pids = pool.pids
     out = pool.run(_job(embeddings, 2), timeout=60)
     assert pool.pids == pids, "a cancel must not restart the workers"
@@ -110,17 +111,24 @@ def test_progress_hook_error_cancels_workers_and_reraises(pool, embeddings):
     assert pool.pids == pids
 
 
-def test_killed_worker_is_an_error_within_seconds_then_a_fresh_pool(pool, embeddings):
+def test_killed_worker_is_an_error_naming_it_then_a_fresh_pool(pool, embeddings):
     starts, old = pool.starts, pool.pids
+    steps = []
 
     def kill_rank1(s, n, lat):
+        steps.append(s)
         if s == 1:
-            kill_rank1.at = time.monotonic()
             os.kill(old[1], signal.SIGKILL)
 
-    with pytest.raises(WorkerError, match="rank"):
-        pool.run(_job(embeddings, 60), on_progress=kill_rank1, timeout=120)
-    assert time.monotonic() - kill_rank1.at < 30
+    # the timeout only guards against a hang: the error must come before rank 0 finishes another
+    # step without its peer (it cannot: every layer exchanges tokens with rank 1)
+    with pytest.raises(WorkerError) as err:
+        pool.run(_job(embeddings, 60), on_progress=kill_rank1, timeout=300)
+    assert steps[-1] <= 2, steps
+    msg = str(err.value)
+    assert msg.startswith(f"worker rank 1 on cpu (pid {old[1]}) was killed by signal SIGKILL"), msg
+    assert "it left no report" in msg
+    assert "Traceback" not in msg, "the survivor's traceback is not the dead worker's report"
     assert not pool.alive
     out = pool.run(_job(embeddings, 2), timeout=60)
     assert pool.starts == starts + 1 and set(pool.pids).isdisjoint(old)
@@ -223,3 +231,20 @@ def test_model_with_own_encoders_the_workers_import_what_the_host_registered(che
     assert ok.returncode == 0 and ok.stdout.split() == ["DemoTextEncoder", "DemoCodec"], ok.stdout + ok.stderr
     bare = run("")
     assert bare.returncode != 0 and "no loader is registered" in bare.stderr
+
+
+def test_a_dead_workers_report_is_its_own(checkpoint):
+    from multiprocessing import Pipe
+
+    from moga.parallel.pool import _Worker
+
+    host_end, worker_end = Pipe(duplex=False)
+    w = object.__new__(_Worker)
+    w.rank, w.device, w.outbox, w.eof = 1, "cpu", host_end, False
+    worker_end.send(("progress", 1, 1, 3, None))
+    worker_end.send(("error", 1, "Traceback ...\nRuntimeError: rank 1's own failure"))
+    worker_end.send(("error", 0, "not rank 1's"))  # (never on its pipe, but never taken if it were)
+    worker_end.close()
+    p = WorkerPool(DEVICES, checkpoint)
+    assert p._own_report(w).endswith("rank 1's own failure")
+    assert w.eof

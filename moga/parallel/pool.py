@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -395,18 +396,7 @@ class WorkerPool:
                 return msg
             dead = [w for w in self._workers if not w.is_alive()]
             if dead:
-                w = dead[0]
-                try:
-                    code = w.proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    code = None
-                report = self._drain_failure()
-                self._shutdown()
-                detail = f"; its last report:\n{report[2]}" if report else ""
-                raise WorkerError(
-                    f"worker rank {w.rank} on {w.device} (pid {w.pid}) died with exit code {code} "
-                    f"while the workers were to {what}; the pool was shut down and the next job "
-                    f"starts a fresh one{detail}")
+                self._raise_dead(dead[0], f"while the workers were to {what}")
             now = time.monotonic()
             if deadline is not None and now > deadline:
                 self._shutdown()
@@ -418,27 +408,53 @@ class WorkerPool:
             if poll_only:
                 return None
 
-    def _drain_failure(self):
-        """A worker's own error report, if one is waiting in a pipe."""
-        from multiprocessing.connection import wait
-
-        conns = [w.outbox for w in self._workers if not w.eof]
+    def _own_report(self, w: _Worker):
+        """The last error report `w` itself sent before it died (None: it left none)."""
+        report = None
         try:
-            for conn in wait(conns, timeout=0.2):
+            while not w.eof and w.outbox.poll(0.2):
                 try:
-                    msg = conn.recv()
+                    msg = w.outbox.recv()
                 except (EOFError, OSError):
-                    continue
-                if msg[0] in ("error", "invalid", "fatal"):
-                    return msg
+                    w.eof = True
+                    break
+                if msg[0] in ("error", "invalid", "fatal") and msg[1] == w.rank:
+                    report = msg[2]
         except (OSError, ValueError):
             pass
-        return None
+        return report
+
+    def _raise_dead(self, w: _Worker, during: str, consequence: str = ""):
+        """WorkerError naming the dead worker, with its own last report (never another worker's)."""
+        try:
+            code = w.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            code = None
+        report = self._own_report(w)
+        self._shutdown()
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            how = f"was killed by signal {name}"
+        else:
+            how = f"died with exit code {code}"
+        if report:
+            detail = f"; its last report:\n{report}"
+        elif code == -signal.SIGKILL:
+            detail = "; it left no report (SIGKILL, e.g. from the system's out-of-memory killer, leaves none)"
+        else:
+            detail = "; it left no report"
+        raise WorkerError(f"worker rank {w.rank} on {w.device} (pid {w.pid}) {how} {during}; the pool was shut "
+                          f"down and the next job starts a fresh one{detail}{consequence}")
 
     def _raise_worker_failure(self, msg, when: str):
         kind, rank, tb = msg
-        self._shutdown()
         last = tb.strip().splitlines()[-1] if tb.strip() else ""
+        # a worker that lost its peer fails in the collective: blame the peer that was already dead
+        dead = [w for w in self._workers if w.rank != rank and w.proc.poll() is not None]
+        if dead and kind != "invalid":
+            self._raise_dead(dead[0], when, consequence=f"\n(worker rank {rank} then failed in a collective "
+                                                         f"without its peer: {last})")
+        self._shutdown()
         if kind == "invalid":  # a bad request or setting: the worker's ValueError, as a ValueError
             raise ValueError(f"{last.removeprefix('ValueError: ')} (worker rank {rank}, {when})")
         raise WorkerError(f"worker rank {rank} on {self.devices[rank]} failed {when}; the pool was "
