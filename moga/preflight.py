@@ -72,7 +72,8 @@ def _bytes(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _block_units(c: int, f: int, *, moga: bool, parallel: bool, varlen: bool, fused: bool) -> dict[str, int]:
+def _block_units(c: int, f: int, *, moga: bool, parallel: bool, varlen: bool, fused: bool,
+                 fused_elementwise: bool = False) -> dict[str, int]:
     """Bytes per (local token x dim) alive at the peak of each attention phase of one block
     (moga/model.py WanBlock, inference: the residual is updated in place).
 
@@ -80,13 +81,12 @@ def _block_units(c: int, f: int, *, moga: bool, parallel: bool, varlen: bool, fu
     for the whole self-attention call. On a float32 model (c == f) the float32 copies are no-ops."""
     h, xm = f, c
     f32_copies = 2 * f if c != f else 0
-    phases = {
-        # MoGAAttention.qkv: `q, k = apply_rope(q), apply_rope(k)` holds q and k both before and
-        # after RoPE, plus v; k's RoPE works in float32 and complex64 (4 bytes a channel)
-        "qkv": h + xm + 5 * c + f32_copies,
-        # dense: SDPA's output (flash kernels: nothing N x N) and the o projection
-        "dense": h + xm + 5 * c,
-    }
+    # MoGAAttention.qkv: `q, k = apply_rope(q), apply_rope(k)` holds q and k both before and after
+    # RoPE, plus v; k's RoPE works in float32 and complex64 (4 bytes a channel). With moga.fused's
+    # in-place RMSNorm + RoPE (CUDA inference) only q, k, v remain.
+    qkv = h + xm + 3 * c if fused_elementwise else h + xm + 5 * c + f32_copies
+    # dense: q, k, v, SDPA's output (flash kernels: nothing N x N) and the o projection
+    phases = {"qkv": qkv, "dense": h + xm + 5 * c}
     if moga:
         # routed branch: q, k, v gathered into group order and the packed output; the sdpa backend
         # (CPU, float32) copies every length bucket again and concatenates the pieces
@@ -105,10 +105,12 @@ def _block_units(c: int, f: int, *, moga: bool, parallel: bool, varlen: bool, fu
 
 def estimate_memory(config, num_tokens: int, latent_frames: int, *, device_type: str, dtype,
                     weight_bytes: int, world_size: int = 1, moga: bool = True, varlen: bool | None = None,
-                    latent_numel: int | None = None, chunk_tokens: int = 16384) -> MemoryEstimate:
+                    fused_elementwise: bool | None = None, latent_numel: int | None = None,
+                    chunk_tokens: int = 16384) -> MemoryEstimate:
     """The peak memory of one device during sampling. config: a WanConfig (or its dict);
     dtype: the compute dtype; weight_bytes: bytes of the weights as held on the device; varlen:
-    whether the attention runs a varlen kernel (default: on CUDA in 16-bit, as `auto` picks)."""
+    whether the attention runs a varlen kernel (default: on CUDA in 16-bit, as `auto` picks);
+    fused_elementwise: moga.fused's Triton passes run (default: on CUDA when Triton is there)."""
     import torch
     get = (lambda k: config[k]) if isinstance(config, dict) else (lambda k: getattr(config, k))
     dim, ffn = int(get("dim")), int(get("ffn_dim"))
@@ -120,7 +122,13 @@ def estimate_memory(config, num_tokens: int, latent_frames: int, *, device_type:
         varlen = cuda and dtype in (torch.float16, torch.bfloat16)
     p = max(1, int(world_size))
     n, n_local = int(num_tokens), -(-int(num_tokens) // p)
-    units = _block_units(c, f, moga=moga, parallel=p > 1, varlen=varlen, fused=cuda and varlen)
+    if fused_elementwise is None:
+        import importlib.util
+
+        from . import fused
+        fused_elementwise = cuda and fused.FUSED and importlib.util.find_spec("triton") is not None
+    units = _block_units(c, f, moga=moga, parallel=p > 1, varlen=varlen, fused=cuda and varlen,
+                         fused_elementwise=fused_elementwise)
     rope = 4 * (dim // heads) * n_local  # complex64 [N, head_dim / 2], alive for the whole call
     chunk = min(int(chunk_tokens), n_local)
     phases = {name: u * dim * n_local for name, u in units.items()}
