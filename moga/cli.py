@@ -559,6 +559,7 @@ def cmd_generate(args) -> int:
 
     from . import checkpoint as ckpt
     from .outputs import save_safetensors
+    from .preflight import wants_block_progress
     from .sampling import sample, sampler_settings
     from .video import video_to_frames, write_video
     from .wan_io import decode_shots
@@ -670,6 +671,11 @@ def cmd_generate(args) -> int:
             if bar is not None:
                 bar.update(1)
 
+        block_progress = None
+        if bar is not None and wants_block_progress(net.config, layout.num_tokens, device.type, world):
+            def block_progress(step, done, total):  # long steps: say where inside the step
+                bar.set_postfix_str(f"block {done}/{total}")
+
         probe = model.low if experts else model   # the last expert to run: its routing is the last step's
         _record_routing(probe, True)
         try:
@@ -677,7 +683,7 @@ def cmd_generate(args) -> int:
                             seed=args.seed, moga=None if experts else moga, dense_steps=dense_steps,
                             dense_warmup_steps=warmup_steps, dense_layers=dense_layers, callback=progress,
                             device=device, dtype=dtype, parallel=exchange, image=image,
-                            cfg_batch=args.cfg_batch, return_result=True, **run)
+                            cfg_batch=args.cfg_batch, return_result=True, block_callback=block_progress, **run)
         finally:
             if bar is not None:
                 bar.close()
@@ -688,7 +694,16 @@ def cmd_generate(args) -> int:
             return 0
 
         t_dec = time.perf_counter()
-        frames = video_to_frames(decode_shots(vae, result.latent, shot_frames))
+        dec_bar = None
+        if not args.quiet:
+            from tqdm import tqdm
+            dec_bar = tqdm(total=len(shot_frames), desc="decoding", unit="shot", file=sys.stderr)
+        try:
+            frames = video_to_frames(decode_shots(vae, result.latent, shot_frames,
+                                                  progress=dec_bar and (lambda done, n: dec_bar.update(1))))
+        finally:
+            if dec_bar is not None:
+                dec_bar.close()
         if frames.shape[0] != plan.total_frames or frames.shape[1:3] != (height, width):
             raise RuntimeError(f"the VAE returned {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]}, "
                                f"the plan asks for {plan.total_frames} of {width}x{height}")
@@ -772,7 +787,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_patch(args) -> int:
-    from .checkpoint import format_layers, parse_layers, patch_checkpoint
     _check_exists(args.src, "checkpoint")
     _check_exists(args.routers, "router file")
     if (args.dst is None) == (args.routers_out is None):
@@ -795,6 +809,23 @@ def cmd_patch(args) -> int:
         raise CliError(f"{flag} {target!r} is the source: write the patched checkpoint to a new file")
     check_output(target, "safetensors", args.overwrite, flag=flag)  # before calibration, not after
     device, dtype = resolve_device_dtype(args.device, args.dtype)
+    from tqdm import tqdm
+    bar = [None]
+
+    def calibrating(done, total):  # the calibration pass block by block, then each layer's k-means
+        if bar[0] is None:
+            bar[0] = tqdm(total=total, desc="calibrating (blocks, then k-means per layer)", file=sys.stderr)
+        bar[0].update(done - bar[0].n)
+
+    try:
+        return _patch(args, size, device, dtype, calibrating)
+    finally:
+        if bar[0] is not None:
+            bar[0].close()
+
+
+def _patch(args, size, device, dtype, calibrating) -> int:
+    from .checkpoint import format_layers, parse_layers, patch_checkpoint
     if args.routers_out is not None:
         from .checkpoint.router_file import calibrate_router_file
         print(f"calibrating {args.groups} groups", file=sys.stderr)
@@ -802,7 +833,8 @@ def cmd_patch(args) -> int:
                                    layers=parse_layers(args.layers) if args.layers else None, window=args.window,
                                    fusion=args.fusion, dense_warmup=args.dense_warmup, capacity=args.capacity,
                                    size=size, steps=args.calibration_steps, seed=args.seed, device=device,
-                                   dtype=None if args.dtype == "auto" else dtype, loras=lora_list(args.lora) or None)
+                                   dtype=None if args.dtype == "auto" else dtype, loras=lora_list(args.lora) or None,
+                                   progress=calibrating)
         print(f"{args.routers_out}: routers for layers {format_layers(rs.layers)}, {rs.num_groups} groups, fusion "
               f"{rs.config.fusion}, dense warm-up {rs.dense_warmup}, capacity {rs.config.capacity}")
         return 0
@@ -812,7 +844,8 @@ def cmd_patch(args) -> int:
                             dense_warmup=args.dense_warmup, capacity=args.capacity, calibration_size=size,
                             calibration_steps=args.calibration_steps, seed=args.seed, device=device,
                             dtype=None if args.dtype == "auto" else dtype,
-                            progress=lambda msg: print(msg, file=sys.stderr), loras=lora_list(args.lora) or None)
+                            progress=lambda msg: print(msg, file=sys.stderr), loras=lora_list(args.lora) or None,
+                            calibration_progress=calibrating)
     print(str(info))
     return 0
 

@@ -26,6 +26,7 @@ how many calls ran dense or MoGA) during sampling; `main(args)` is the command l
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -234,10 +235,12 @@ def _pairs(layout: TokenLayout, cfg: MoGAConfig, sparse: bool, group_sizes) -> t
 @torch.no_grad()
 def inspect_step(model, x: torch.Tensor, t, context, *, shot_frames=None, moga: MoGAConfig | None = None,
                  dense_layers=(), queries: int = 256, seed: int = 0, stream: str = "moga",
-                 chunk_elements: int = 1 << 25) -> InspectReport:
+                 chunk_elements: int = 1 << 25, progress=None) -> InspectReport:
     """Run `model(x, t, context, shot_frames, moga, dense_layers)` once and measure every self-attention
     layer against dense attention (see the module docstring). x [1, C, F, H, W]; `queries` query tokens
-    per layer (seeded, without replacement; all tokens when N <= queries) carry the recall."""
+    per layer (seeded, without replacement; all tokens when N <= queries) carry the recall.
+    progress(done, total): after every block of the dense reference pass and of the measured pass
+    (total = 2 x blocks)."""
     if stream not in STREAMS:
         raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
     if x.dim() != 5 or x.shape[0] != 1:
@@ -247,7 +250,9 @@ def inspect_step(model, x: torch.Tensor, t, context, *, shot_frames=None, moga: 
     cfg = moga or model.moga_config
     dense_cfg = cfg.replace(dense=True)
     kwargs = dict(shot_frames=shot_frames)
-    reference = model(x, t, context, moga=dense_cfg, **kwargs)
+    nb = len(model.blocks)
+    tick = progress or (lambda done, total: None)
+    reference = model(x, t, context, moga=dense_cfg, on_block=lambda b, n: tick(b, 2 * nb), **kwargs)
 
     reports: dict[int, LayerReport] = {}
     seen: dict[str, object] = {}
@@ -295,7 +300,8 @@ def inspect_step(model, x: torch.Tensor, t, context, *, shot_frames=None, moga: 
     handles = [block.self_attn.register_forward_hook(hook(i), with_kwargs=True)
                for i, block in enumerate(model.blocks)]
     try:
-        out = model(x, t, context, moga=cfg, dense_layers=tuple(dense_layers), **kwargs)
+        out = model(x, t, context, moga=cfg, dense_layers=tuple(dense_layers),
+                    on_block=lambda b, n: tick(nb + b, 2 * nb), **kwargs)
     finally:
         for hd in handles:
             hd.remove()
@@ -407,6 +413,8 @@ def main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     from .checkpoint import lora_specs
+    if not getattr(args, "quiet", False):
+        print(f"loading {args.checkpoint} on {device}", file=sys.stderr, flush=True)
     model = load_model(args.checkpoint, device=device, dtype=dtype, loras=lora_specs(getattr(args, "lora", None)))
     if not model.config.moga_layers:
         raise ValueError(f"{args.checkpoint} has no routers: make a MoGA checkpoint first "
@@ -434,22 +442,30 @@ def main(args) -> int:
     positive, source = _encode(model, plan, args, cdtype)
     shift = DEFAULT_SHIFT if args.shift is None else args.shift
     schedule = make_schedule(args.steps, shift)
+    from tqdm import tqdm
+    quiet = bool(getattr(args, "quiet", False))
     if args.at:
         done = []  # the latent after each dense step; the run stops before step `at`'s model call
-        try:
-            sample(model, positive, None, shot_frames=shot_frames, latent_size=(f, h, w), steps=args.steps,
-                   cfg=1.0, shift=shift, seed=args.seed, moga=cfg, dense_steps=1.0,
-                   callback=lambda step, total, latent: done.append(latent),
-                   cancel=lambda: len(done) >= args.at)
-        except Cancelled:
-            pass
+        with tqdm(total=args.at, desc=f"dense steps to step {args.at}", unit="step", file=sys.stderr,
+                  disable=quiet) as bar:
+            try:
+                sample(model, positive, None, shot_frames=shot_frames, latent_size=(f, h, w), steps=args.steps,
+                       cfg=1.0, shift=shift, seed=args.seed, moga=cfg, dense_steps=1.0,
+                       callback=lambda step, total, latent: (done.append(latent), bar.update(1)),
+                       cancel=lambda: len(done) >= args.at)
+            except Cancelled:
+                pass
         x = done[-1]
     else:
         x = initial_noise((1, model.config.in_dim, f, h, w), args.seed)
     t = torch.tensor([schedule.timesteps[args.at]], device=model.device)
-    report = inspect_step(model, x.to(model.device, cdtype), t, positive, shot_frames=shot_frames, moga=cfg,
-                          dense_layers=parse_layers(args.dense_layers) if args.dense_layers else (),
-                          queries=args.queries, seed=args.seed, stream=args.stream)
+    nb = len(model.blocks)
+    with tqdm(total=2 * nb, desc="inspect: dense reference, then each layer measured", unit="block",
+              file=sys.stderr, disable=quiet) as bar:
+        report = inspect_step(model, x.to(model.device, cdtype), t, positive, shot_frames=shot_frames, moga=cfg,
+                              dense_layers=parse_layers(args.dense_layers) if args.dense_layers else (),
+                              queries=args.queries, seed=args.seed, stream=args.stream,
+                              progress=lambda done, total: bar.update(done - bar.n))
     print(f"{args.checkpoint}: step {args.at} of {args.steps}; text: {source}")
     print(report.table())
     if args.json:

@@ -39,6 +39,7 @@ def add_arguments(p) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="a LoRA merged into the DiT at load (default strength 1.0); repeat for several")
     p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -462,7 +462,7 @@ class WanModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context, shot_frames=None,
                 moga: MoGAConfig | None = None, dense_layers=(), parallel=None, y=None,
-                clip=None) -> torch.Tensor:
+                clip=None, on_block=None) -> torch.Tensor:
         """x [B, C, F, H, W] latent: C = in_dim, or out_dim with `y` [B|1, in_dim - out_dim, F, H, W]
         (image-to-video: mask + image-latent channels, concatenated after x as Wan does); t [B]
         (or scalar) timestep in [0, 1000], or [B, F] one per latent frame (TI2V); context: one text
@@ -475,6 +475,8 @@ class WanModel(nn.Module):
         parallel: a sequence-parallel exchange (rank, world_size, all_gather_tokens, seq_to_heads,
         heads_to_seq; see moga/attention/layer.py). Every rank passes the full x and gets the full
         output; the blocks run on this rank's ceil(N / P) tokens (zero-padded at the end).
+
+        on_block(done, num_blocks): called after every block (progress of long calls; no sync).
         """
         cfg = self.config
         x = self._with_condition(x, y)
@@ -527,6 +529,8 @@ class WanModel(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(block, h, *args, use_reentrant=False)
             else:
                 h = block(h, *args, carry=carry.prepare(self.blocks, i, e0))
+            if on_block is not None:
+                on_block(i + 1, len(self.blocks))
 
         out = self.head(h, e, segments)           # [B, n, out_dim * prod(patch)] float32
         if parallel is not None:

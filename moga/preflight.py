@@ -267,3 +267,26 @@ def preflight_model(model, layout, device, *, world_size: int = 1, moga_config=N
     return preflight(model.config, layout, device=device, dtype=model._compute_dtype(), weight_bytes=weights,
                      world_size=world_size, moga=moga, available=available, resident=resident,
                      can_add_devices=can_add_devices, chunk_tokens=getattr(model, "chunk_tokens", 16384))
+
+
+# ---- how long a model call takes, roughly: when a step deserves progress inside it --------------
+CALL_SECONDS_FOR_BLOCK_PROGRESS = 2.0
+FLOP_RATE = {"cuda": 3e14, "cpu": 5e10}   # sustained flop/s, rough (H100 bf16; a few CPU cores)
+
+
+def model_call_flops(config, num_tokens: int, attention_density: float = 0.1) -> float:
+    """Flops of one DiT call: the linear layers (self q k v o, cross q o, FFN) over N tokens, plus
+    attention at `attention_density` of dense (MoGA keeps a small share of the N^2 pairs)."""
+    get = (lambda k: config[k]) if isinstance(config, dict) else (lambda k: getattr(config, k))
+    dim, ffn, layers = int(get("dim")), int(get("ffn_dim")), int(get("num_layers"))
+    n = float(num_tokens)
+    linear = 2 * n * (6 * dim * dim + 2 * dim * ffn)
+    attention = 4 * n * n * dim * attention_density
+    return layers * (linear + attention)
+
+
+def wants_block_progress(config, num_tokens: int, device_type: str, world_size: int = 1) -> bool:
+    """True when a model call likely takes more than CALL_SECONDS_FOR_BLOCK_PROGRESS: then a step's
+    progress is worth showing block by block (off for short runs, where it would only flicker)."""
+    rate = FLOP_RATE.get(device_type, FLOP_RATE["cpu"]) * max(1, int(world_size))
+    return model_call_flops(config, num_tokens) / rate > CALL_SECONDS_FOR_BLOCK_PROGRESS

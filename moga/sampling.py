@@ -264,6 +264,14 @@ def dense_step_count(dense_steps: float, steps: int, dense_warmup_steps: int | N
     return int(math.floor(dense_steps * steps + 0.5))
 
 
+def _on_block(block_callback, step: int, call: int, calls: int) -> dict:
+    """The model's on_block hook for call `call` (0-based) of a step's `calls` (nothing when no block
+    progress was asked for): the callback sees the blocks done in the whole step."""
+    if block_callback is None:
+        return {}
+    return {"on_block": lambda done, nb: block_callback(step, call * nb + done, calls * nb)}
+
+
 def sampler_settings(model, steps=None, cfg=None, shift=None, solver=None, schedule=None) -> dict:
     """Explicit values, else the checkpoint's (`model.sampler_defaults`), else Wan2.1's defaults.
     The distill schedule defaults to Euler (what LightX2V integrates it with)."""
@@ -295,7 +303,8 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int | 
            schedule: str | None = None, seed: int = 0, moga=None, dense_steps: float = 0.0,
            dense_warmup_steps: int | None = None, dense_layers=(), callback=None, cancel=None,
            device=None, dtype=None, parallel=None, channels: int | None = None, image=None,
-           cfg_batch: bool | None = None, on_step=None, return_result: bool = False):
+           cfg_batch: bool | None = None, on_step=None, return_result: bool = False,
+           block_callback=None):
     """Denoise the whole multi-shot latent as one sequence; returns the latent [1, C, F, H, W] (float32).
 
     model: a WanModel, or a `moga.experts.ExpertPair` (Wan2.2 A14B; each step runs the expert of
@@ -319,6 +328,10 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int | 
     device: where the latent lives (default: the model's). dtype: cast the text embeddings to it (default:
         as given; the model casts them to its compute dtype). The latent stays float32 throughout.
     return_result: return a `SampleResult` (latent, shot boundaries, timings) instead of the tensor.
+    block_callback(step, done, total): after every transformer block of the step's model calls (step
+        from 1; done counts the blocks of all the step's calls, total = blocks x calls: 1 call without
+        guidance or with batched guidance, else 2), for progress inside long steps; the model must
+        take `on_block` (WanModel does). None: the model is called without it.
     """
     st = sampler_settings(model, steps, cfg, shift, solver, schedule)
     steps, cfg, shift, solver = st["steps"], st["cfg"], st["shift"], st["solver"]
@@ -394,14 +407,16 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int | 
         xin = x  # float32: the model embeds it in float32 (an fp8/bf16 cast here would lose precision)
         kwargs = dict(shot_frames=shot_frames, moga=run_cfg, dense_layers=dense_layers, parallel=parallel, **extra)
         if neg is not None and scale != 1.0 and batch_ctx is not None:
-            both = net(torch.cat([xin, xin]), t.expand(2, *t.shape[1:]), batch_ctx, **kwargs).float()
+            both = net(torch.cat([xin, xin]), t.expand(2, *t.shape[1:]), batch_ctx, **kwargs,
+                       **_on_block(block_callback, i + 1, 0, 1)).float()
             v, v_uncond = both[:1], both[1:]
             v = v_uncond + scale * (v - v_uncond)
         else:
-            v = net(xin, t, positive, **kwargs).float()
-            if neg is not None and scale != 1.0:
+            calls = 2 if (neg is not None and scale != 1.0) else 1
+            v = net(xin, t, positive, **kwargs, **_on_block(block_callback, i + 1, 0, calls)).float()
+            if calls == 2:
                 check_cancel()
-                v_uncond = net(xin, t, neg, **kwargs).float()
+                v_uncond = net(xin, t, neg, **kwargs, **_on_block(block_callback, i + 1, 1, calls)).float()
                 v = v_uncond + scale * (v - v_uncond)
         x = stepper.step(i, x, v)
         if image is not None:

@@ -209,16 +209,19 @@ def _vae_from_file(path: Path, cls):
     return vae
 
 
-def decode_shots(vae, latent: torch.Tensor, shot_frames) -> torch.Tensor:
+def decode_shots(vae, latent: torch.Tensor, shot_frames, progress=None) -> torch.Tensor:
     """Decode each shot's latent frames as its own clip and join them in time, so every cut is a clean cut.
-    Works with any `vae.decode(latent) -> [B, 3, T, H, W]` (WanVAE, or a model's own VAE)."""
+    Works with any `vae.decode(latent) -> [B, 3, T, H, W]` (WanVAE, or a model's own VAE).
+    progress(done, num_shots): after every shot."""
     shot_frames = [int(f) for f in shot_frames]
     if sum(shot_frames) != latent.shape[2]:
         raise ValueError(f"shot lengths {shot_frames} do not add up to the latent's {latent.shape[2]} frames")
     clips, start = [], 0
-    for n in shot_frames:
+    for i, n in enumerate(shot_frames, 1):
         clips.append(vae.decode(latent[:, :, start:start + n]).float().cpu())
         start += n
+        if progress is not None:
+            progress(i, len(shot_frames))
     return torch.cat(clips, dim=2)
 
 

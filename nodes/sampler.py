@@ -149,7 +149,16 @@ class MoGASampler(io.ComfyNode):
         shot_frames = plan.latent_shot_frames()
         devices = parse_gpus(gpus, _visible_gpus())
 
-        pbar = comfy.utils.ProgressBar(steps)
+        from moga.preflight import wants_block_progress
+
+        layout = plan.token_layout(int(width), int(height))
+        net_config = getattr(model.model, "config", None)
+        # long steps on one device: the bar moves block by block (the pool reports whole steps)
+        blocks = len(getattr(model.model, "blocks", ())) if (
+            len(devices) <= 1 and net_config is not None and
+            wants_block_progress(net_config, layout.num_tokens, mm.get_torch_device().type)) else 0
+        per_step = blocks or 1  # ticks per step
+        pbar = comfy.utils.ProgressBar(steps * per_step)
         channels = int(getattr(getattr(model.model, "config", None), "in_dim", 16))
         # Wan's latent-to-RGB factors only mean something for Wan's VAE latents, not a model's own codec
         previewer = None if model.vae is not None else _previewer(channels, mm.get_torch_device())
@@ -161,24 +170,27 @@ class MoGASampler(io.ComfyNode):
                     preview = previewer.decode_latent_to_preview_image("JPEG", latent)
                 except Exception as e:  # never fail a run for a preview
                     logging.debug("MoGA: preview failed: %s", e)
-            pbar.update_absolute(step, total, preview)
+            pbar.update_absolute(step * per_step, total * per_step, preview)
+
+        def on_block(step, done, total):  # done of total blocks in this step's model calls
+            pbar.update_absolute((step - 1) * per_step + -(-done * per_step // total), steps * per_step)
 
         common = dict(shot_frames=shot_frames, latent_size=latent_size, steps=steps, cfg=float(cfg),
                       shift=float(shift), solver=solver, seed=int(seed), moga=model.moga,
                       dense_steps=model.dense_warmup, dense_layers=model.dense_layers)
-        layout = plan.token_layout(int(width), int(height))
         if len(devices) > 1:
             latent = cls._run_pool(devices, model, shots, common, on_step, mm, previewer is not None, layout)
         else:
             device = mm.get_torch_device() if not devices or gpus.strip().lower() in ("auto", "", "1") \
                 else f"cuda:{devices[0]}"
-            latent = cls._run_here(device, model, shots, common, on_step, mm, layout)
+            latent = cls._run_here(device, model, shots, common, on_step, mm, layout,
+                                   on_block if blocks else None)
         out = {"samples": latent.to(mm.intermediate_device(), dtype=latent.dtype),
                LATENT_SHOT_FRAMES: list(shot_frames), LATENT_FPS: float(plan.fps)}
         return io.NodeOutput(out)
 
     @staticmethod
-    def _run_here(device, model, shots, common, on_step, mm, layout):
+    def _run_here(device, model, shots, common, on_step, mm, layout, on_block=None):
         import torch
         from moga.sampling import Cancelled, sample
 
@@ -193,7 +205,8 @@ class MoGASampler(io.ComfyNode):
             net.to(device)
             with torch.inference_mode():
                 return sample(net, shots.positive, shots.negative, device=device, dtype=model.dtype,
-                              callback=on_step, cancel=mm.processing_interrupted, **common)
+                              callback=on_step, cancel=mm.processing_interrupted, block_callback=on_block,
+                              **common)
         except Cancelled:
             mm.throw_exception_if_processing_interrupted()
             raise mm.InterruptProcessingException()

@@ -275,6 +275,18 @@ def test_progress_bar_on_stderr(tiny, tmp_path, capsys):
           "--out", str(tmp_path / "q.mp4")])
     err = capsys.readouterr().err
     assert "denoising" in err and "2/2" in err
+    assert "decoding" in err and "1/1" in err  # the decode of every shot shows too
+    assert "block" not in err  # short steps: no block-level progress
+
+
+def test_long_steps_show_the_block_under_way(tiny, tmp_path, capsys, monkeypatch):
+    import moga.preflight
+    monkeypatch.setattr(moga.preflight, "CALL_SECONDS_FOR_BLOCK_PROGRESS", 0.0)  # every step counts as long
+    main(["generate", "--model", str(tiny["moga"]), "--prompt", "[1] a", "--prompt", "[1] b", "--size", "16x16",
+          "--steps", "1", "--out", str(tmp_path / "q.mp4")])
+    err = capsys.readouterr().err
+    assert "block 2/4" in err and "block 4/4" in err  # two blocks, two guidance calls on a CPU
+    assert "decoding" in err and "2/2" in err
 
 
 # ---- hand-offs ---------------------------------------------------------------------------------

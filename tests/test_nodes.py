@@ -503,3 +503,18 @@ def test_sampler_refuses_a_run_that_cannot_fit_before_any_step(env, monkeypatch)
         assert calls == [] and env.utils.updates == []  # refused before any model call
     finally:
         del model.model.forward
+
+
+def test_sampler_moves_block_by_block_when_steps_are_long(env, monkeypatch):
+    import moga.preflight
+    model = load(env)
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    monkeypatch.setattr(moga.preflight, "CALL_SECONDS_FOR_BLOCK_PROGRESS", 0.0)  # every step counts as long
+    nb = len(model.model.blocks)
+    run(env.nodes.MoGASampler, model=model, shots=sh, **SAMPLER)  # 2 steps, cfg 3: two calls a step on a CPU
+    blocks = [(s, n) for s, n, _ in env.utils.updates]
+    expected = []
+    for step in (1, 2):  # nb ticks a step: one per two blocks done (cond + uncond), then the step's own
+        expected += [((step - 1) * nb + -(-d * nb // (2 * nb)), 2 * nb) for d in range(1, 2 * nb + 1)]
+        expected.append((step * nb, 2 * nb))
+    assert blocks == expected

@@ -151,6 +151,15 @@ def test_prepare_writes_shards_with_expected_shapes(world):
     assert index["settings"]["latent_channels"] == 16 and index["settings"]["text_dim"] == TEXT_DIM
 
 
+def test_prepare_reports_progress_after_every_clip(world, tmp_path):
+    clips, _ = D.find_clips(world["clips"])
+    events = []
+    index = D.prepare(world["clips"], tmp_path / "sh", PoolingVAE(), HashTextEncoder(), SETTINGS,
+                      progress=lambda done, total: events.append((done, total)), log=None)
+    assert len(clips) > len(index["samples"]) == 3  # clips skipped while cutting count too
+    assert events == [(i, len(clips)) for i in range(1, len(clips) + 1)]
+
+
 def test_prepare_cuts_each_shot_from_its_own_frames(world):
     """Shot 2 of clip0 starts at file frame 13: its latent is the encoding of frames 13..21, scaled to
     cover 64x32 and centre-cropped."""

@@ -35,7 +35,8 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
                      calibration_steps: int = 3, calibration_context: torch.Tensor | None = None,
                      calibration_tokens: int = 8192, seed: int = 0, device="cpu",
                      dtype: torch.dtype | None = None, progress: Callable[[str], None] | None = None,
-                     num_heads: int | None = None, loras=None) -> CheckpointInfo:
+                     num_heads: int | None = None, loras=None,
+                     calibration_progress: Callable[[int, int], None] | None = None) -> CheckpointInfo:
     """Turn a Wan2.1 T2V checkpoint into a MoGA checkpoint at `dst` (a new file).
 
     Routers come from `routers` (a router file: safetensors with blocks.{i}.self_attn.router.weight in
@@ -51,6 +52,7 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
     loras: [(file, strength), ...] merged before calibrating, so the routers fit the LoRA'd model; the
     written file keeps the base weights (give the same LoRAs when loading it) and records them in
     `moga.calibration_loras`.
+    progress(message): what it does next; calibration_progress(done, total): calibrate_routers' events.
     """
     say = progress or (lambda msg: None)
     dst = Path(dst)
@@ -85,7 +87,8 @@ def patch_checkpoint(src, dst, num_groups: int | None, window="0,2,2", routers=N
         weights = calibrate_routers(source.path if not isinstance(src, TensorSource) else src,
                                     num_groups, chosen, size=calibration_size, steps=calibration_steps,
                                     context=calibration_context, max_tokens=calibration_tokens, seed=seed,
-                                    device=device, dtype=dtype, num_heads=num_heads, loras=loras)
+                                    device=device, dtype=dtype, num_heads=num_heads, loras=loras,
+                                    progress=calibration_progress)
         fusion = fusion or "lse"
         warmup = CALIBRATED_DENSE_WARMUP if dense_warmup is None else dense_warmup
         cap = CALIBRATED_CAPACITY if capacity is None else capacity
@@ -148,10 +151,12 @@ def _router_weights(routers, cfg: WanConfig) -> dict[int, torch.Tensor]:
 def calibrate_routers(path, num_groups: int, layers: Iterable[int], size=(9, 30, 52), steps: int = 3,
                       context: torch.Tensor | None = None, max_tokens: int = 8192, seed: int = 0,
                       device="cpu", dtype=None, shift: float = 5.0, num_heads: int | None = None,
-                      model: WanModel | None = None, loras=None) -> dict[int, torch.Tensor]:
+                      model: WanModel | None = None, loras=None, progress=None) -> dict[int, torch.Tensor]:
     """Training-free routers: {layer: unit centroids [M, dim] float32} from k-means (cosine) of each
     layer's self-attention input tokens during a short, seeded, dense Euler pass of the model
-    (with `loras` merged: [(file, strength), ...])."""
+    (with `loras` merged: [(file, strength), ...]).
+    progress(done, total): after every block of every pass and every layer's k-means
+    (total = steps * num_layers + len(layers))."""
     model = model or load_model(path, device=device, dtype=dtype, num_heads=num_heads, loras=loras)
     cfg = model.config
     layers = sorted(set(int(i) for i in layers))
@@ -185,6 +190,8 @@ def calibrate_routers(path, num_groups: int, layers: Iterable[int], size=(9, 30,
         return grab
 
     handles = [model.blocks[i].self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
+    total = steps * len(model.blocks) + len(layers)
+    tick = progress or (lambda done, total: None)
     try:
         dense = model.moga_config.replace(dense=True)
         sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
@@ -193,12 +200,17 @@ def calibrate_routers(path, num_groups: int, layers: Iterable[int], size=(9, 30,
         lat = x.to(dev)
         for i in range(steps):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            v = model(lat, torch.tensor([s * 1000.0], device=dev), context.to(dev), moga=dense, **cond).float()
+            v = model(lat, torch.tensor([s * 1000.0], device=dev), context.to(dev), moga=dense, **cond,
+                      on_block=lambda b, nb, i=i: tick(i * nb + b, total)).float()
             lat = lat + (s_next - s) * v
     finally:
         for hd in handles:
             hd.remove()
-    return {i: spherical_kmeans(torch.cat(feats.pop(i)), num_groups, seed=seed + i).cpu() for i in layers}
+    out = {}
+    for j, i in enumerate(layers, 1):
+        out[i] = spherical_kmeans(torch.cat(feats.pop(i)), num_groups, seed=seed + i).cpu()
+        tick(steps * len(model.blocks) + j, total)
+    return out
 
 
 def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:

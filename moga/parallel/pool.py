@@ -43,7 +43,8 @@ from .group import NVLS_OFF, HostStore, WorkerError
 # what a worker's model load takes (see _load_model); loras: ((file, strength), ...) merged at load, so
 # every rank holds the same merged weights as a one-process run with the same LoRAs
 SETTINGS = {"dtype": None, "threads": None, "loras": ()}
-_NOT_JOB_KEYS = {"model", "callback", "cancel", "device", "dtype", "parallel", "return_result"}
+_NOT_JOB_KEYS = {"model", "callback", "cancel", "device", "dtype", "parallel", "return_result",
+                 "block_callback"}
 _POLL = 0.25  # seconds between liveness checks while waiting
 
 

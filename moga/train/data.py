@@ -345,13 +345,14 @@ class _ShardWriter:
 
 
 def prepare(source, out, vae, text_encoder, settings: PrepareSettings | None = None,
-            progress: bool = True, log: Callable[[str], None] | None = print,
+            progress: bool | Callable[[int, int], None] = True, log: Callable[[str], None] | None = print,
             encoder_names: dict | None = None) -> dict:
     """Encode every clip of `source` (folder or manifest) into shards in `out`; returns the index.
 
     vae: `encode(video [1, 3, T, H, W] in [-1, 1]) -> latent [1, C, F, H/8, W/8]`; text_encoder:
     `encode(list[str]) -> [Tensor [1, L, D]]` (moga.wan_io's, or a model's own). Bad clips are
     skipped and listed under "skipped" with the reason (and printed through `log`).
+    progress: True for a tqdm bar (stderr), or a callable (done, total) called after every clip.
     """
     settings = settings or PrepareSettings()
     say = log or (lambda msg: None)
@@ -364,14 +365,16 @@ def prepare(source, out, vae, text_encoder, settings: PrepareSettings | None = N
     samples = []
     dims: dict = {}
     bar = clips
-    if progress:
+    tick = progress if callable(progress) else (lambda done, total: None)
+    if progress is True:
         from tqdm import tqdm
         bar = tqdm(clips, desc="prepare", unit="clip")
-    for clip in bar:
+    for done, clip in enumerate(bar, 1):
         try:
             videos, plan = cut_clip(clip, settings)
         except BadClip as e:
             skipped.append((clip.name, str(e)))
+            tick(done, len(clips))
             continue
         latent, texts, shot_frames = encode_clip(videos, plan, vae, text_encoder, settings)
         dims.setdefault("latent_channels", latent.shape[0])
@@ -383,6 +386,7 @@ def prepare(source, out, vae, text_encoder, settings: PrepareSettings | None = N
         samples.append(dict(name=clip.name, shard=shard, key=key, shot_frames=list(shot_frames),
                             frames=list(plan.shot_frames), latent_shape=[c, f, h, w],
                             tokens=f * (h // PATCH[1]) * (w // PATCH[2]), captions=plan.prompts()))
+        tick(done, len(clips))
     writer.flush()
     for name, why in skipped:
         say(f"skipped {name}: {why}")
