@@ -1,22 +1,22 @@
 """Preflight: will this run fit? Estimate the memory of a sampling run before any weight is read, and
 refuse (with the estimate and what to change) a run that cannot fit or is past the hard limits.
 
-    est = estimate_memory(config, layout, device="cuda", dtype=torch.bfloat16, weight_bytes=...)
-    check_run(est, available_bytes(device))          # PreflightError (a ValueError) if it cannot fit
+    est = preflight(config, layout, device="cuda", dtype=torch.bfloat16, weight_bytes=...)
+    # PreflightError (a ValueError) with the estimate and the fix if it cannot fit; else the estimate
+    est = preflight_model(model, layout, device)     # the same for a loaded WanModel
 
 What is counted, per device (sequence parallel: each of P ranks holds ceil(N / P) tokens):
 - weights: every DiT parameter in the dtype it is held in (the file's, or the compute dtype the loader
   casts floating weights to; fp8 stays fp8);
-- activations: the largest of the phases of one block's forward (inference, the residual updated in
-  place), counted tensor by tensor from moga/model.py and moga/attention/ (`_phase_units`), in
-  units of tokens x dim, float32 (f) or compute-dtype (c) bytes each;
-- chunk workspaces: the FFN's [chunk, ffn_dim] hidden (twice: linear and GELU output) and its
-  modulated input, `WanModel.chunk_tokens` tokens at a time;
-- the head's output and the unpatchify copies (full N on every rank: the output is all-gathered);
-- the sampler's float32 latents (x, the two guidance outputs, the solver's history);
+- activations: the largest phase of one block's forward (inference: the residual is updated in
+  place), counted tensor by tensor from moga/model.py and moga/attention/ (`_block_units`: q/k/v and
+  RoPE, dense or MoGA's branches, the Ulysses all-to-all, in units of tokens x dim of float32 or
+  compute-dtype bytes), the FFN phase (its [chunk, ffn_dim] hidden, `WanModel.chunk_tokens` tokens at
+  a time) and the head phase (its output all-gathered to full N, and the unpatchify copies);
+- the sampler's float32 latents alive during a model call (x, the conditional output, UniPC's history).
 tests/test_preflight.py checks the estimate against torch's measured peak on the CPU (profiler
 memory timeline) and against the H100 figures of benchmarks/RESULTS.md ("DiT step", 1.3B and 14B at
-32k-262k tokens: the count is within -3% / +10% of them, lowest at the longest runs).
+32k-262k tokens, measured before moga.fused: the count is within 2% of them).
 
 Hard limits, whatever the memory: MAX_LATENT_FRAMES (Wan2.1 defines RoPE positions 0..1023 per axis;
 beyond, the trained model has never seen a position) and MAX_TOKENS (the varlen kernels index packed
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 MAX_LATENT_FRAMES = 1024           # Wan2.1's RoPE table: rope_params(1024, ...) per axis
 MAX_TOKENS = 2**31 - 1             # int32 cu_seqlens of the varlen attention kernels
 HEADROOM = 0.95                    # refuse above this share of the free memory (the count is
-                                   # up to 3% under the measured peaks)
+                                   # up to 2% under the measured peaks)
 TEMPORAL_RATIO = 4                 # Wan VAE: 4n + 1 frames -> n + 1 latent frames
 
 
