@@ -609,7 +609,8 @@ def cmd_generate(args) -> int:
         refused = None
         try:
             _preflight(info, plan.token_layout(width, height), device, dtype, world, moga,
-                       experts=2 if (found and not args.offload_expert) else 1)
+                       experts=2 if (found and not args.offload_expert) else 1, cfg=args.cfg,
+                       cfg_batch=args.cfg_batch)
         except ValueError as e:
             refused = e
         if exchange is not None:
@@ -748,18 +749,19 @@ def _groups_note(groups: int, capacity) -> str:
                               if capacity else ")")
 
 
-def _preflight(info, layout, device, dtype, world: int, moga, experts: int = 1):
+def _preflight(info, layout, device, dtype, world: int, moga, experts: int = 1, cfg=None, cfg_batch=None):
     """Refuse, before any weight is read, a run past the hard limits or beyond the device's free
     memory (moga.preflight; the message holds the estimate and the fix). experts: expert models held
     on the device at once (an A14B pair without --offload-expert: 2)."""
-    from .preflight import PreflightError, available_bytes, preflight, weight_bytes
+    from .preflight import PreflightError, available_bytes, guidance_batch, preflight, weight_bytes
     available = available_bytes(device)
     if available is not None and device.type == "cpu":
         available //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # ranks of one host share its RAM
     try:
         return preflight(info.config, layout, device=device, dtype=dtype,
                          weight_bytes=experts * weight_bytes(info, dtype), world_size=world,
-                         moga=bool(info.moga) and not moga.dense, available=available)
+                         moga=bool(info.moga) and not moga.dense, available=available,
+                         batch=guidance_batch(device.type, layout.num_tokens, world, cfg, cfg_batch))
     except PreflightError as e:
         if experts > 1 and "Fix:" in str(e):
             raise PreflightError(f"{e}; or --offload-expert (one expert on the device at a time)") from None

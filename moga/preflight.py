@@ -106,11 +106,12 @@ def _block_units(c: int, f: int, *, moga: bool, parallel: bool, varlen: bool, fu
 def estimate_memory(config, num_tokens: int, latent_frames: int, *, device_type: str, dtype,
                     weight_bytes: int, world_size: int = 1, moga: bool = True, varlen: bool | None = None,
                     fused_elementwise: bool | None = None, latent_numel: int | None = None,
-                    chunk_tokens: int = 16384) -> MemoryEstimate:
+                    chunk_tokens: int = 16384, batch: int = 1) -> MemoryEstimate:
     """The peak memory of one device during sampling. config: a WanConfig (or its dict);
     dtype: the compute dtype; weight_bytes: bytes of the weights as held on the device; varlen:
     whether the attention runs a varlen kernel (default: on CUDA in 16-bit, as `auto` picks);
-    fused_elementwise: moga.fused's Triton passes run (default: on CUDA when Triton is there)."""
+    fused_elementwise: moga.fused's Triton passes run (default: on CUDA when Triton is there);
+    batch: 2 when both guidance branches run as one batch (`guidance_batch`)."""
     import torch
     get = (lambda k: config[k]) if isinstance(config, dict) else (lambda k: getattr(config, k))
     dim, ffn = int(get("dim")), int(get("ffn_dim"))
@@ -136,12 +137,12 @@ def estimate_memory(config, num_tokens: int, latent_frames: int, *, device_type:
     phases["ffn"] = f * dim * n_local + chunk * (dim * (f + c) + 2 * ffn * c)
     # head: its float32 output [N, out_dim * patch] (all-gathered to full N) and two unpatchify copies
     phases["head"] = f * dim * n_local + 3 * n * out_dim * patch * 4
-    activations = max(phases.values()) + rope
+    activations = int(batch) * max(phases.values()) + rope
     if latent_numel is None:
         latent_numel = n * patch * int(get("in_dim"))
     # sampler, float32, alive during a model call: x, the conditional output during the
     # unconditional pass, UniPC's two data predictions and its previous x
-    latent = 5 * latent_numel * 4
+    latent = (5 + int(batch) - 1) * latent_numel * 4  # (a batch of 2 also holds the doubled input)
     return MemoryEstimate(device_type, p, n, int(latent_frames), int(weight_bytes), int(activations),
                           int(latent))
 
@@ -229,9 +230,21 @@ def check_run(est: MemoryEstimate, available: int | None, *, can_add_devices: bo
     return est
 
 
+def guidance_batch(device_type: str, num_tokens: int, world_size: int = 1, cfg=None, cfg_batch=None) -> int:
+    """2 where `moga.sampling.sample` runs both guidance branches as one batch (its cfg_batch rule:
+    asked for, or by default on one GPU up to CFG_BATCH_MAX_TOKENS tokens), else 1. cfg None:
+    unknown (the checkpoint's default): counted as guided."""
+    from .sampling import CFG_BATCH_MAX_TOKENS
+    if cfg is not None and all(float(c) == 1.0 for c in (cfg if isinstance(cfg, (tuple, list)) else (cfg,))):
+        return 1
+    if cfg_batch is not None:
+        return 2 if cfg_batch else 1
+    return 2 if (device_type == "cuda" and world_size == 1 and num_tokens <= CFG_BATCH_MAX_TOKENS) else 1
+
+
 def preflight(config, layout, *, device, dtype, weight_bytes: int, world_size: int = 1, moga: bool = True,
               available: int | None = -1, resident: int = 0, can_add_devices: bool = True,
-              chunk_tokens: int = 16384) -> MemoryEstimate:
+              chunk_tokens: int = 16384, batch: int = 1) -> MemoryEstimate:
     """estimate_memory + check_run for a TokenLayout on `device`. available=-1: ask the device
     (available_bytes). resident: bytes of this run's weights already on the device (they count as
     free: the run reuses them)."""
@@ -239,7 +252,7 @@ def preflight(config, layout, *, device, dtype, weight_bytes: int, world_size: i
     device = torch.device(device)
     est = estimate_memory(config, layout.num_tokens, layout.frames, device_type=device.type, dtype=dtype,
                           weight_bytes=weight_bytes, world_size=world_size, moga=moga,
-                          chunk_tokens=chunk_tokens)
+                          chunk_tokens=chunk_tokens, batch=batch)
     if available == -1:
         available = available_bytes(device)
     if available is not None:
@@ -253,7 +266,7 @@ def model_bytes(model) -> int:
 
 
 def preflight_model(model, layout, device, *, world_size: int = 1, moga_config=None, available: int | None = -1,
-                    can_add_devices: bool = True) -> MemoryEstimate:
+                    can_add_devices: bool = True, batch: int = 1) -> MemoryEstimate:
     """`preflight` for a loaded WanModel about to run on `device` (its weights move there as they are).
     Weights already on `device` count as free (the run reuses them)."""
     import torch
@@ -266,7 +279,8 @@ def preflight_model(model, layout, device, *, world_size: int = 1, moga_config=N
                            (on_device.index or 0) == (device.index or 0)) else 0
     return preflight(model.config, layout, device=device, dtype=model._compute_dtype(), weight_bytes=weights,
                      world_size=world_size, moga=moga, available=available, resident=resident,
-                     can_add_devices=can_add_devices, chunk_tokens=getattr(model, "chunk_tokens", 16384))
+                     can_add_devices=can_add_devices, chunk_tokens=getattr(model, "chunk_tokens", 16384),
+                     batch=batch)
 
 
 # ---- how long a model call takes, roughly: when a step deserves progress inside it --------------

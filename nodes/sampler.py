@@ -66,10 +66,11 @@ def _previewer(channels: int, device):
         return None
 
 
-def _check_fits(net, layout, device, moga_config, workers_loaded: bool = False) -> None:
+def _check_fits(net, layout, device, moga_config, workers_loaded: bool = False, cfg=None) -> None:
     """moga.preflight before any work is dispatched: a clear error (estimate and fix), not an OOM.
     `device`: one device, or the pool's list (each GPU holds the weights and 1/P of the tokens)."""
-    from moga.preflight import PreflightError, available_bytes, model_bytes, preflight_model
+    import torch
+    from moga.preflight import PreflightError, available_bytes, guidance_batch, model_bytes, preflight_model
 
     devices = device if isinstance(device, list) else [device]
     available = -1  # one device: preflight asks it (and counts weights already there as free)
@@ -79,8 +80,9 @@ def _check_fits(net, layout, device, moga_config, workers_loaded: bool = False) 
         if available is not None and workers_loaded:
             available += model_bytes(net)  # the pool's workers already hold the weights
     try:
+        batch = guidance_batch(torch.device(devices[0]).type, layout.num_tokens, len(devices), cfg)
         preflight_model(net, layout, devices[0], world_size=len(devices), moga_config=moga_config,
-                        available=available)
+                        available=available, batch=batch)
     except PreflightError as e:
         raise ValueError(f"{NODE}: {e}") from None
 
@@ -200,7 +202,7 @@ class MoGASampler(io.ComfyNode):
             mm.unload_all_models()
             mm.soft_empty_cache()
         net = model.model
-        _check_fits(net, layout, device, model.moga)
+        _check_fits(net, layout, device, model.moga, cfg=common["cfg"])
         try:
             net.to(device)
             with torch.inference_mode():

@@ -174,3 +174,15 @@ def test_cli_refuses_a_run_beyond_the_free_memory(tiny_own, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "needs about" in err and "in RAM" in err and "Fix: fewer frames or a smaller size" in err
+
+
+def test_a_guidance_batch_doubles_the_activations_where_sample_batches():
+    from moga.preflight import guidance_batch
+    from moga.sampling import CFG_BATCH_MAX_TOKENS
+    assert guidance_batch("cuda", CFG_BATCH_MAX_TOKENS) == 2 and guidance_batch("cuda", CFG_BATCH_MAX_TOKENS + 1) == 1
+    assert guidance_batch("cpu", 1000) == 1 and guidance_batch("cuda", 1000, world_size=2) == 1
+    assert guidance_batch("cuda", 1000, cfg=1.0) == 1 and guidance_batch("cpu", 10**6, cfg_batch=True) == 2
+    cfg = WanConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=6)
+    one, two = (estimate_memory(cfg, 4096, 4, device_type="cpu", dtype=torch.float32, weight_bytes=0, batch=b)
+                for b in (1, 2))
+    assert 1.9 < two.activations / one.activations < 2.0  # all but the shared RoPE table doubles
