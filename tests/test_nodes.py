@@ -493,8 +493,8 @@ def test_sampler_refuses_a_run_that_cannot_fit_before_any_step(env, monkeypatch)
     original = model.model.forward
     model.model.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
-        long = shots(env, model=model, clip=FakeClip(TEXT_DIM), text="a cat walks [100001]")
-        with pytest.raises(ValueError, match=r"MoGA Sampler: the video has 25,001 latent frames.*iB.*Fix:"):
+        long = shots(env, model=model, clip=FakeClip(TEXT_DIM), text="a cat walks [1601]\nit sits [1601]\nit runs [1601]")
+        with pytest.raises(ValueError, match=r"MoGA Sampler: the video has 1,203 latent frames.*iB.*Fix:"):
             run(env.nodes.MoGASampler, model=model, shots=long, **SAMPLER)
         sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
         monkeypatch.setattr(moga.preflight, "available_bytes", lambda device: 0)

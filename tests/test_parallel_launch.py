@@ -152,10 +152,11 @@ def _bad_args(model, tmp_path, *extra):
 
 @pytest.mark.parametrize("case,match", [
     ("groups", "--groups 9 is more than the checkpoint's 3"),      # refused before the group is joined
-    ("frames", "25,003 latent frames"),                            # refused by the preflight, in the group
+    ("frames", "1,205 latent frames"),                             # refused by the preflight, in the group
 ])
 def test_a_user_error_is_printed_once_and_every_rank_exits_2(model_path, tmp_path, case, match):
-    extra = ["--groups", "9"] if case == "groups" else ["--prompt", "[100001] a long shot"]
+    extra = ["--groups", "9"] if case == "groups" else ["--prompt", "[1601] one", "--prompt", "[1601] two",
+                                                          "--prompt", "[1601] three"]
     codes, errs = _finish(_start_ranks(tmp_path, _bad_args(model_path, tmp_path, *extra)))
     assert codes == [2, 2], errs
     assert errs[0].count("moga: error:") == 1 and match in errs[0], errs[0]

@@ -153,14 +153,15 @@ def _no_load(monkeypatch):
     monkeypatch.setattr(ckpt, "load_model", load_model)
 
 
-def test_cli_refuses_a_shot_of_100001_frames_up_front(tiny_own, tmp_path, monkeypatch, capsys):
+def test_cli_refuses_a_video_past_the_frame_limit_up_front(tiny_own, tmp_path, monkeypatch, capsys):
     from moga.cli import main
     _no_load(monkeypatch)
-    rc = main(["generate", "--model", str(tiny_own), "--prompt", "[100001] a long shot", "--device", "cpu",
-               "--steps", "1", "--out", str(tmp_path / "x.mp4"), "--quiet"])
+    rc = main(["generate", "--model", str(tiny_own), "--prompt", "[1601] one", "--prompt", "[1601] two",
+               "--prompt", "[1601] three", "--device", "cpu", "--steps", "1", "--out", str(tmp_path / "x.mp4"),
+               "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert "25,001 latent frames" in err and "GiB" in err and "Fix:" in err
+    assert "1,203 latent frames" in err and "GiB" in err and "Fix: shorten the shots" in err
     assert not (tmp_path / "x.mp4").exists()
 
 
