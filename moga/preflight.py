@@ -28,7 +28,8 @@ import math
 import os
 from dataclasses import dataclass
 
-MAX_LATENT_FRAMES = 1024           # Wan2.1's RoPE table: rope_params(1024, ...) per axis
+from .shots import MAX_LATENT_FRAMES  # (Wan2.1's RoPE table: rope_params(1024, ...) per axis)
+
 MAX_TOKENS = 2**31 - 1             # int32 cu_seqlens of the varlen attention kernels
 HEADROOM = 0.95                    # refuse above this share of the free memory (the count is
                                    # up to 2% under the measured peaks)

@@ -39,9 +39,12 @@ SPATIAL_RATIO = 8   # Wan VAE: 8x8 pixels per latent pixel
 PATCH = (1, 2, 2)   # Wan DiT: latent frames x rows x cols per token
 DEFAULT_FPS = 16    # Wan2.1's sample_fps
 DEFAULT_SECONDS = 5.0  # 81 frames at 16 fps, Wan2.1's default clip
-# A hard bound per shot (10 minutes at 16 fps, 2401 latent frames): far past what any device holds
-# (memory is checked before sampling), it turns a typo like [100001] into an error instead of a run.
-MAX_SHOT_FRAMES = 9601
+# A hard bound on a story's latent frames: Wan2.1 defines RoPE positions 0..1023 per axis (rope_params(1024));
+# moga.preflight refuses a whole video past it. A shot gets the same bound (4,093 frames, 4.3 min at 16 fps),
+# so every length an error suggests is also a length the preflight accepts; it turns a typo like [100001]
+# into an error instead of a run (memory is checked before sampling).
+MAX_LATENT_FRAMES = 1024
+MAX_SHOT_FRAMES = (MAX_LATENT_FRAMES - 1) * TEMPORAL_RATIO + 1
 
 
 def is_valid_frames(frames: int, temporal_ratio: int = TEMPORAL_RATIO) -> bool:
@@ -70,7 +73,7 @@ def check_frames(frames, temporal_ratio: int = TEMPORAL_RATIO, what: str = "shot
     if frames > MAX_SHOT_FRAMES:
         raise ValueError(
             f"{what} length {frames} frames is over the limit of {MAX_SHOT_FRAMES} frames per shot "
-            f"({(MAX_SHOT_FRAMES - 1) / DEFAULT_FPS / 60:g} min at {DEFAULT_FPS} fps): use at most "
+            f"({(MAX_SHOT_FRAMES - 1) / DEFAULT_FPS / 60:.1f} min at {DEFAULT_FPS} fps): use at most "
             f"{nearest_valid_frames(frames, temporal_ratio)[0]} frames, or split it into several shots")
     if not is_valid_frames(frames, temporal_ratio):
         near = " or ".join(str(v) for v in nearest_valid_frames(frames, temporal_ratio))
