@@ -383,3 +383,36 @@ def test_command_line_trains_and_writes_a_moga_checkpoint(world, tmp_path, capsy
     assert (out / "state" / "latest").is_file()
     assert main(["wan", "--model", str(world["ckpt"]), "--data", str(tmp_path), "--out", str(out)]) == 2
     assert "no index.json" in capsys.readouterr().err
+
+
+def test_routers_out_writes_the_trained_routers_with_the_base_fingerprint(world, tmp_path, capsys):
+    from moga.checkpoint import compare_fingerprint, read_routers
+    from moga.checkpoint.layouts import canonical_key, detect_layout
+    out, dst = tmp_path / "run", tmp_path / "trained_routers.safetensors"
+    rc = main(["wan", "--model", str(world["ckpt"]), "--data", str(world["shards"]), "--out", str(out),
+               "--mode", "routers", "--steps", "2", "--dtype", "float32", "--groups", "3", "--quiet",
+               "--routers-out", str(dst)])
+    assert rc == 0 and dst.is_file()
+    rs = read_routers(dst)
+    trained = TensorSource(out / "moga.safetensors")
+    layout = detect_layout(trained.keys())
+    want = {int(c.split(".")[1]): trained.get(k) for k in trained.keys()
+            if (c := canonical_key(k, layout)) and c.endswith(".self_attn.router.weight")}
+    assert rs.kind == "routers" and rs.num_groups == 3 and set(rs.weights) == set(want) and want
+    for i, w in want.items():
+        assert torch.equal(rs.weights[i], w.float()), i
+    base = TensorSource(world["ckpt"])
+    by_canon = {canonical_key(k, detect_layout(base.keys())): k for k in base.keys()}
+    assert compare_fingerprint(rs.fingerprint, lambda n: base.get(by_canon[n]).float())[0] == "same"
+    assert rs.fingerprint["source"] == world["ckpt"].name
+    other = write_tiny_checkpoint(tmp_path / "other.safetensors", layout="comfyui", text_dim=TEXT_DIM, seed=7)
+    ob = TensorSource(other)
+    oc = {canonical_key(k, "comfyui"): k for k in ob.keys()}
+    assert compare_fingerprint(rs.fingerprint, lambda n: ob.get(oc[n]).float())[0] == "different"
+    # an existing file is refused before any training, and left as it was
+    before = dst.read_bytes()
+    capsys.readouterr()
+    rc = main(["wan", "--model", str(world["ckpt"]), "--data", str(world["shards"]), "--out", str(tmp_path / "r2"),
+               "--steps", "2", "--dtype", "float32", "--quiet", "--routers-out", str(dst)])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    assert dst.read_bytes() == before and not (tmp_path / "r2").exists()

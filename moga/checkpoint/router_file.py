@@ -193,6 +193,16 @@ def calibrate_router_file(src, dst, num_groups: int, layers=None, window="0,2,2"
     return read_routers(dst)
 
 
+def file_fingerprint(path) -> dict | None:
+    """The fingerprint of a checkpoint file's base weights (any key layout; None when it has no Wan blocks)."""
+    path = Path(path)
+    source = TensorSource(path)
+    try:
+        return _own_fingerprint(source, detect_layout(source.keys()) or "wan", path.name)
+    finally:
+        source.close()
+
+
 def _own_fingerprint(source: TensorSource, layout: str, name: str) -> dict | None:
     by_canon = {canonical_key(k, layout): k for k in source.keys()}
     blocks = {int(c.split(".")[1]) for c in by_canon if c and c.startswith("blocks.")}
@@ -210,4 +220,5 @@ def _own_fingerprint(source: TensorSource, layout: str, name: str) -> dict | Non
 
 
 __all__ = ["RouterSet", "read_routers", "write_routers", "calibrate_router_file", "make_fingerprint",
+           "file_fingerprint",
            "compare_fingerprint", "tensor_probe", "fingerprint_keys", "PROBE_MATCH"]

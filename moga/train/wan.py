@@ -26,7 +26,9 @@ Output: `OUT/moga.safetensors`, a MoGA checkpoint in the input's key layout: the
 (byte-copied where training did not change them), the routers, trained or LoRA-merged weights in the
 input's dtype, and metadata `moga.fusion = mean` (trained routers) plus `moga.train` (a JSON record of
 the run). `--lora-output separate` keeps the base weights and writes `OUT/lora.safetensors`
-(ComfyUI's LoRA key names) instead of merging.
+(ComfyUI's LoRA key names) instead of merging. `--routers-out FILE` also writes only the trained
+routers as a router file (moga.checkpoint.router_file, with the fingerprint of `--model`), for ComfyUI's
+MoGA Router Loader on core's own model.
 
 Shared with the demo model's generic trainer (moga.train.trainer): the objective (`shift_sigma`, the
 balance loss) and the on-disk state format (moga.train.state). Its own loop adds what a Wan checkpoint
@@ -694,6 +696,25 @@ class WanTrainer:
         self._barrier()
         return path
 
+    def export_routers(self, path) -> Path | None:
+        """Write only the trained routers as a router file (rank 0; None on other ranks), with the fingerprint
+        of the source checkpoint the run started from, for core's model through the MoGA Router Loader.
+        In lora/full mode the routers were trained with changed weights: use them with the exported model
+        (or the LoRA) on top of that base."""
+        from ..checkpoint.router_file import file_fingerprint, write_routers
+        weights, _ = self._full_state()   # collective under FSDP: every rank calls it
+        if not self.is_main:
+            self._barrier()
+            return None
+        if self.source is None:
+            raise ValueError("export_routers needs the source checkpoint (WanTrainer(..., source=path))")
+        suffix = ".self_attn.router.weight"
+        routers = {int(n.split(".")[1]): w for n, w in weights.items() if n.endswith(suffix)}
+        path = write_routers(path, routers, self.moga.replace(num_groups=self.num_groups), 0.0,
+                             file_fingerprint(self.source))
+        self._barrier()
+        return path
+
     def record(self, lora_output: str) -> dict:
         """The `moga.train` metadata: what this run was."""
         import moga
@@ -795,6 +816,9 @@ def _wan_parser(sub) -> None:
     p.add_argument("--backend", default=d.backend, help="varlen attention kernel")
     p.add_argument("--device", default=None)
     p.add_argument("--output", default=None, help=f"checkpoint path (default OUT/{OUTPUT_NAME})")
+    p.add_argument("--routers-out", default=None,
+                   help="also write only the trained routers here (a router file with the fingerprint of "
+                        "--model), for ComfyUI's MoGA Router Loader on core's own model; must not exist")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -837,11 +861,18 @@ def cmd_wan(args) -> int:
     main_rank = not distributed or torch.distributed.get_rank() == 0
     log = print if (main_rank and not args.quiet) else None
     try:
+        if args.routers_out is not None:  # before training: a bad path must not cost the run
+            _check_routers_out(args.routers_out, args.model)
         data = ShardDataset(args.data)
         trainer = WanTrainer.from_checkpoint(args.model, data, settings, args.out, device=args.device,
                                              log=log, progress=main_rank and not args.quiet)
         trainer.run()
         path = trainer.export(args.output)
+        routers = trainer.export_routers(args.routers_out) if args.routers_out is not None else None
+        if routers is not None and log:
+            from ..checkpoint.moga_format import format_layers
+            print(f"wrote {routers} (routers of layers {format_layers(trainer.layers)}, "
+                  f"{trainer.num_groups} groups)")
         if path is not None and log:
             last = trainer.history[-1].to_json() if trainer.history else {}
             print(f"wrote {path} (step {trainer.step}, loss {last.get('loss', float('nan')):.4f}, "
@@ -850,6 +881,15 @@ def cmd_wan(args) -> int:
         if distributed:
             torch.distributed.destroy_process_group()
     return 0
+
+
+def _check_routers_out(path, model) -> None:
+    from ..outputs import check_output
+    if Path(path).exists():  # the train command has no --overwrite: never replace a file
+        raise ValueError(f"--routers-out {path} already exists: choose another name (or delete it first)")
+    check_output(path, "safetensors", overwrite=False, flag="--routers-out")
+    if Path(path).resolve() == Path(model).resolve():
+        raise ValueError(f"--routers-out {path} is the --model checkpoint: write the routers to a new file")
 
 
 def main(argv=None) -> int:
