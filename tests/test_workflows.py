@@ -21,7 +21,10 @@ UI_FILES = sorted(WF.glob("*.json"))
 API_FILES = sorted((WF / "api").glob("*.json"))
 ALLOWED_CORE = {"CLIPLoader", "VAELoader", "CreateVideo", "SaveVideo",
                 # the patch path: core's own model pipeline (in both snapshots)
-                "UNETLoader", "LoraLoaderModelOnly", "ModelSamplingSD3", "KSampler"}
+                "UNETLoader", "LoraLoaderModelOnly", "ModelSamplingSD3", "KSampler",
+                # Wan2.2's expert switch and the I2V graph (in both snapshots too)
+                "KSamplerAdvanced", "CLIPTextEncode", "LoadImage", "CLIPVisionLoader", "CLIPVisionEncode",
+                "WanImageToVideo", "VAEDecode"}
 VERSIONS = wc.snapshot_versions()
 
 

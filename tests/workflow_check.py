@@ -31,9 +31,10 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 # what the user has downloaded.
 FILE_INPUTS = {("CLIPLoader", "clip_name"), ("VAELoader", "vae_name"), ("UNETLoader", "unet_name"),
                ("MoGAModelLoader", "ckpt_name"), ("MoGALora", "lora_name"), ("MoGARouterLoader", "routers_name"),
-               ("LoraLoaderModelOnly", "lora_name")}
+               ("LoraLoaderModelOnly", "lora_name"), ("CLIPVisionLoader", "clip_name"), ("LoadImage", "image")}
 CORE_NODE_NAMES = ["CLIPLoader", "VAELoader", "CreateVideo", "SaveVideo", "UNETLoader", "VAEDecode", "KSampler",
-                   "ModelSamplingSD3", "LoraLoaderModelOnly"]
+                   "ModelSamplingSD3", "LoraLoaderModelOnly", "KSamplerAdvanced", "LoadImage", "CLIPVisionLoader",
+                   "CLIPVisionEncode", "WanImageToVideo", "CLIPTextEncode"]
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
 
