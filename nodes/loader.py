@@ -19,6 +19,7 @@ ATTENTION_BACKENDS = ("auto", "fa4", "flash_attn", "sdpa", "torch")
 # Weights are safetensors only: pickle files can run code when loaded.
 EXTENSIONS = {".safetensors", ".sft"}
 CACHE_SIZE = 1  # a Wan 14B is ~28 GB: keep one model, so switching files frees the old one
+NO_LOW = "none"  # low_noise_model: one model, not a Wan2.2 A14B pair
 
 
 def _library_demo_folder() -> str | None:
@@ -48,19 +49,19 @@ def checkpoint_names() -> list[str]:
     return sorted(names)
 
 
-def resolve(name: str) -> str:
+def resolve(name: str, input_name: str = "ckpt_name") -> str:
     if not isinstance(name, str) or not name:
-        raise input_error(NODE, "ckpt_name", "no checkpoint chosen",
+        raise input_error(NODE, input_name, "no checkpoint chosen",
                           "put a .safetensors file in ComfyUI/models/diffusion_models/ or models/moga/, then press R "
                           "to refresh the list")
     if os.path.splitext(name)[1].lower() not in EXTENSIONS:
-        raise input_error(NODE, "ckpt_name", f"{name!r} is not a .safetensors file (pickle checkpoints can run "
+        raise input_error(NODE, input_name, f"{name!r} is not a .safetensors file (pickle checkpoints can run "
                           "code and are not loaded)", "convert it to safetensors or pick a .safetensors file")
     for folder in (MOGA_FOLDER, "diffusion_models"):
         path = folder_paths.get_full_path(folder, name)
         if path is not None:
             return path
-    raise input_error(NODE, "ckpt_name", f"{name!r} is in neither models/diffusion_models/ nor models/moga/",
+    raise input_error(NODE, input_name, f"{name!r} is in neither models/diffusion_models/ nor models/moga/",
                       "put the file there and press R to refresh, or pick one from the list")
 
 
@@ -82,13 +83,18 @@ class _ModelCache:
         self.loads = 0  # how many times a file was actually read (tests check the cache with it)
 
     @staticmethod
-    def key(path: str, dtype, loras=()) -> tuple:
+    def key(path: str, dtype, loras=(), pair=None) -> tuple:
         st = os.stat(path)
         lora_key = tuple((os.path.realpath(f), s, os.stat(f).st_mtime_ns) for f, s in loras)
-        return (os.path.realpath(path), st.st_size, st.st_mtime_ns, str(dtype), lora_key)
+        pair_key = None
+        if pair is not None:  # (low-noise file, boundary, offload): a different pair is a different model
+            low, boundary, offload = pair
+            lst = os.stat(low)
+            pair_key = (os.path.realpath(low), lst.st_size, lst.st_mtime_ns, boundary, bool(offload))
+        return (os.path.realpath(path), st.st_size, st.st_mtime_ns, str(dtype), lora_key, pair_key)
 
-    def get(self, path: str, dtype, load, loras=()):
-        key = self.key(path, dtype, loras)
+    def get(self, path: str, dtype, load, loras=(), pair=None):
+        key = self.key(path, dtype, loras, pair)
         with self.lock:
             if key in self.models:
                 self.models.move_to_end(key)
@@ -96,7 +102,7 @@ class _ModelCache:
             # drop the oldest before loading, so two big models are not held at once for nothing
             while len(self.models) >= self.size:
                 self.models.popitem(last=False)
-            model = load(path, dtype, loras)
+            model = load(path, dtype, loras) if pair is None else load(path, dtype, loras, pair)
             self.loads += 1
             self.models[key] = model
             return model
@@ -118,6 +124,18 @@ def _load(path, dtype, loras=()):
     model = load_model(path, device="cpu", dtype=dtype, loras=list(loras))
     model.eval().requires_grad_(False)
     return model
+
+
+def _load_pair(path, dtype, loras, pair):
+    """A Wan2.2 A14B ExpertPair: `path` the high-noise expert, pair = (low-noise file, boundary or None,
+    offload). The LoRAs go to both experts (a LoRA made for one expert only: chain it on a second loader)."""
+    from moga.checkpoint import load_experts
+    low, boundary, offload = pair
+    experts = load_experts(path, low, boundary=boundary, offload=offload, device="cpu", dtype=dtype,
+                           loras=list(loras), loras_low=list(loras))
+    for net in (experts.high, experts.low):
+        net.eval().requires_grad_(False)
+    return experts
 
 
 class MoGAModelLoader(io.ComfyNode):
@@ -142,41 +160,71 @@ class MoGAModelLoader(io.ComfyNode):
                                        "(flash-attn 4 > flash-attn 2 > torch varlen > SDPA per group)."),
                 MogaLoras.Input("loras", optional=True,
                                 tooltip="LoRAs from MoGA LoRA nodes, merged into the weights as the file loads "
-                                        "(the multi-GPU workers load the same)."),
+                                        "(the multi-GPU workers load the same); a Wan2.2 pair: both experts get them."),
+                io.Combo.Input("low_noise_model", options=[NO_LOW] + checkpoint_names(), default=NO_LOW,
+                               optional=True,
+                               tooltip="Wan2.2 A14B: the low-noise expert file (then ckpt_name is the high-noise "
+                                       "one). The two run as one model, switching at the boundary."),
+                io.Float.Input("boundary", default=0.0, min=0.0, max=0.999, step=0.005, round=0.001,
+                               optional=True,
+                               tooltip="Wan2.2 A14B: where the low-noise expert takes over, a fraction of the "
+                                       "timestep range. 0: Wan2.2's own (0.875 text-to-video, 0.9 image-to-video)."),
+                io.Boolean.Input("offload_expert", default=False, optional=True,
+                                 tooltip="Wan2.2 A14B: keep the expert not in use on the CPU, so only one is on "
+                                         "the GPU (costs one copy of each expert per run)."),
             ],
             outputs=[MogaModel.Output(display_name="model")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, ckpt_name, weight_dtype, attention_backend, loras=None):
+    def fingerprint_inputs(cls, ckpt_name, weight_dtype, attention_backend, loras=None, low_noise_model=NO_LOW,
+                           boundary=0.0, offload_expert=False):
         try:
             path = resolve(ckpt_name)
+            low = None if low_noise_model in (None, "", NO_LOW) else resolve(low_noise_model, "low_noise_model")
             return (path, os.path.getmtime(path), weight_dtype, attention_backend,
-                    tuple((f, s, os.path.getmtime(f)) for f, s in loras or ()))
+                    tuple((f, s, os.path.getmtime(f)) for f, s in loras or ()),
+                    low, low and os.path.getmtime(low), boundary, offload_expert)
         except (ValueError, OSError):
             return float("nan")  # never equal: the error shows again on the next run
 
     @classmethod
-    def execute(cls, ckpt_name, weight_dtype="default", attention_backend="auto", loras=None) -> io.NodeOutput:
+    def execute(cls, ckpt_name, weight_dtype="default", attention_backend="auto", loras=None,
+                low_noise_model=NO_LOW, boundary=0.0, offload_expert=False) -> io.NodeOutput:
         path = resolve(ckpt_name)
+        pair = None
+        if low_noise_model not in (None, "", NO_LOW):
+            low = resolve(low_noise_model, "low_noise_model")
+            if os.path.realpath(low) == os.path.realpath(path):
+                raise input_error(NODE, "low_noise_model", "is the same file as ckpt_name",
+                                  "pick the high-noise expert in ckpt_name and the low-noise one here")
+            if not 0.0 <= float(boundary) < 1.0:
+                raise input_error(NODE, "boundary", f"{boundary} is outside 0..1",
+                                  "use 0 (Wan2.2's own) or a fraction like 0.875")
+            pair = (low, float(boundary) or None, bool(offload_expert))
         dtype = torch_dtype(weight_dtype)
         if attention_backend not in ATTENTION_BACKENDS:
             raise input_error(NODE, "attention_backend", f"unknown backend {attention_backend!r}",
                               f"pick one of {', '.join(ATTENTION_BACKENDS)}")
         loras = tuple((str(f), float(s)) for f, s in loras or ())
         try:
-            model = CACHE.get(path, dtype, _load, loras)
+            model = CACHE.get(path, dtype, _load_pair if pair else _load, loras, pair)
         except (ValueError, OSError) as e:
             if loras and "LoRA" in str(e):
                 raise input_error(NODE, "loras", f"a LoRA could not be merged into {ckpt_name!r}: {e}",
                                   "pick a LoRA made for this model, or remove the MoGA LoRA node") from e
+            if pair:
+                raise input_error(NODE, "low_noise_model", f"{ckpt_name!r} + {low_noise_model!r} could not be "
+                                  f"loaded as a Wan2.2 A14B pair: {e}",
+                                  "pick the high- and low-noise files of one Wan2.2 A14B model") from e
             raise input_error(NODE, "ckpt_name", f"{ckpt_name!r} could not be loaded: {e}",
-                              "pick a Wan2.1-architecture text-to-video checkpoint") from e
+                              "pick a Wan2.1/Wan2.2-architecture checkpoint") from e
         moga = model.moga_config.replace(backend=attention_backend)
+        first = getattr(model, "high", model)  # an expert pair: the high-noise expert answers for both
         # None lets the sampler compute in the checkpoint's dtype (fp8 files: bf16)
-        compute = dtype if dtype is not None else getattr(model, "compute_dtype", None)
+        compute = dtype if dtype is not None else getattr(first, "compute_dtype", None)
         return io.NodeOutput(MoGAModelHandle(model=model, name=ckpt_name, path=path, dtype=compute, moga=moga,
-                                             dense_warmup=float(getattr(model, "dense_warmup", 0.0) or 0.0),
+                                             dense_warmup=float(getattr(first, "dense_warmup", 0.0) or 0.0),
                                              loras=loras))
 
 

@@ -10,6 +10,8 @@ from .common import (CATEGORY, LATENT_FPS, LATENT_SHOT_FRAMES, MoGAModelHandle, 
 
 NODE = "MoGA Sampler"
 SOLVERS = ("unipc", "euler")  # moga.sampling.SOLVERS (tests keep them in step)
+SCHEDULES = ("wan", "distill")  # moga.sampling.SCHEDULES
+ONE_GPU_ONLY = "image-to-video / expert pairs run on one GPU in this version"
 POOL_TIMEOUT_S = 24 * 3600.0   # a worker that says nothing for this long is treated as dead
 
 
@@ -87,6 +89,67 @@ def _check_fits(net, layout, device, moga_config, workers_loaded: bool = False, 
         raise ValueError(f"{NODE}: {e}") from None
 
 
+def _host_vae_encoder(vae):
+    """ComfyUI's VAE as `moga.wan_image_io.encode_start_images` wants it: [1, 3, T, H, W] in -1..1 -> the model's
+    (normalised) latent. The host's encode() takes [T, H, W, 3] in 0..1 and returns the raw latent; core's Wan
+    model normalises it with the Wan21 latent format, as done here."""
+    import comfy.latent_formats
+
+    class Encoder:
+        z_dim = None  # the host's VAE does not say; a wrong VAE shows as a shape error in image_condition
+
+        @staticmethod
+        def encode(x):
+            pixels = ((x[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
+            return comfy.latent_formats.Wan21().process_in(vae.encode(pixels).float().cpu())
+    return Encoder()
+
+
+def image_condition_of(model, shots, latent_size, start_image, vae, clip_vision_output, width, height):
+    """The moga ImageCondition of shot 1's start image (None: text-to-video), or a clear error."""
+    config = getattr(model.model, "config", None)
+    kind = getattr(config, "conditioning", "none")
+    if start_image is None:
+        if kind in ("concat", "clip+concat"):
+            raise input_error(NODE, "start_image", f"{model.name} is an image-to-video model ({config.name}) and "
+                              "got no start image", "connect a Load Image to 'start_image' (and a VAE Loader to "
+                              "'vae'), or load a text-to-video model")
+        if clip_vision_output is not None:
+            raise input_error(NODE, "clip_vision_output", "is connected but start_image is not",
+                              "connect the start image too, or disconnect clip_vision_output")
+        return None
+    if kind == "none":
+        raise input_error(NODE, "start_image", f"{model.name} is a text-to-video model: it takes no start image",
+                          "load an image-to-video checkpoint (Wan2.1 I2V, Wan2.2 I2V A14B), or disconnect it")
+    if vae is None:
+        raise input_error(NODE, "vae", "start_image needs a VAE to encode it", "connect a VAE Loader with "
+                          "wan_2.1_vae.safetensors to 'vae'")
+    clip = None
+    if kind == "clip+concat":
+        clip = getattr(clip_vision_output, "penultimate_hidden_states", None)
+        if clip is None:
+            raise input_error(NODE, "clip_vision_output", f"{config.name} also reads the image through CLIP "
+                              "vision", "connect CLIP Vision Encode (clip_vision_h, crop none) of the start image")
+    elif clip_vision_output is not None:
+        raise input_error(NODE, "clip_vision_output", f"{config.name} has no CLIP image branch",
+                          "disconnect clip_vision_output (only Wan2.1 I2V reads it)")
+    import torch
+    from moga.conditioning import image_condition
+    from moga.wan_image_io import encode_start_images
+
+    first = start_image[:1].float().movedim(-1, 1)[:, :3]  # [1, 3, h, w] in 0..1
+    if tuple(first.shape[-2:]) != (height, width):
+        first = torch.nn.functional.interpolate(first, size=(height, width), mode="bilinear", align_corners=False)
+    pixels = {0: first[0] * 2 - 1}
+    try:
+        latents, fill = encode_start_images(_host_vae_encoder(vae), config, shots.plan.shot_frames, pixels)
+        return image_condition(config, shots.plan.latent_shot_frames(), latent_size, latents,
+                               clip=None if clip is None else clip.float().cpu(), fill=fill)
+    except ValueError as e:
+        raise input_error(NODE, "vae", f"the start image could not condition {config.name}: {e}",
+                          "use this model's VAE (wan_2.1_vae for 16-channel models)") from e
+
+
 class MoGASampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -120,13 +183,25 @@ class MoGASampler(io.ComfyNode):
                                 tooltip="'auto': every visible GPU (this machine's ComfyUI device if none); a count "
                                         "like '2'; or GPU indices like '0,2' ('1,' for GPU 1 alone). More than one GPU "
                                         "splits the sequence across them (persistent workers)."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default="wan", optional=True,
+                               tooltip="wan: Wan's schedule. distill: the few-step schedule of step-distill LoRAs "
+                                       "(LightX2V-style: 4-8 steps, cfg 1, euler)."),
+                io.Image.Input("start_image", optional=True,
+                               tooltip="Image-to-video models: the first frame of shot 1 (resized to width x "
+                                       "height). Needs 'vae'."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The VAE that encodes start_image (VAE Loader with wan_2.1_vae for Wan2.1 I2V "
+                                     "and Wan2.2 I2V A14B)."),
+                io.ClipVisionOutput.Input("clip_vision_output", optional=True,
+                                          tooltip="Wan2.1 I2V: CLIP Vision Encode of the start image "
+                                                  "(clip_vision_h)."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
 
     @classmethod
     def execute(cls, model, shots, width=832, height=480, steps=30, cfg=5.0, shift=5.0, solver="unipc", seed=0,
-                gpus="auto") -> io.NodeOutput:
+                gpus="auto", schedule="wan", start_image=None, vae=None, clip_vision_output=None) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -142,6 +217,9 @@ class MoGASampler(io.ComfyNode):
             raise input_error(NODE, "cfg", f"{cfg} is below 1", "use 1 (no guidance) or more")
         if not shift > 0:
             raise input_error(NODE, "shift", f"{shift} is not positive", "use a shift > 0 (Wan2.1: 5)")
+        schedule = schedule or "wan"
+        if schedule not in SCHEDULES:
+            raise input_error(NODE, "schedule", f"unknown schedule {schedule!r}", f"pick one of {', '.join(SCHEDULES)}")
         plan = shots.plan
         try:
             latent_size = plan.latent_size(int(width), int(height))
@@ -150,6 +228,10 @@ class MoGASampler(io.ComfyNode):
                               "use multiples of 16, e.g. 832 x 480") from e
         shot_frames = plan.latent_shot_frames()
         devices = parse_gpus(gpus, _visible_gpus())
+        image = image_condition_of(model, shots, latent_size, start_image, vae, clip_vision_output,
+                                   int(width), int(height))
+        if len(devices) > 1 and (image is not None or hasattr(model.model, "expert_for")):
+            raise input_error(NODE, "gpus", ONE_GPU_ONLY, "set gpus to '1' (or one index like '0,')")
 
         from moga.preflight import wants_block_progress
 
@@ -179,13 +261,13 @@ class MoGASampler(io.ComfyNode):
 
         common = dict(shot_frames=shot_frames, latent_size=latent_size, steps=steps, cfg=float(cfg),
                       shift=float(shift), solver=solver, seed=int(seed), moga=model.moga,
-                      dense_steps=model.dense_warmup, dense_layers=model.dense_layers)
+                      dense_steps=model.dense_warmup, dense_layers=model.dense_layers, schedule=schedule)
         if len(devices) > 1:
             latent = cls._run_pool(devices, model, shots, common, on_step, mm, previewer is not None, layout)
         else:
             device = mm.get_torch_device() if not devices or gpus.strip().lower() in ("auto", "", "1") \
                 else f"cuda:{devices[0]}"
-            latent = cls._run_here(device, model, shots, common, on_step, mm, layout,
+            latent = cls._run_here(device, model, shots, dict(common, image=image), on_step, mm, layout,
                                    on_block if blocks else None)
         out = {"samples": latent.to(mm.intermediate_device(), dtype=latent.dtype),
                LATENT_SHOT_FRAMES: list(shot_frames), LATENT_FPS: float(plan.fps)}
@@ -202,7 +284,8 @@ class MoGASampler(io.ComfyNode):
             mm.unload_all_models()
             mm.soft_empty_cache()
         net = model.model
-        _check_fits(net, layout, device, model.moga, cfg=common["cfg"])
+        # an expert pair: preflight counts the high-noise expert (the sampler holds one at a time with offload)
+        _check_fits(getattr(net, "high", net), layout, device, model.moga, cfg=common["cfg"])
         try:
             net.to(device)
             with torch.inference_mode():

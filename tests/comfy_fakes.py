@@ -94,7 +94,7 @@ def _make_io():
 
     io.Combo.Input = ComboIn
     for name, t in (("Image", "IMAGE"), ("Latent", "LATENT"), ("Clip", "CLIP"), ("Vae", "VAE"), ("Video", "VIDEO"),
-                    ("Model", "MODEL"), ("Conditioning", "CONDITIONING")):
+                    ("Model", "MODEL"), ("Conditioning", "CONDITIONING"), ("ClipVisionOutput", "CLIP_VISION_OUTPUT")):
         setattr(io, name, comfy_type(t))
     io.Custom = lambda io_type: comfy_type(io_type)
 
@@ -249,12 +249,26 @@ def _make_comfy():
             self.update_absolute(self.current + value)
 
     utils.ProgressBar = ProgressBar
-    comfy.model_management, comfy.utils = mm, utils
+
+    formats = types.ModuleType("comfy.latent_formats")
+
+    class Wan21:
+        """Core's Wan2.1 latent format: process_in normalises a VAE latent per channel (fake mean/std here)."""
+        latents_mean = torch.linspace(-0.5, 0.4, 16).view(1, 16, 1, 1, 1)
+        latents_std = torch.linspace(0.6, 2.0, 16).view(1, 16, 1, 1, 1)
+        scale_factor = 1.0
+
+        def process_in(self, latent):
+            return (latent - self.latents_mean) * self.scale_factor / self.latents_std
+
+    formats.Wan21 = Wan21
+    comfy.model_management, comfy.utils, comfy.latent_formats = mm, utils, formats
     return comfy, mm, utils
 
 
 # ----------------------------------------------------------------------------------------------- install / remove
-FAKE_NAMES = ("comfy_api", "comfy_api.latest", "folder_paths", "comfy", "comfy.model_management", "comfy.utils")
+FAKE_NAMES = ("comfy_api", "comfy_api.latest", "folder_paths", "comfy", "comfy.model_management", "comfy.utils",
+              "comfy.latent_formats")
 
 
 @contextmanager
@@ -277,7 +291,8 @@ def installed(base_dir, repo_root):
     fp = _make_folder_paths(base_dir)
     comfy, mm, utils = _make_comfy()
     sys.modules.update({"comfy_api": api, "comfy_api.latest": latest, "folder_paths": fp, "comfy": comfy,
-                        "comfy.model_management": mm, "comfy.utils": utils})
+                        "comfy.model_management": mm, "comfy.utils": utils,
+                        "comfy.latent_formats": comfy.latent_formats})
     added_path = False
     if repo_root not in sys.path:
         sys.path.insert(0, repo_root)
@@ -321,6 +336,18 @@ class FakeVAE:
 
     def __init__(self):
         self.calls = []
+
+    def encode(self, pixels):
+        """[T, H, W, 3] in 0..1 -> [1, 16, (T-1)//4+1, H/8, W/8]: a fixed random mix of 8x8 patches of each
+        frame group (the first latent frame is the first pixel frame alone, as Wan's VAE does)."""
+        self.calls.append(("encode", tuple(pixels.shape)))
+        t, h, w, _ = pixels.shape
+        x = pixels.permute(3, 0, 1, 2)[None].float()                  # [1, 3, T, H, W]
+        groups = [x[:, :, :1]] + [x[:, :, i:i + 4] for i in range(1, t, 4)]
+        frames = torch.cat([g.mean(2, keepdim=True) for g in groups], dim=2)   # [1, 3, F, H, W]
+        patches = torch.nn.functional.avg_pool3d(frames, (1, 8, 8))          # [1, 3, F, H/8, W/8]
+        mix = torch.randn(16, 3, generator=torch.Generator().manual_seed(11))
+        return torch.einsum("oc,bcfhw->bofhw", mix, patches) + 0.25
 
     def decode(self, z):
         self.calls.append(tuple(z.shape))

@@ -18,6 +18,7 @@ from moga.testing import write_tiny_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_DIM = 32
+CLIP_DIM = 24
 SHOTS = "a cat walks [5]\na cat sleeps [9]\na cat walks [5]"   # 2 + 3 + 2 latent frames, one prompt twice
 
 
@@ -33,6 +34,16 @@ def env(tmp_path_factory):
         write_tiny_checkpoint(models / "moga" / "tiny_wan.safetensors", layout="wan", num_groups=0,
                               text_dim=TEXT_DIM, seed=1)
         (models / "diffusion_models" / "old.ckpt").write_bytes(b"not loaded")
+        dm = models / "diffusion_models"
+        # a Wan2.2 A14B pair (two experts of one shape, different weights) and the two image-to-video kinds
+        write_tiny_checkpoint(dm / "tiny_t2v_high_noise.safetensors", layout="comfyui", num_groups=4,
+                              text_dim=TEXT_DIM, seed=21)
+        write_tiny_checkpoint(dm / "tiny_t2v_low_noise.safetensors", layout="comfyui", num_groups=4,
+                              text_dim=TEXT_DIM, seed=22)
+        write_tiny_checkpoint(dm / "tiny_i2v_22.safetensors", layout="comfyui", num_groups=4, text_dim=TEXT_DIM,
+                              seed=23, in_dim=36)
+        write_tiny_checkpoint(dm / "tiny_i2v_21.safetensors", layout="comfyui", num_groups=4, text_dim=TEXT_DIM,
+                              seed=24, in_dim=36, image_dim=CLIP_DIM)
         _write_loras(models / "loras")
         env.nodes.loader.CACHE.clear()
         yield env
@@ -518,3 +529,157 @@ def test_sampler_moves_block_by_block_when_steps_are_long(env, monkeypatch):
         expected += [((step - 1) * nb + -(-d * nb // (2 * nb)), 2 * nb) for d in range(1, 2 * nb + 1)]
         expected.append((step * nb, 2 * nb))
     assert blocks == expected
+
+
+# ---- Wan2.2 A14B pairs, the distill schedule, image-to-video ------------------------------------------------------
+def load_pair(env, loras=None, **kw):
+    return run(env.nodes.MoGAModelLoader, ckpt_name="tiny_t2v_high_noise.safetensors", weight_dtype="default",
+               attention_backend="auto", loras=loras, low_noise_model="tiny_t2v_low_noise.safetensors", **kw)[0]
+
+
+def test_loader_loads_an_expert_pair_with_the_loras_on_both(env):
+    from moga.checkpoint import load_experts
+    from moga.experts import BOUNDARY_T2V, ExpertPair
+    dm = Path(env.folder_paths.models_dir) / "diffusion_models"
+    low = env.io.object_info(env.nodes.MoGAModelLoader)["input"]["optional"]["low_noise_model"]
+    assert "tiny_t2v_low_noise.safetensors" in low[1]["options"] and low[1]["default"] == "none"
+    style = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=0.7)[0]
+    pair = load_pair(env, loras=style)
+    assert isinstance(pair.model, ExpertPair) and pair.model.boundary == BOUNDARY_T2V and not pair.model.offload
+    ref = load_experts(dm / "tiny_t2v_high_noise.safetensors", dm / "tiny_t2v_low_noise.safetensors",
+                       loras=list(style), loras_low=list(style))
+    for got, want in ((pair.model.high, ref.high), (pair.model.low, ref.low)):
+        for (k, p), q in zip(got.state_dict().items(), want.state_dict().values()):
+            assert torch.equal(p, q), k
+    plain = load_experts(dm / "tiny_t2v_high_noise.safetensors", dm / "tiny_t2v_low_noise.safetensors")
+    key = "blocks.0.self_attn.q.weight"
+    assert not torch.equal(pair.model.low.state_dict()[key], plain.low.state_dict()[key])  # the LoRA reached low
+    other = load_pair(env, boundary=0.5, offload_expert=True)
+    assert other.model is not pair.model and other.model.boundary == 0.5 and other.model.offload
+
+
+def test_sampler_runs_an_expert_pair_as_the_library_does(env):
+    from moga.checkpoint import load_experts
+    dm = Path(env.folder_paths.models_dir) / "diffusion_models"
+    pair = load_pair(env, boundary=0.95)  # steps at t = 1000 (high) and 833 (low)
+    sh = shots(env, model=pair, clip=FakeClip(TEXT_DIM))
+    got = run(env.nodes.MoGASampler, model=pair, shots=sh, **SAMPLER)[0]["samples"]
+    ref_pair = load_experts(dm / "tiny_t2v_high_noise.safetensors", dm / "tiny_t2v_low_noise.safetensors",
+                            boundary=0.95)
+    ref = sample(ref_pair, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2, cfg=3.0,
+                 shift=5.0, solver="euler", seed=7, moga=pair.moga)
+    assert torch.equal(got, ref)
+    high_only = sample(ref_pair.high, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4),
+                       steps=2, cfg=3.0, shift=5.0, solver="euler", seed=7, moga=pair.moga)
+    assert not torch.allclose(got, high_only, atol=1e-4)  # the low expert ran its steps
+
+
+def test_loader_pair_errors_name_the_input(env):
+    with pytest.raises(ValueError, match="low_noise_model.*same file"):
+        run(env.nodes.MoGAModelLoader, ckpt_name="tiny_moga.safetensors", weight_dtype="default",
+            attention_backend="auto", low_noise_model="tiny_moga.safetensors")
+    with pytest.raises(ValueError, match="low_noise_model.*neither"):
+        run(env.nodes.MoGAModelLoader, ckpt_name="tiny_moga.safetensors", weight_dtype="default",
+            attention_backend="auto", low_noise_model="gone.safetensors")
+    with pytest.raises(ValueError, match="low_noise_model.*Wan2.2 A14B pair.*differ in shape"):
+        run(env.nodes.MoGAModelLoader, ckpt_name="tiny_moga.safetensors", weight_dtype="default",
+            attention_backend="auto", low_noise_model="tiny_i2v_22.safetensors")
+
+
+def test_sampler_distill_schedule_is_the_library_call(env):
+    model = load(env)
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    kw = dict(SAMPLER, cfg=1.0)
+    got = run(env.nodes.MoGASampler, model=model, shots=sh, schedule="distill", **kw)[0]["samples"]
+    ref = sample(model.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
+                 cfg=1.0, shift=5.0, solver="euler", seed=7, moga=model.moga, schedule="distill")
+    assert torch.equal(got, ref)
+    wan = run(env.nodes.MoGASampler, model=model, shots=sh, **kw)[0]["samples"]
+    assert not torch.allclose(got, wan, atol=1e-4)
+    with pytest.raises(ValueError, match="schedule.*unknown"):
+        run(env.nodes.MoGASampler, model=model, shots=sh, schedule="lcm", **kw)
+
+
+def _image(seed, h=48, w=40):
+    return torch.rand(1, h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def _capture_image(env, monkeypatch, **kw):
+    """Run the sampler, returning (latent, the ImageCondition it gave moga.sampling.sample)."""
+    import moga.sampling
+    seen = {}
+    real = moga.sampling.sample
+
+    def spy(*a, **k):
+        seen["image"] = k.get("image")
+        return real(*a, **k)
+    monkeypatch.setattr(moga.sampling, "sample", spy)
+    latent = run(env.nodes.MoGASampler, **kw)[0]["samples"]
+    return latent, seen["image"]
+
+
+def test_sampler_encodes_the_start_image_of_shot_one(env, monkeypatch):
+    model = load(env, "tiny_i2v_22.safetensors")
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    vae, img = FakeVAE(), _image(5)
+    latent, cond = _capture_image(env, monkeypatch, model=model, shots=sh, start_image=img, vae=vae, **SAMPLER)
+    assert cond.kind == "concat" and cond.y.shape == (1, 20, 7, 4, 4)
+    mask = cond.y[:, :4]
+    assert torch.equal(mask[:, :, 0], torch.ones(1, 4, 4, 4)) and mask[:, :, 1:].abs().sum() == 0
+    # shot 1 (5 pixel frames): the host VAE encodes [image resized to 32x32, 4 grey frames], core's Wan21 format
+    # normalises it; the other shots hold the encoded grey clip of their length
+    fmt = sys.modules["comfy.latent_formats"].Wan21()
+    first = torch.nn.functional.interpolate(img.movedim(-1, 1), size=(32, 32), mode="bilinear",
+                                            align_corners=False)[0].movedim(0, -1)
+    clip1 = torch.full((5, 32, 32, 3), 0.5)
+    clip1[0] = first
+    want1 = fmt.process_in(FakeVAE().encode(clip1))
+    assert torch.allclose(cond.y[:, 4:, :2], want1, atol=1e-6)
+    grey9 = fmt.process_in(FakeVAE().encode(torch.full((9, 32, 32, 3), 0.5)))
+    assert torch.allclose(cond.y[:, 4:, 2:5], grey9, atol=1e-6)
+    ref = sample(model.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
+                 cfg=3.0, shift=5.0, solver="euler", seed=7, moga=model.moga, image=cond)
+    assert torch.equal(latent, ref)
+    other, _ = _capture_image(env, monkeypatch, model=model, shots=sh, start_image=_image(6), vae=vae, **SAMPLER)
+    assert not torch.allclose(latent, other, atol=1e-4)  # the image steers the video
+
+
+def test_sampler_passes_clip_vision_to_wan21_i2v(env, monkeypatch):
+    import types
+    model = load(env, "tiny_i2v_21.safetensors")
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    tokens = torch.randn(1, 257, CLIP_DIM, generator=torch.Generator().manual_seed(4))
+    out = types.SimpleNamespace(penultimate_hidden_states=tokens)
+    _, cond = _capture_image(env, monkeypatch, model=model, shots=sh, start_image=_image(5), vae=FakeVAE(),
+                             clip_vision_output=out, **SAMPLER)
+    assert cond.kind == "clip+concat" and len(cond.clip) == 3 and all(torch.equal(c, tokens) for c in cond.clip)
+    with pytest.raises(ValueError, match="clip_vision_output.*CLIP"):
+        run(env.nodes.MoGASampler, model=model, shots=sh, start_image=_image(5), vae=FakeVAE(), **SAMPLER)
+
+
+def test_sampler_image_errors_name_the_input(env):
+    i2v = load(env, "tiny_i2v_22.safetensors")
+    sh = shots(env, model=i2v, clip=FakeClip(TEXT_DIM))
+    with pytest.raises(ValueError, match="start_image.*image-to-video.*no start image"):
+        run(env.nodes.MoGASampler, model=i2v, shots=sh, **SAMPLER)
+    with pytest.raises(ValueError, match="'vae'.*needs a VAE"):
+        run(env.nodes.MoGASampler, model=i2v, shots=sh, start_image=_image(1), **SAMPLER)
+    with pytest.raises(ValueError, match="clip_vision_output.*no CLIP image branch"):
+        run(env.nodes.MoGASampler, model=i2v, shots=sh, start_image=_image(1), vae=FakeVAE(),
+            clip_vision_output=object(), **SAMPLER)
+    t2v = load(env)
+    with pytest.raises(ValueError, match="start_image.*text-to-video"):
+        run(env.nodes.MoGASampler, model=t2v, shots=sh, start_image=_image(1), vae=FakeVAE(), **SAMPLER)
+
+
+def test_pooled_sampler_refuses_images_and_pairs_clearly(env, monkeypatch):
+    monkeypatch.setattr(env.nodes.sampler, "_visible_gpus", lambda: 2)
+    i2v = load(env, "tiny_i2v_22.safetensors")
+    sh = shots(env, model=i2v, clip=FakeClip(TEXT_DIM))
+    one_gpu = "gpus.*image-to-video / expert pairs run on one GPU in this version"
+    with pytest.raises(ValueError, match=one_gpu):
+        run(env.nodes.MoGASampler, model=i2v, shots=sh, start_image=_image(1), vae=FakeVAE(), **dict(SAMPLER, gpus="2"))
+    pair = load_pair(env)
+    with pytest.raises(ValueError, match=one_gpu):
+        run(env.nodes.MoGASampler, model=pair, shots=shots(env, model=pair, clip=FakeClip(TEXT_DIM)),
+            **dict(SAMPLER, gpus="2"))
