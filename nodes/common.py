@@ -34,7 +34,7 @@ class MoGAModelHandle:
     new handle through ``with_settings``.
     """
 
-    model: Any                      # moga.model.WanModel
+    model: Any                      # moga.model.WanModel, or moga.experts.ExpertPair (Wan2.2 A14B)
     name: str                       # the file name the loader was given
     path: str
     dtype: Any = None               # torch dtype the weights were loaded in

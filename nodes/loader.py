@@ -145,9 +145,10 @@ class MoGAModelLoader(io.ComfyNode):
             node_id="MoGAModelLoader",
             display_name=NODE,
             category=CATEGORY,
-            description="Loads a Wan2.1-architecture video DiT whose self-attention runs as Mixture-of-Groups "
-                        "Attention. Accepts Wan-AI originals, ComfyUI repackaged files (fp8 scaled too), diffusers "
-                        "files and MoGA checkpoints. A file already loaded is reused, not read again.",
+            description="Loads a Wan2.1/Wan2.2 video DiT (T2V or I2V; a Wan2.2 A14B high + low noise pair as one "
+                        "model) whose self-attention runs as Mixture-of-Groups Attention. Accepts Wan-AI originals, "
+                        "ComfyUI repackaged files (fp8 scaled too), diffusers files and MoGA checkpoints. A file "
+                        "already loaded is reused, not read again.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=checkpoint_names(),
                                tooltip="A .safetensors checkpoint from ComfyUI/models/diffusion_models/ or "

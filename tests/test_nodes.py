@@ -572,6 +572,11 @@ def test_sampler_runs_an_expert_pair_as_the_library_does(env):
     high_only = sample(ref_pair.high, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4),
                        steps=2, cfg=3.0, shift=5.0, solver="euler", seed=7, moga=pair.moga)
     assert not torch.allclose(got, high_only, atol=1e-4)  # the low expert ran its steps
+    dense = run(env.nodes.MoGAAttentionSettings, model=pair, route_layers="none")[0]   # settings reach both experts
+    got_dense = run(env.nodes.MoGASampler, model=dense, shots=sh, **SAMPLER)[0]["samples"]
+    ref_dense = sample(ref_pair, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
+                       cfg=3.0, shift=5.0, solver="euler", seed=7, moga=pair.moga.replace(dense=True))
+    assert torch.allclose(got_dense, ref_dense, atol=1e-5) and not torch.allclose(got_dense, got, atol=1e-4)
 
 
 def test_loader_pair_errors_name_the_input(env):
@@ -683,3 +688,22 @@ def test_pooled_sampler_refuses_images_and_pairs_clearly(env, monkeypatch):
     with pytest.raises(ValueError, match=one_gpu):
         run(env.nodes.MoGASampler, model=pair, shots=shots(env, model=pair, clip=FakeClip(TEXT_DIM)),
             **dict(SAMPLER, gpus="2"))
+
+
+@pytest.mark.slow
+def test_pooled_sampler_runs_the_distill_schedule(env, monkeypatch):
+    """schedule reaches the workers: 2 gloo ranks give the in-process distill result (not the wan one)."""
+    from moga.parallel.pool import release_pool
+    model = load(env)
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    kw = dict(SAMPLER, cfg=1.0, schedule="distill")
+    single = run(env.nodes.MoGASampler, model=model, shots=sh, **kw)[0]["samples"]
+    wan = run(env.nodes.MoGASampler, model=model, shots=sh, **dict(kw, schedule="wan"))[0]["samples"]
+    monkeypatch.setattr(env.nodes.sampler, "_visible_gpus", lambda: 2)
+    monkeypatch.setattr(env.nodes.sampler, "_pool_devices", lambda ids: ["cpu"] * len(ids))
+    try:
+        pooled = run(env.nodes.MoGASampler, model=model, shots=sh, **dict(kw, gpus="2"))[0]["samples"]
+    finally:
+        release_pool()
+    assert torch.allclose(pooled, single, atol=1e-5), (pooled - single).abs().max()
+    assert not torch.allclose(wan, single, atol=1e-4)
