@@ -121,6 +121,10 @@ def image_condition_of(model, shots, latent_size, start_image, vae, clip_vision_
     if kind == "none":
         raise input_error(NODE, "start_image", f"{model.name} is a text-to-video model: it takes no start image",
                           "load an image-to-video checkpoint (Wan2.1 I2V, Wan2.2 I2V A14B), or disconnect it")
+    if kind == "replace":  # its 48-channel Wan2.2 VAE latents need core's Wan22 format, not wired here yet
+        raise input_error(NODE, "start_image", f"{config.name} (TI2V-5B) takes its start image from the command "
+                          "line only in this version", "disconnect start_image (it then runs text-to-video), "
+                          "or use `moga generate --image`")
     if vae is None:
         raise input_error(NODE, "vae", "start_image needs a VAE to encode it", "connect a VAE Loader with "
                           "wan_2.1_vae.safetensors to 'vae'")

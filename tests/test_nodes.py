@@ -673,6 +673,10 @@ def test_sampler_image_errors_name_the_input(env):
         run(env.nodes.MoGASampler, model=i2v, shots=sh, start_image=_image(1), vae=FakeVAE(),
             clip_vision_output=object(), **SAMPLER)
     t2v = load(env)
+    ti2v = t2v.with_settings(model=_with_attr(t2v.model, config=t2v.model.config.replace(in_dim=48, out_dim=48)))
+    assert ti2v.model.config.conditioning == "replace"
+    with pytest.raises(ValueError, match="start_image.*TI2V-5B.*command line"):
+        run(env.nodes.MoGASampler, model=ti2v, shots=sh, start_image=_image(1), vae=FakeVAE(), **SAMPLER)
     with pytest.raises(ValueError, match="start_image.*text-to-video"):
         run(env.nodes.MoGASampler, model=t2v, shots=sh, start_image=_image(1), vae=FakeVAE(), **SAMPLER)
 
