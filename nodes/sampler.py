@@ -154,6 +154,15 @@ def image_condition_of(model, shots, latent_size, start_image, vae, clip_vision_
                           "use this model's VAE (wan_2.1_vae for 16-channel models)") from e
 
 
+def _to_vae_space(latent, channels: int):
+    """The DiT samples Wan's normalised latents ((z - mean) / std per channel); core's Wan VAE decodes raw ones, so
+    core's samplers apply the latent format's process_out (KSampler's process_latent_out). Doing the same here means
+    MoGA Decode with the host's VAE, core's VAE Decode and the patch path's KSampler output all see one LATENT."""
+    import comfy.latent_formats as formats
+    fmt = formats.Wan22() if channels == 48 else formats.Wan21()
+    return fmt.process_out(latent)
+
+
 class MoGASampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -273,6 +282,8 @@ class MoGASampler(io.ComfyNode):
                 else f"cuda:{devices[0]}"
             latent = cls._run_here(device, model, shots, dict(common, image=image), on_step, mm, layout,
                                    on_block if blocks else None)
+        if model.vae is None:  # Wan's VAE latents: hand them on in the VAE's own space, as core's samplers do
+            latent = _to_vae_space(latent, int(getattr(net_config, "out_dim", 16)))
         out = {"samples": latent.to(mm.intermediate_device(), dtype=latent.dtype),
                LATENT_SHOT_FRAMES: list(shot_frames), LATENT_FPS: float(plan.fps)}
         return io.NodeOutput(out)

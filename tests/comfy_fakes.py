@@ -261,7 +261,14 @@ def _make_comfy():
         def process_in(self, latent):
             return (latent - self.latents_mean) * self.scale_factor / self.latents_std
 
-    formats.Wan21 = Wan21
+        def process_out(self, latent):
+            return latent * self.latents_std / self.scale_factor + self.latents_mean
+
+    class Wan22(Wan21):
+        latents_mean = torch.linspace(-0.3, 0.2, 48).view(1, 48, 1, 1, 1)
+        latents_std = torch.linspace(0.5, 1.5, 48).view(1, 48, 1, 1, 1)
+
+    formats.Wan21, formats.Wan22 = Wan21, Wan22
     comfy.model_management, comfy.utils, comfy.latent_formats = mm, utils, formats
     return comfy, mm, utils
 

@@ -253,6 +253,28 @@ def test_shot_prompts_messages_name_the_input(env):
 
 
 # ---- MoGA Sampler ---------------------------------------------------------------------------------------------
+def vae_space(latent):
+    """What the MoGA Sampler hands on for a Wan model: the sampled latent in the VAE's space (the latent format's
+    process_out, as core's samplers apply process_latent_out)."""
+    return sys.modules["comfy.latent_formats"].Wan21().process_out(latent)
+
+
+def test_sampler_latent_is_in_the_vae_space_and_decodes_as_core_would(env):
+    """The DiT samples normalised latents; core's Wan VAE decodes raw ones. The sampler's LATENT must be raw, or
+    MoGA Decode / core's VAE Decode with the host's VAE would decode (z - mean) / std (wrong colours)."""
+    model = load(env)
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    lat = run(env.nodes.MoGASampler, model=model, shots=sh, **SAMPLER)[0]
+    ref = sample(model.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
+                 cfg=3.0, shift=5.0, solver="euler", seed=7, moga=model.moga)
+    fmt = sys.modules["comfy.latent_formats"].Wan21()
+    assert torch.allclose(fmt.process_in(lat["samples"]), ref, atol=1e-5)
+    assert not torch.allclose(lat["samples"], ref, atol=1e-2)  # the fake format's mean/std are far from 0/1
+    vae = FakeVAE()
+    images = run(env.nodes.MoGADecode, samples=lat, vae=vae)[0]
+    assert torch.equal(images[:5], vae.decode(vae_space(ref)[:, :, :2])[0])
+
+
 def test_sampler_is_the_library_call(env):
     model = load(env)
     sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
@@ -261,7 +283,7 @@ def test_sampler_is_the_library_call(env):
     assert latent["moga_shot_frames"] == [2, 3, 2] and latent["moga_fps"] == 16.0
     ref = sample(model.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
                  cfg=3.0, shift=5.0, solver="euler", seed=7, moga=model.moga)
-    assert torch.equal(latent["samples"], ref)
+    assert torch.equal(latent["samples"], vae_space(ref))  # handed on in the VAE's space, as core's samplers do
     assert [u[:2] for u in env.utils.updates] == [(1, 2), (2, 2)]
     assert env.mm.calls == []  # CPU: no VRAM to free, ComfyUI's models stay loaded
 
@@ -273,7 +295,7 @@ def test_sampler_settings_reach_the_model(env):
     a = run(env.nodes.MoGASampler, model=dense, shots=sh, **SAMPLER)[0]["samples"]
     ref = sample(model.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
                  cfg=3.0, shift=5.0, solver="euler", seed=7, moga=model.moga.replace(dense=True))
-    assert torch.allclose(a, ref, atol=1e-5)
+    assert torch.allclose(a, vae_space(ref), atol=1e-5)
     b = run(env.nodes.MoGASampler, model=model, shots=sh, **SAMPLER)[0]["samples"]
     assert not torch.allclose(a, b, atol=1e-4)  # routing changes the result: the setting did something
 
@@ -568,15 +590,15 @@ def test_sampler_runs_an_expert_pair_as_the_library_does(env):
                             boundary=0.95)
     ref = sample(ref_pair, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2, cfg=3.0,
                  shift=5.0, solver="euler", seed=7, moga=pair.moga)
-    assert torch.equal(got, ref)
+    assert torch.equal(got, vae_space(ref))
     high_only = sample(ref_pair.high, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4),
                        steps=2, cfg=3.0, shift=5.0, solver="euler", seed=7, moga=pair.moga)
-    assert not torch.allclose(got, high_only, atol=1e-4)  # the low expert ran its steps
+    assert not torch.allclose(got, vae_space(high_only), atol=1e-4)  # the low expert ran its steps
     dense = run(env.nodes.MoGAAttentionSettings, model=pair, route_layers="none")[0]   # settings reach both experts
     got_dense = run(env.nodes.MoGASampler, model=dense, shots=sh, **SAMPLER)[0]["samples"]
     ref_dense = sample(ref_pair, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
                        cfg=3.0, shift=5.0, solver="euler", seed=7, moga=pair.moga.replace(dense=True))
-    assert torch.allclose(got_dense, ref_dense, atol=1e-5) and not torch.allclose(got_dense, got, atol=1e-4)
+    assert torch.allclose(got_dense, vae_space(ref_dense), atol=1e-5) and not torch.allclose(got_dense, got, atol=1e-4)
 
 
 def test_loader_pair_errors_name_the_input(env):
@@ -598,7 +620,7 @@ def test_sampler_distill_schedule_is_the_library_call(env):
     got = run(env.nodes.MoGASampler, model=model, shots=sh, schedule="distill", **kw)[0]["samples"]
     ref = sample(model.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
                  cfg=1.0, shift=5.0, solver="euler", seed=7, moga=model.moga, schedule="distill")
-    assert torch.equal(got, ref)
+    assert torch.equal(got, vae_space(ref))
     wan = run(env.nodes.MoGASampler, model=model, shots=sh, **kw)[0]["samples"]
     assert not torch.allclose(got, wan, atol=1e-4)
     with pytest.raises(ValueError, match="schedule.*unknown"):
@@ -644,7 +666,7 @@ def test_sampler_encodes_the_start_image_of_shot_one(env, monkeypatch):
     assert torch.allclose(cond.y[:, 4:, 2:5], grey9, atol=1e-6)
     ref = sample(model.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
                  cfg=3.0, shift=5.0, solver="euler", seed=7, moga=model.moga, image=cond)
-    assert torch.equal(latent, ref)
+    assert torch.equal(latent, vae_space(ref))
     other, _ = _capture_image(env, monkeypatch, model=model, shots=sh, start_image=_image(6), vae=vae, **SAMPLER)
     assert not torch.allclose(latent, other, atol=1e-4)  # the image steers the video
 
