@@ -1,6 +1,5 @@
 """Fused elementwise kernels (moga.fused) against the plain torch path they replace, through Triton's CPU
 interpreter (TRITON_INTERPRET=1 at import; skipped otherwise), and the switch logic without Triton."""
-import os
 
 import pytest
 import torch
@@ -11,22 +10,7 @@ from moga.attention import TokenLayout
 from moga.model import rope_freqs
 from moga.testing import random_inputs, tiny_model
 
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="set TRITON_INTERPRET=1 (and install triton) to run the kernels on a CPU")
-
-
-@pytest.fixture
-def on_cpu():
-    pytest.importorskip("triton")
-    fused.FUSE_ON_CPU = True
-    try:
-        yield
-    finally:
-        fused.FUSE_ON_CPU = False
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from triton_cpu import interpreted, on_cpu, rel  # noqa: E402,F401  (on_cpu: a fixture)
 
 
 def within_bf16_ulp(got, ref64, slack=0.0):

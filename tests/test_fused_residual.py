@@ -1,7 +1,6 @@
 """The fused residual passes (moga.fused.residual_norm, gelu_quant) and the fused block forward
 (moga.fused_block) against the plain torch path, through Triton's CPU interpreter (TRITON_INTERPRET=1 at
 import; skipped otherwise), plus the parts that need no Triton."""
-import os
 
 import pytest
 import torch
@@ -10,22 +9,7 @@ import torch.nn.functional as F
 from moga import fp8, fused, fused_block
 from moga.testing import random_inputs, tiny_model
 
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="set TRITON_INTERPRET=1 (and install triton) to run the kernels on a CPU")
-
-
-@pytest.fixture
-def on_cpu():
-    pytest.importorskip("triton")
-    fused.FUSE_ON_CPU = True
-    try:
-        yield
-    finally:
-        fused.FUSE_ON_CPU = False
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from triton_cpu import interpreted, on_cpu, rel  # noqa: E402,F401  (on_cpu: a fixture)
 
 
 def e4m3_close(q, s, ref64):
