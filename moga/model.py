@@ -307,6 +307,19 @@ class WanHead(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
+def _per_shot(given, num_shots: int, what: str, embed) -> list:
+    """One tensor for every shot, or a list of one per shot; each distinct tensor embedded once (shots that share
+    a prompt or an image share its embedding)."""
+    items = [given] * num_shots if isinstance(given, torch.Tensor) else list(given)
+    if len(items) != num_shots:
+        raise ValueError(f"{len(items)} {what} for {num_shots} shots: pass one per shot (or one tensor for all)")
+    done: dict[int, torch.Tensor] = {}
+    for c in items:
+        if id(c) not in done:
+            done[id(c)] = embed(c)
+    return [done[id(c)] for c in items]
+
+
 class WanModel(nn.Module):
     """Wan DiT. `model(x, t, context, shot_frames=None, moga=None, dense_layers=(), parallel=None,
     y=None, clip=None)`; see `forward`."""
@@ -409,40 +422,20 @@ class WanModel(nn.Module):
         if clip is None:
             raise ValueError("this is a Wan2.1 I2V model: pass clip= (CLIP-vision penultimate features "
                              "[1, 257, 1280] of the start image; one tensor, or a list with one per shot)")
-        if isinstance(clip, torch.Tensor):
-            clip = [clip] * num_shots
-        clip = list(clip)
-        if len(clip) != num_shots:
-            raise ValueError(f"{len(clip)} CLIP image embeddings for {num_shots} shots: pass one per shot "
-                             f"(or one tensor for all)")
-        done, out = {}, []
-        for c in clip:
-            if id(c) not in done:
-                if c.dim() == 2:
-                    c = c[None]
-                if c.dim() != 3 or c.shape[-1] != self.config.image_dim or c.shape[0] not in (1, batch):
-                    raise ValueError(f"a CLIP image embedding must be [1|{batch}, tokens, "
-                                     f"{self.config.image_dim}], got {tuple(c.shape)}")
-                done[id(c)] = self.img_emb(c.to(self.device, cdtype)).expand(batch, -1, -1)
-            out.append(done[id(c)])
-        return out
+        return _per_shot(clip, num_shots, "CLIP image embeddings", lambda c: self._embed_image(c, batch, cdtype))
+
+    def _embed_image(self, c: torch.Tensor, batch: int, cdtype) -> torch.Tensor:
+        if c.dim() == 2:
+            c = c[None]
+        if c.dim() != 3 or c.shape[-1] != self.config.image_dim or c.shape[0] not in (1, batch):
+            raise ValueError(f"a CLIP image embedding must be [1|{batch}, tokens, "
+                             f"{self.config.image_dim}], got {tuple(c.shape)}")
+        return self.img_emb(c.to(self.device, cdtype)).expand(batch, -1, -1)
 
     def embed_text(self, context, batch: int, num_shots: int, cdtype) -> list[torch.Tensor]:
         """Per shot: the text tokens [B, max(L, text_len), dim] after Wan's text MLP (zero-padded to
         text_len first, as Wan does)."""
-        if isinstance(context, torch.Tensor):
-            context = [context] * num_shots
-        context = list(context)
-        if len(context) != num_shots:
-            raise ValueError(f"{len(context)} text embeddings for {num_shots} shots: pass one per "
-                             f"shot (or one tensor for all)")
-        done: dict[int, torch.Tensor] = {}
-        out = []
-        for c in context:
-            if id(c) not in done:
-                done[id(c)] = self._embed_one(c, batch, cdtype)
-            out.append(done[id(c)])
-        return out
+        return _per_shot(context, num_shots, "text embeddings", lambda c: self._embed_one(c, batch, cdtype))
 
     def _embed_one(self, c: torch.Tensor, batch: int, cdtype) -> torch.Tensor:
         if c.dim() == 2:
