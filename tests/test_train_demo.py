@@ -446,6 +446,38 @@ def test_init_refuses_a_file_of_another_model(tmp_path):
                       load_codec(dense / "codec.safetensors"))
     with pytest.raises(ValueError, match="does not fit this model.*router"):
         init_from(moga8, model, text)  # 8 router rows into a model of 4
-    dense_model, dense_text = _tiny(True, 0)
-    with pytest.raises(ValueError, match="does not fit this model.*lacks"):
-        init_from(moga8, dense_model, dense_text)  # routers into a model without them
+    with pytest.raises(ValueError, match="does not fit this model.*shapes"):
+        init_from(dense / "model.safetensors", *_tiny_wide(True))  # another width: refused, named
+
+
+def _tiny_wide(dense):
+    """A tiny demo model of another width than _tiny's (96, not 64): no file of _tiny's fits it."""
+    from moga.demo.model import demo_wan_config
+    from moga.demo.text import DemoTextEncoder
+    from moga.model import WanModel
+
+    return WanModel(demo_wan_config(dense, dim=96, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32)), \
+        DemoTextEncoder()
+
+
+def test_dense_model_starts_from_a_moga_file_without_its_routers(tmp_path):
+    """--dense --init MOGA (a dense twin from the MoGA model's weights, for an equal-budget comparison): every
+    weight but the routers is the file's, the routers are dropped and said so."""
+    from safetensors.torch import load_file
+
+    from moga.demo.model import save_demo
+    from moga.demo.training import init_from, load_codec
+
+    dense = _dense_file(tmp_path)
+    moga_model, moga_text = _tiny(False, 5)
+    path = save_demo(tmp_path / "moga.safetensors", moga_model, moga_text, load_codec(dense / "codec.safetensors"))
+    source = load_file(str(path))
+    assert any(k.endswith("router.weight") for k in source)
+    model, text = _tiny(True, 1)
+    said = []
+    assert init_from(path, model, text, log=said.append) == []
+    assert said and "routers are dropped" in said[0]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, source[k].float()), k
+    for k, v in text.state_dict().items():
+        assert torch.equal(v, source["text_encoder." + k].float()), k

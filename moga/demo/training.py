@@ -229,7 +229,7 @@ def train_demo(args) -> dict:
     resumed = args.resume and (ckpt / "state.json").exists()
     init_record = out / "init.json"  # how the run began, for the exported file's record after resumes
     if args.init and not resumed:
-        fresh = init_from(args.init, model, text)
+        fresh = init_from(args.init, model, text, log=log)
         how = "file"
         if fresh:
             how = args.init_routers
@@ -327,18 +327,29 @@ def attention_changes(args) -> dict:
     return changes
 
 
-def init_from(path, model, text) -> list[int]:
+ROUTER_SUFFIX = "self_attn.router.weight"
+
+
+def init_from(path, model, text, log=print) -> list[int]:
     """Start from a demo model file's DiT and text encoder weights (a second training phase).
 
     A dense file may start a MoGA model, as the paper fine-tunes dense Wan into MoGA: every weight but the
     routers' rows must match; returns the layers whose routers the file lacks (they keep their fresh rows
-    until `calibrate_routers` replaces them). Anything else that differs is an error naming it."""
+    until `calibrate_routers` replaces them). A MoGA file may start a dense model: its routers are dropped
+    (a dense twin from the same weights, for a comparison at equal budget). Anything else that differs is an
+    error naming it."""
     from safetensors.torch import load_file
 
     sd = load_file(str(path))
     own = {k: v.float() for k, v in sd.items() if not k.startswith(("text_encoder.", "vae."))}
     expected = model.state_dict()
-    routers = {k for k in expected if k.endswith("self_attn.router.weight")}
+    routers = {k for k in expected if k.endswith(ROUTER_SUFFIX)}
+    if not routers:
+        dropped = sorted(k for k in own if k.endswith(ROUTER_SUFFIX))
+        for k in dropped:
+            del own[k]
+        if dropped:
+            log(f"--init {path}: a MoGA file starts this dense model: its {len(dropped)} routers are dropped")
     missing = sorted(set(expected) - set(own))
     unexpected = sorted(set(own) - set(expected))
     reshaped = sorted(k for k in set(own) & set(expected) if own[k].shape != expected[k].shape)
