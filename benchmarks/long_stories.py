@@ -123,6 +123,46 @@ def moga_sparse_ratio(model, story, sampling, seed: int) -> float:
     return count.flops / count.dense_flops
 
 
+def story_strip(video: torch.Tensor, story) -> "np.ndarray":
+    """The middle frame of every shot of one decoded story ([3, T, H, W] in -1..1), side by side: [H, S*W, 3]."""
+    import numpy as np
+
+    frames, start = [], 0
+    for n in story.shot_frames:
+        frames.append(video[:, start + n // 2])
+        start += n
+    strip = torch.cat(frames, dim=-1)
+    return ((strip.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+def save_sheet(folder: Path, story, modes_done) -> Path | None:
+    """Every mode's strip of the same story, one row each, labelled; the columns say what each shot asks."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    strips = [(m, folder / f"strip-{m}.png") for m in MODES if m in modes_done]
+    strips = [(m, f) for m, f in strips if f.exists()]
+    if not strips:
+        return None
+    rows = [(m, np.asarray(Image.open(f).convert("RGB"))) for m, f in strips]
+    h, w = rows[0][1].shape[:2]
+    label_w, head_h = 190, 28
+    shot_w = w // len(story.shot_frames)
+    sheet = Image.new("RGB", (label_w + w, head_h + h * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, (kind, target) in enumerate(zip(story.kinds, story.targets)):
+        text = f"{k + 1}: " + ("new" if kind == "new" else "it" if kind == "it" else f"recall {k - target} back")
+        draw.text((label_w + k * shot_w + 4, 8), text, fill=(0, 0, 0))
+    for r, (mode, pixels) in enumerate(rows):
+        sheet.paste(Image.fromarray(pixels), (label_w, head_h + r * h))
+        draw.text((6, head_h + r * h + h // 2 - 6), LABELS[mode], fill=(0, 0, 0))
+    out = folder / "long-story-modes.jpg"
+    tmp = out.with_name("." + out.name + ".tmp")
+    sheet.save(tmp, format="JPEG", quality=90)
+    os.replace(tmp, out)
+    return out
+
+
 def measure(args, tmp: Path, argv) -> dict:
     device = args.device
     moga_path = Path(args.checkpoint or DEMO_PATH)
@@ -156,14 +196,25 @@ def measure(args, tmp: Path, argv) -> dict:
         out.write_text(json.dumps(result, indent=1) + "\n")
         return result
 
+    pictures = Path(args.pictures) if args.pictures else None
+
+    def keep_picture(mode):
+        def on_video(index, video):
+            if pictures is not None and index == 0:
+                from PIL import Image
+                pictures.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(story_strip(video, stories[0])).save(pictures / f"strip-{mode}.png")
+        return on_video
+
     def run(mode, mdl, moga=None, dense_steps=0.0, override=None, **extra):
         if mode in rows or mode not in args.modes:
             return
         print(f"{mode}: {len(stories)} stories ...", flush=True)
         t0 = time.perf_counter()
+        batched = dict(batch=args.batch, on_video=keep_picture(mode))
         if override is None:
             res = evaluate_long(mdl, stories, moga=moga, dense_steps=dense_steps, seed=args.seed, device=device,
-                                **sampling)
+                                **batched, **sampling)
         else:
             kind, kw = override
             n_dense = dense_step_count(dense_steps, sampling["steps"])
@@ -171,13 +222,15 @@ def measure(args, tmp: Path, argv) -> dict:
                 def step(i, n, x):
                     count.step = i % n   # the next story starts at step 0
                 res = evaluate_long(mdl, stories, moga=dense_cfg, seed=args.seed, device=device, callback=step,
-                                    **sampling)
+                                    **batched, **sampling)
             res["attention_flops_ratio"] = round(count.flops / count.dense_flops, 4)
             res["attention_gflops"] = round(count.flops / len(stories) / 1e9, 3)
         rows[mode] = {"mode": mode, **res, "dense_steps": dense_steps, **extra,
                       "seconds": round(time.perf_counter() - t0, 1)}
         print(row_text(rows[mode]), flush=True)
         save()
+        if pictures is not None:
+            save_sheet(pictures, stories[0], rows)
 
     twin_note = "stand-in: MoGA weights, routers off" if stand_in else twin_path.name
     run("dense", twin, moga=dense_cfg, model=twin_note)
@@ -296,6 +349,11 @@ def main(argv=None) -> dict:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1, help="stories sampled at once (the same noise per story either "
+                   "way; a GPU wants 8 or more)")
+    p.add_argument("--pictures", metavar="DIR", default=None,
+                   help="write the first story's middle frame of every shot per mode (DIR/strip-MODE.png) and all "
+                        "modes as one labelled sheet, DIR/long-story-modes.jpg")
     p.add_argument("--out", default="benchmarks/results/long-stories.json")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out, measure the rest")
     p.add_argument("--table", metavar="JSON", help="only print the table of a result file")

@@ -72,10 +72,11 @@ def mean_score(summary: dict) -> float:
 
 def evaluate_long(model, stories: list[LongStory], *, steps: int, cfg: float, shift: float, solver: str = "unipc",
                   moga=None, seed: int = 0, dense_steps: float = 0.0, batch: int = 1, device=None,
-                  callback=None) -> dict:
+                  callback=None, on_video=None) -> dict:
     """Generate each story (noise seed = seed + its index), decode, score; attention FLOPs counted by
     `moga.diagnostics.attention_flops` (stories of one shape are batched `batch` at a time); `callback(i, n, x)`
-    after every sampling step, as `generate` calls it."""
+    after every sampling step, as `generate` calls it; `on_video(index, video)` with each decoded story
+    ([3, T, H, W] in -1..1, on the CPU), for pictures."""
     from ..diagnostics import attention_flops
     from .generate import decode, generate
 
@@ -93,6 +94,9 @@ def evaluate_long(model, stories: list[LongStory], *, steps: int, cfg: float, sh
                                dense_steps=dense_steps, callback=callback)
                 video = decode(model, lat, group[0]).cpu()
                 results += [score_long_story(video[j], s) for j, s in enumerate(group)]
+                if on_video is not None:
+                    for j in range(len(group)):
+                        on_video(first + j, video[j])
     summary = summarize_long(results)
     ratio = count.flops / count.dense_flops if count.dense_flops else 1.0
     return {**summary, "score": mean_score(summary), "attention_flops_ratio": round(ratio, 4),
