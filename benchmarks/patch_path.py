@@ -2,7 +2,14 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/patch_path.py              # CUDA: 14B, 262,080 tokens
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/patch_path.py --core-dense # + core's own dense attention
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/patch_path.py --sol        # + core's model under Sol-Attn
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/patch_path.py --smoke      # tiny, on the CPU: every code path
+
+--sol: core's Model Sparse Attention node (comfy_extras/nodes_sparse_attention.py) is in neither vendored ComfyUI
+(0.3.64, 0.33.0), and upstream's needs core modules newer than both; so this row puts on core's model what that
+node's generic path installs, an `optimized_attention_override` that sends each self-attention call (q, k, v of
+one shape, head_dim 128, CUDA) to comfy-kitchen's public `sol_attn` at the node's defaults (tau 1.3, 256 extra
+tokens) and every other call to core's attention. The timed sigma (0.7) is past its dense first 20% of sigmas.
 
 Both paths hold the same tensors: the library's random bf16 14B (moga.model.WanModel, routers calibrated as
 `moga patch` does: k-means, fusion lse, capacity 1, M groups) and core's comfy.ldm.wan.model.WanModel built on the
@@ -73,6 +80,36 @@ def core_model_sharing(lib, device):
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
 
 
+SOL_TAU, SOL_EXTRA = 1.3, 256  # core's Model Sparse Attention defaults
+
+
+def sol_patched(core):
+    """A clone of core's patcher under Sol-Attn as core's node installs it on generic models (see --sol), or
+    (None, why) when comfy-kitchen's kernel cannot run here."""
+    try:
+        import comfy_kitchen as ck
+    except Exception as e:  # noqa: BLE001 - any import failure: not usable here
+        return None, f"comfy-kitchen is not importable ({type(e).__name__}: {e})"
+    dev = core.load_device
+    if dev.type != "cuda" or not ck.sol_attn_is_available(dev):
+        return None, "comfy-kitchen's sol_attn kernel does not run on this device"
+
+    def override(func, q, k, v, heads, *a, **kw):
+        plain = not kw.get("skip_reshape", False) and kw.get("mask") is None
+        if not (plain and q.shape == k.shape == v.shape and q.shape[-1] // heads == 128):
+            return func(q, k, v, heads, *a, **kw)
+        b, n, hd = q.shape
+        qs, ks, vs = (t.view(b, n, heads, hd // heads) for t in (q, k, v))
+        out = ck.sol_attn(qs, ks, vs, tau=SOL_TAU, token_aug=SOL_EXTRA).to(q.dtype)
+        if kw.get("skip_output_reshape", False):
+            return out.transpose(1, 2)
+        return out.reshape(b, n, hd)
+
+    m = core.clone()
+    m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    return m, ""
+
+
 def timed(fn, device, repeats):
     fn()  # warm-up: kernels, index caches, rope
     times, peak = [], 0
@@ -99,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--capacity", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--core-dense", action="store_true", help="also time core's own (unpatched) dense attention")
+    ap.add_argument("--sol", action="store_true", help="also time core's model under Sol-Attn (see above)")
     ap.add_argument("--json", default="benchmarks/results/patch_path.json")
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
     args = ap.parse_args(argv)
@@ -151,6 +189,13 @@ def main(argv=None) -> int:
         runs = [("library (moga.model)", lib_call), ("core + MoGA Patch Model", core_call(patched))]
         if args.core_dense:
             runs.append(("core, dense (no patch)", core_call(core)))
+        if args.sol:
+            sol, why = sol_patched(core)
+            if sol is None:
+                info["sol_skipped"] = why
+                print(f"# Sol-Attn row skipped: {why}", flush=True)
+            else:
+                runs.append((f"core + Sol-Attn (tau {SOL_TAU}, +{SOL_EXTRA} tokens)", core_call(sol)))
         outs = {}
         for name, fn in runs:
             out, seconds, peak = timed(fn, device, args.repeats)
