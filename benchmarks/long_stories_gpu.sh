@@ -38,7 +38,7 @@ train)
   python3 -m moga.train demo "${common[@]}" --dense --out "$RUN/dense-long" >"$OUT/train-dense-long.log" 2>&1 &
   dense=$!
   rc=0; wait $moga || rc=$?; wait $dense || rc=$((rc + $?))
-  tail -3 "$OUT/train-moga-long.log" "$OUT/train-dense-long.log"
+  tail -n 3 "$OUT/train-moga-long.log" "$OUT/train-dense-long.log"
   for m in moga-long dense-long; do
     [ -f "$RUN/$m/model.safetensors" ] && split -b 15M -d "$RUN/$m/model.safetensors" "$OUT/$m.safetensors.part"
   done
@@ -49,7 +49,7 @@ compare)
   bring_back ;;
 sol)
   export PYTHONPATH="$root/.ck${PYTHONPATH:+:$PYTHONPATH}"
-  timeout 420 python3 benchmarks/long_stories.py "${compare[@]}" --modes moga,sol,sol-equal --resume \
+  timeout 420 python3 benchmarks/long_stories.py "${compare[@]}" --modes moga,topk,sol,sol-equal --resume \
     2>&1 | tee "$OUT/long-stories-sol.log" || echo "sol: exit $?"
   for seed in 0 2; do
     timeout 150 python3 -m moga.eval demo --checkpoint "$RUN/moga-long/model.safetensors" --modes moga \

@@ -68,7 +68,7 @@ def topk_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep
     pairs = 0
     for i in range(b):
         mask = topk_blocks(q[i], k[i], keep, block)                    # [H, n, n]
-        sizes = torch.full((n,), block, dtype=torch.long)
+        sizes = torch.full((n,), block, dtype=torch.long, device=q.device)
         sizes[-1] = t - (n - 1) * block
         pairs += int((mask.long() * sizes.view(1, -1, 1) * sizes.view(1, 1, -1)).sum())
         # gather kept blocks: every query block keeps the same count, so the gather is rectangular
@@ -151,7 +151,7 @@ def sol_pairs(q: torch.Tensor, k: torch.Tensor, tau: float, block: int = BLOCK, 
     for i in range(b):
         exact = sol_exact_blocks(q[i], k[i], tau, block=block)         # [H, nq, nk]
         n = exact.shape[-1]
-        sizes = torch.full((n,), block, dtype=torch.long)
+        sizes = torch.full((n,), block, dtype=torch.long, device=q.device)
         sizes[-1] = t - (n - 1) * block
         tok = int((exact.long() * sizes.view(1, 1, -1) * sizes.view(1, -1, 1)).sum())
         pooled = int(((~exact).long() * sizes.view(1, -1, 1)).sum())
