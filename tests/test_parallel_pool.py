@@ -219,9 +219,9 @@ def test_model_with_own_encoders_the_workers_import_what_the_host_registered(che
     import moga.demo  # the entry point's part (CLI, nodes): bring the demo, which registers its loader
     assert extras_module(moga.demo.DEMO_PATH) == EXTRA_LOADERS["demo"].__module__ == "moga.demo.model"
     worker = ("import sys\n"
-              "from moga.parallel.pool import _load_model\n"
+              "from moga.parallel.pool_model import load\n"
               "assert 'moga.demo' not in sys.modules\n"
-              "m = _load_model(sys.argv[1], 'cpu', {'dtype': None}, sys.argv[2] or None)\n"
+              "m = load(sys.argv[1], 'cpu', {'dtype': None}, sys.argv[2] or None)\n"
               "print(type(m.text_encoder).__name__, type(m.vae).__name__)\n")
     root = str(Path(__file__).resolve().parents[1])
     run = lambda module: subprocess.run([sys.executable, "-c", worker, str(moga.demo.DEMO_PATH), module],  # noqa: E731

@@ -7,10 +7,12 @@
 One child process per device (`python -m moga.parallel.worker`, see there why not multiprocessing),
 talking to the host over two private pipes. Each joins a torch.distributed group (NCCL on CUDA, gloo
 on the CPU) through a TCPStore that the host serves on a free loopback port, loads the checkpoint
-itself (memory-mapped, `moga.checkpoint.load_model`), then waits for jobs. A job holds the keyword
-arguments of `moga.sampling.sample` (embeddings, shot frames, latent size, steps, cfg, shift, solver,
-seed, MoGA settings...); every rank runs the whole sampler on the full latent with the Ulysses
-exchange, rank 0 sends one progress event per step and the final latent.
+itself (memory-mapped: one model, a Wan2.2 A14B expert pair, their LoRAs; `pool_model.py`), then
+waits for jobs. A job holds the keyword arguments of `moga.sampling.sample` (embeddings, shot frames,
+latent size, steps, cfg or (cfg_high, cfg_low), shift, solver, seed, MoGA settings, an image
+condition...; `wire.py` carries them); every rank runs the whole sampler on the full latent with the
+Ulysses exchange (each keeps its share of the tokens, image channels included, inside the model), and
+rank 0 sends one event before each step (its expert), one after it, and the final latent.
 
 Cancel: the host sends every rank a cancel message; before every model call each rank reads its
 pipe without blocking and the ranks all-reduce (max) what they read, so they all stop at the same
@@ -26,7 +28,6 @@ checkpoint file and settings stay the same, replaced when they change.
 from __future__ import annotations
 
 import atexit
-import inspect
 import os
 import signal
 import subprocess
@@ -39,114 +40,11 @@ from pathlib import Path
 import torch
 
 from .group import NVLS_OFF, HostStore, WorkerError
+from .pool_model import (canonical_settings, check_fits, extras_module, model_config, pool_key,  # noqa: F401
+                         settings_of, split_pair)
+from .wire import check_job, pack, unpack
 
-# what a worker's model load takes (see _load_model); loras: ((file, strength), ...) merged at load, so
-# every rank holds the same merged weights as a one-process run with the same LoRAs
-SETTINGS = {"dtype": None, "threads": None, "loras": ()}
-_NOT_JOB_KEYS = {"model", "callback", "cancel", "device", "dtype", "parallel", "return_result",
-                 "block_callback"}
 _POLL = 0.25  # seconds between liveness checks while waiting
-
-
-# ---- tensors across the process boundary ------------------------------------------------------
-# Tensors travel as raw bytes, never through torch's shared-memory handles: those need the sending
-# process alive until the receiver has opened them, and a worker may be killed at any time.
-def _pack(obj):
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().to("cpu").contiguous()
-        return ("__tensor__", str(t.dtype).removeprefix("torch."), tuple(t.shape),
-                t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_pack(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _pack(v) for k, v in obj.items()}
-    return obj
-
-
-def _unpack(obj):
-    if isinstance(obj, tuple) and len(obj) == 4 and obj[0] == "__tensor__":
-        _, dtype, shape, data = obj
-        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return flat.view(getattr(torch, dtype)).reshape(shape)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_unpack(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _unpack(v) for k, v in obj.items()}
-    return obj
-
-
-def _canonical_settings(settings) -> dict:
-    settings = dict(settings or {})
-    unknown = set(settings) - set(SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown worker settings {sorted(unknown)}: known are {sorted(SETTINGS)} "
-                         f"(per-run options such as MoGA settings belong in the job)")
-    out = dict(SETTINGS, **settings)
-    if out["loras"]:
-        from moga.checkpoint import check_loras  # files exist, strengths are numbers: refused in the host
-        out["loras"] = tuple((str(Path(f).resolve()), s) for f, s in check_loras(out["loras"]))
-    else:
-        out["loras"] = ()
-    if out["dtype"] is not None:
-        out["dtype"] = str(out["dtype"]).removeprefix("torch.")
-        if not isinstance(getattr(torch, out["dtype"], None), torch.dtype):
-            raise ValueError(f"settings['dtype'] {settings['dtype']!r} is not a torch dtype name")
-    return out
-
-
-def check_job(job: dict) -> dict:
-    """The job's keys are `moga.sampling.sample` keyword arguments; catch mistakes in the host, where
-    they cost nothing, rather than in every worker."""
-    from moga.sampling import sample
-
-    if not isinstance(job, dict):
-        raise ValueError(f"a job is a dict of moga.sampling.sample keyword arguments, got {type(job).__name__}")
-    params = inspect.signature(sample).parameters
-    allowed = {k for k, p in params.items() if p.kind == p.KEYWORD_ONLY or k in ("positive", "negative")}
-    allowed -= _NOT_JOB_KEYS
-    bad = set(job) - allowed
-    if bad:
-        raise ValueError(f"job keys {sorted(bad)} are not sample() options; allowed: {sorted(allowed)} "
-                         f"(the pool supplies model, device, dtype, callback, cancel and parallel)")
-    missing = {k for k in ("positive", "shot_frames", "latent_size") if k not in job}
-    if missing:
-        raise ValueError(f"the job lacks {sorted(missing)}")
-    frames, shots = int(job["latent_size"][0]), tuple(int(f) for f in job["shot_frames"])
-    if not shots or sum(shots) != frames or min(shots) < 1:
-        raise ValueError(f"shot_frames {shots} must be positive and sum to the latent frame count {frames}")
-    return job
-
-
-# ---- the worker process ----------------------------------------------------------------------
-def extras_module(checkpoint) -> str | None:
-    """For a checkpoint that brings its own text encoder / VAE (`moga.extras`, the demo model): the
-    module whose import registered its loader in this (host) process. Workers import that module by
-    name, so this floor never names the modules above it; the entry point (CLI, nodes) that brought
-    the loader decides. Raises ValueError when no loader is registered here."""
-    from moga.checkpoint import EXTRA_LOADERS, inspect_checkpoint
-
-    extras = inspect_checkpoint(checkpoint).extras
-    if not extras:
-        return None
-    loader = EXTRA_LOADERS.get(extras)
-    if loader is None:
-        raise ValueError(f"{checkpoint} brings its own text encoder/VAE ('moga.extras' = {extras!r}) but no "
-                         f"loader is registered for it in this process (registered: "
-                         f"{sorted(EXTRA_LOADERS) or 'none'}): import the module that defines it (e.g. the "
-                         f"demo package) before starting the pool")
-    return loader.__module__
-
-
-def _load_model(checkpoint: str, device: str, settings: dict, extras_from: str | None = None):
-    import importlib
-
-    from moga.checkpoint import load_model
-
-    if extras_from:
-        importlib.import_module(extras_from)  # registers the loader of the model's own encoders
-    dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
-    model = load_model(checkpoint, device=device, dtype=dtype, loras=[tuple(x) for x in settings.get("loras") or ()])
-    return model.eval().requires_grad_(False)
 
 
 # ---- the host side ---------------------------------------------------------------------------
@@ -195,9 +93,12 @@ class WorkerPool:
     """Persistent per-device workers running `moga.sampling.sample` with sequence parallelism.
 
     devices: two or more device strings ("cuda:0", "cuda:1"; "cpu" repeated for CPU/gloo tests).
-    checkpoint: a safetensors path every worker loads itself (memory-mapped).
-    settings: model-load options {"dtype": "bfloat16" | None, "threads": CPU threads per worker,
-        "loras": [(file, strength), ...] merged into every worker's weights}.
+    checkpoint: a safetensors path every worker loads itself (memory-mapped); a Wan2.2 A14B pair:
+        the high-noise expert (or one folder holding both experts).
+    settings: model-load options (`pool_model.SETTINGS`): {"dtype": "bfloat16" | None, "threads": CPU
+        threads per worker, "loras": [(file, strength), ...] merged into every worker's weights,
+        "low_noise": the low-noise expert's file, "loras_low", "boundary", "offload_expert"}.
+        `pool_model.settings_of(model)` gives both for a model loaded in the host.
     start_timeout: seconds for all workers to start and load the model.
     stall_timeout: seconds without any event from the workers during a job (a step, or the first
         step with its warm-up, must finish within it).
@@ -221,10 +122,13 @@ class WorkerPool:
         if not path.exists():
             raise ValueError(f"checkpoint {str(checkpoint)!r} does not exist: pass the path of a "
                              f".safetensors file (or a diffusers folder)")
+        path, canonical = split_pair(path, canonical_settings(settings))
         self.devices = devices
         self.checkpoint = str(path)
-        self.settings = _canonical_settings(settings)
+        self.settings = canonical
         self.extras_from = extras_module(path)
+        self.config = model_config(path, canonical)   # from the headers: jobs are checked against it
+        self.pair = canonical["low_noise"] is not None
         self.start_timeout = float(start_timeout)
         self.stall_timeout = float(stall_timeout)
         self.key = pool_key(devices, path, self.settings)
@@ -252,9 +156,8 @@ class WorkerPool:
 
     def matches(self, devices, checkpoint, settings=None) -> bool:
         try:
-            return self.key == pool_key([str(torch.device(d)) for d in devices],
-                                        Path(checkpoint).expanduser().resolve(),
-                                        _canonical_settings(settings))
+            path, canonical = split_pair(Path(checkpoint).expanduser().resolve(), canonical_settings(settings))
+            return self.key == pool_key([str(torch.device(d)) for d in devices], path, canonical)
         except (OSError, ValueError):
             return False
 
@@ -309,11 +212,16 @@ class WorkerPool:
 
     # -- jobs ----------------------------------------------------------------------------------
     def run(self, job: dict, on_progress=None, cancel=None, timeout: float | None = None,
-            preview: bool = False) -> torch.Tensor:
+            preview: bool = False, on_step=None) -> torch.Tensor:
         """Run one sampling job on all workers; returns the latent [1, C, F, H, W] (float32, CPU).
 
+        job: `moga.sampling.sample` keyword arguments; checked here against the pool's model (an image
+            condition of its kind and the latent's shape, (cfg_high, cfg_low) only for a pair).
         on_progress(step, total, latent_or_None): called in this thread after every step (the latent
             only with preview=True). If it raises, the workers are cancelled and the error re-raised.
+        on_step(index, timestep, expert): as sample's on_step, before each step's model calls (expert:
+            "high" / "low" for a pair, else "single"), from rank 0's event; a hook that raises stops
+            the job as on_progress does.
         cancel(): polled while waiting; True stops every rank at its next step boundary and raises
             moga.sampling.Cancelled. timeout: seconds for the whole job (None: no limit, but the
             stall timeout still applies). Raises WorkerError if a worker fails or dies, ValueError
@@ -322,10 +230,11 @@ class WorkerPool:
         from moga.sampling import Cancelled
 
         check_job(job)
+        check_fits(job, self.config, self.pair)
         with self._lock:
             self.start()  # no-op when running; a fresh pool after a failure
             self._job_id += 1
-            job_id, packed = self._job_id, _pack(job)
+            job_id, packed = self._job_id, pack(job)
             for w in self._workers:
                 w.send((job_id, packed, bool(preview)))
             deadline = time.monotonic() + timeout if timeout else None
@@ -347,9 +256,13 @@ class WorkerPool:
                     if kind == "progress":
                         if on_progress is not None:
                             _, _, step, total, latent = msg
-                            on_progress(step, total, _unpack(latent) if latent is not None else None)
+                            on_progress(step, total, unpack(latent) if latent is not None else None)
+                    elif kind == "step":
+                        if on_step is not None:
+                            _, _, index, timestep, expert = msg
+                            on_step(index, timestep, expert)
                     elif kind == "done":
-                        return _unpack(msg[2])
+                        return unpack(msg[2])
                     elif kind == "cancelled":
                         raise Cancelled("sampling cancelled: every worker stopped at the same step")
             except Cancelled:
@@ -460,12 +373,6 @@ class WorkerPool:
             raise ValueError(f"{last.removeprefix('ValueError: ')} (worker rank {rank}, {when})")
         raise WorkerError(f"worker rank {rank} on {self.devices[rank]} failed {when}; the pool was "
                           f"shut down and the next job starts a fresh one:\n{tb}")
-
-
-def pool_key(devices, path: Path, settings: dict) -> tuple:
-    st = path.stat()
-    loras = tuple(os.stat(f).st_mtime_ns for f, _ in settings.get("loras") or ())  # an edited LoRA: new pool
-    return (tuple(devices), str(path), st.st_size, st.st_mtime_ns, tuple(sorted(settings.items())), loras)
 
 
 # ---- one pool per process (what ComfyUI nodes use) ---------------------------------------------

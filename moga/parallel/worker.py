@@ -6,7 +6,8 @@ script and sets CUDA_VISIBLE_DEVICES at import. This process imports torch and m
 
 Protocol over two inherited pipes (multiprocessing.connection framing, pickled tuples):
   host -> worker: config dict once; then (job_id, job, preview) | ("cancel", job_id) | None (exit)
-  worker -> host: ("ready", rank, pid) | ("progress", job_id, step, total, latent|None)   [rank 0]
+  worker -> host: ("ready", rank, pid) | ("step", job_id, index, timestep, expert)       [rank 0]
+                  ("progress", job_id, step, total, latent|None)                       [rank 0]
                   ("done", job_id, latent) | ("cancelled", job_id)                         [rank 0]
                   ("error" | "invalid" | "fatal", rank, traceback)                         [any rank]
 """
@@ -22,7 +23,8 @@ def _serve(cfg: dict, inbox: Connection, outbox: Connection) -> None:
     import torch
 
     from moga.parallel.group import init_rank
-    from moga.parallel.pool import _load_model, _pack, _unpack
+    from moga.parallel.pool_model import load
+    from moga.parallel.wire import pack, unpack
     from moga.parallel.ulysses import check_heads
     from moga.sampling import Cancelled, sample
 
@@ -32,7 +34,7 @@ def _serve(cfg: dict, inbox: Connection, outbox: Connection) -> None:
             threads = cfg["settings"].get("threads") or max(1, (os.cpu_count() or 1) // world_size)
             torch.set_num_threads(threads)
         exchange = init_rank(rank, world_size, device, cfg["port"], cfg["timeout"])
-        model = _load_model(cfg["checkpoint"], device, cfg["settings"], cfg.get("extras_from"))
+        model = load(cfg["checkpoint"], device, cfg["settings"], cfg.get("extras_from"))
         check_heads(model.config.num_heads, world_size, "GPUs" if torch.device(device).type == "cuda" else "processes")
         outbox.send(("ready", rank, os.getpid()))
     except BaseException as err:  # noqa: BLE001 - reported, then this worker ends
@@ -59,13 +61,17 @@ def _serve(cfg: dict, inbox: Connection, outbox: Connection) -> None:
 
         def callback(step, total, latent):
             if rank == 0:
-                outbox.send(("progress", job_id, step, total, _pack(latent) if preview else None))
+                outbox.send(("progress", job_id, step, total, pack(latent) if preview else None))
+
+        def on_step(index, timestep, expert):
+            if rank == 0:
+                outbox.send(("step", job_id, index, float(timestep), expert))
 
         try:
-            latent = sample(model, callback=callback, cancel=cancel, device=device, parallel=exchange,
-                            **_unpack(job))
+            latent = sample(model, callback=callback, cancel=cancel, on_step=on_step, device=device,
+                            parallel=exchange, **unpack(job))
             if rank == 0:
-                outbox.send(("done", job_id, _pack(latent.float())))
+                outbox.send(("done", job_id, pack(latent.float())))
         except Cancelled:
             if rank == 0:
                 outbox.send(("cancelled", job_id))
