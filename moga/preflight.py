@@ -267,12 +267,13 @@ def model_bytes(model) -> int:
 
 
 def preflight_model(model, layout, device, *, world_size: int = 1, moga_config=None, available: int | None = -1,
-                    can_add_devices: bool = True, batch: int = 1) -> MemoryEstimate:
+                    can_add_devices: bool = True, batch: int = 1, experts: int = 1) -> MemoryEstimate:
     """`preflight` for a loaded WanModel about to run on `device` (its weights move there as they are).
-    Weights already on `device` count as free (the run reuses them)."""
+    Weights already on `device` count as free (the run reuses them). experts: models of this shape held
+    on the device at once (a Wan2.2 A14B pair without offload: 2; `model` is one of them)."""
     import torch
     device = torch.device(device)
-    weights = model_bytes(model)
+    weights = int(experts) * model_bytes(model)
     cfg = moga_config if moga_config is not None else getattr(model, "moga_config", None)
     moga = model.config.num_groups > 0 and not (cfg is not None and cfg.dense)
     on_device = next(iter(model.parameters())).device

@@ -11,7 +11,6 @@ from .common import (CATEGORY, LATENT_FPS, LATENT_SHOT_FRAMES, MoGAModelHandle, 
 NODE = "MoGA Sampler"
 SOLVERS = ("unipc", "euler")  # moga.sampling.SOLVERS (tests keep them in step)
 SCHEDULES = ("wan", "distill")  # moga.sampling.SCHEDULES
-ONE_GPU_ONLY = "image-to-video / expert pairs run on one GPU in this version"
 POOL_TIMEOUT_S = 24 * 3600.0   # a worker that says nothing for this long is treated as dead
 
 
@@ -70,21 +69,24 @@ def _previewer(channels: int, device):
 
 def _check_fits(net, layout, device, moga_config, workers_loaded: bool = False, cfg=None) -> None:
     """moga.preflight before any work is dispatched: a clear error (estimate and fix), not an OOM.
-    `device`: one device, or the pool's list (each GPU holds the weights and 1/P of the tokens)."""
+    `device`: one device, or the pool's list (each GPU holds the weights and 1/P of the tokens).
+    An expert pair counts both experts' weights, or one with offload_expert."""
     import torch
     from moga.preflight import PreflightError, available_bytes, guidance_batch, model_bytes, preflight_model
 
+    one = getattr(net, "high", net)
+    experts = 2 if hasattr(net, "expert_for") and not net.offload else 1
     devices = device if isinstance(device, list) else [device]
     available = -1  # one device: preflight asks it (and counts weights already there as free)
     if len(devices) > 1:
         free = [available_bytes(d) for d in devices]
         available = None if None in free else min(free)
         if available is not None and workers_loaded:
-            available += model_bytes(net)  # the pool's workers already hold the weights
+            available += experts * model_bytes(one)  # the pool's workers already hold the weights
     try:
         batch = guidance_batch(torch.device(devices[0]).type, layout.num_tokens, len(devices), cfg)
-        preflight_model(net, layout, devices[0], world_size=len(devices), moga_config=moga_config,
-                        available=available, batch=batch)
+        preflight_model(one, layout, devices[0], world_size=len(devices), moga_config=moga_config,
+                        available=available, batch=batch, experts=experts)
     except PreflightError as e:
         raise ValueError(f"{NODE}: {e}") from None
 
@@ -208,13 +210,17 @@ class MoGASampler(io.ComfyNode):
                 io.ClipVisionOutput.Input("clip_vision_output", optional=True,
                                           tooltip="Wan2.1 I2V: CLIP Vision Encode of the start image "
                                                   "(clip_vision_h)."),
+                io.Float.Input("cfg_low", default=-1.0, min=-1.0, max=30.0, step=0.1, round=0.01, optional=True,
+                               tooltip="Wan2.2 A14B: guidance of the low-noise expert's steps; -1: the same as "
+                                       "cfg (Wan2.2 T2V uses 4.0 high, 3.0 low)."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
 
     @classmethod
     def execute(cls, model, shots, width=832, height=480, steps=30, cfg=5.0, shift=5.0, solver="unipc", seed=0,
-                gpus="auto", schedule="wan", start_image=None, vae=None, clip_vision_output=None) -> io.NodeOutput:
+                gpus="auto", schedule="wan", start_image=None, vae=None, clip_vision_output=None,
+                cfg_low=-1.0) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -230,6 +236,17 @@ class MoGASampler(io.ComfyNode):
             raise input_error(NODE, "cfg", f"{cfg} is below 1", "use 1 (no guidance) or more")
         if not shift > 0:
             raise input_error(NODE, "shift", f"{shift} is not positive", "use a shift > 0 (Wan2.1: 5)")
+        pair = hasattr(getattr(model, "model", None), "expert_for")
+        cfg_low = -1.0 if cfg_low is None else float(cfg_low)
+        if cfg_low != -1.0:
+            if not pair:
+                raise input_error(NODE, "cfg_low", f"{cfg_low} is the low-noise expert's guidance but "
+                                  f"{getattr(model, 'name', 'the model')} is one model", "set it to -1, or load a "
+                                  "Wan2.2 A14B pair (MoGA Model Loader's low_noise_model)")
+            if not cfg_low >= 1.0:
+                raise input_error(NODE, "cfg_low", f"{cfg_low} is below 1", "use -1 (the same as cfg), 1 (no "
+                                  "guidance) or more")
+        guidance = (float(cfg), cfg_low) if cfg_low != -1.0 else float(cfg)
         schedule = schedule or "wan"
         if schedule not in SCHEDULES:
             raise input_error(NODE, "schedule", f"unknown schedule {schedule!r}", f"pick one of {', '.join(SCHEDULES)}")
@@ -243,8 +260,6 @@ class MoGASampler(io.ComfyNode):
         devices = parse_gpus(gpus, _visible_gpus())
         image = image_condition_of(model, shots, latent_size, start_image, vae, clip_vision_output,
                                    int(width), int(height))
-        if len(devices) > 1 and (image is not None or hasattr(model.model, "expert_for")):
-            raise input_error(NODE, "gpus", ONE_GPU_ONLY, "set gpus to '1' (or one index like '0,')")
 
         from moga.preflight import wants_block_progress
 
@@ -272,15 +287,17 @@ class MoGASampler(io.ComfyNode):
         def on_block(step, done, total):  # done of total blocks in this step's model calls
             pbar.update_absolute((step - 1) * per_step + -(-done * per_step // total), steps * per_step)
 
-        common = dict(shot_frames=shot_frames, latent_size=latent_size, steps=steps, cfg=float(cfg),
+        # the start image is encoded here, in the host: the pool's workers get its tensors, never a VAE
+        common = dict(shot_frames=shot_frames, latent_size=latent_size, steps=steps, cfg=guidance,
                       shift=float(shift), solver=solver, seed=int(seed), moga=model.moga,
-                      dense_steps=model.dense_warmup, dense_layers=model.dense_layers, schedule=schedule)
+                      dense_steps=model.dense_warmup, dense_layers=model.dense_layers, schedule=schedule,
+                      image=image)
         if len(devices) > 1:
             latent = cls._run_pool(devices, model, shots, common, on_step, mm, previewer is not None, layout)
         else:
             device = mm.get_torch_device() if not devices or gpus.strip().lower() in ("auto", "", "1") \
                 else f"cuda:{devices[0]}"
-            latent = cls._run_here(device, model, shots, dict(common, image=image), on_step, mm, layout,
+            latent = cls._run_here(device, model, shots, common, on_step, mm, layout,
                                    on_block if blocks else None)
         if model.vae is None:  # Wan's VAE latents: hand them on in the VAE's own space, as core's samplers do
             latent = _to_vae_space(latent, int(getattr(net_config, "out_dim", 16)))
@@ -299,8 +316,7 @@ class MoGASampler(io.ComfyNode):
             mm.unload_all_models()
             mm.soft_empty_cache()
         net = model.model
-        # an expert pair: preflight counts the high-noise expert (the sampler holds one at a time with offload)
-        _check_fits(getattr(net, "high", net), layout, device, model.moga, cfg=common["cfg"])
+        _check_fits(net, layout, device, model.moga, cfg=common["cfg"])
         try:
             net.to(device)
             with torch.inference_mode():
@@ -319,12 +335,17 @@ class MoGASampler(io.ComfyNode):
     def _run_pool(devices, model, shots, common, on_step, mm, preview, layout):
         from moga.sampling import Cancelled
 
-        from moga.parallel.pool import get_pool
+        from moga.parallel.pool import get_pool, settings_of
 
-        # one persistent pool per process: workers keep the model loaded while devices and file stay the same
-        dtype = None if model.dtype is None else str(model.dtype).removeprefix("torch.")
-        pool = get_pool(_pool_devices(devices), model.path, {"dtype": dtype, "loras": list(model.loras)})
-        _check_fits(model.model, layout, _pool_devices(devices), model.moga, workers_loaded=pool.alive)
+        # one persistent pool per process: workers keep the model loaded while devices and files stay the same;
+        # they load what the loader loaded (the file, a pair's two files, the LoRAs merged into each)
+        try:
+            checkpoint, settings = settings_of(model.model, dtype=model.dtype)
+        except ValueError as e:
+            raise input_error(NODE, "gpus", str(e), "use one GPU for this model") from e
+        pool = get_pool(_pool_devices(devices), checkpoint, settings)
+        _check_fits(model.model, layout, _pool_devices(devices), model.moga, workers_loaded=pool.alive,
+                    cfg=common["cfg"])
         job = dict(common, positive=[p.cpu() for p in shots.positive],
                    negative=None if shots.negative is None else shots.negative.cpu())
         try:

@@ -42,6 +42,10 @@ def env(tmp_path_factory):
                               text_dim=TEXT_DIM, seed=22)
         write_tiny_checkpoint(dm / "tiny_i2v_22.safetensors", layout="comfyui", num_groups=4, text_dim=TEXT_DIM,
                               seed=23, in_dim=36)
+        write_tiny_checkpoint(dm / "tiny_i2v_high_noise.safetensors", layout="comfyui", num_groups=4,
+                              text_dim=TEXT_DIM, seed=25, in_dim=36)   # a Wan2.2 I2V A14B pair
+        write_tiny_checkpoint(dm / "tiny_i2v_low_noise.safetensors", layout="comfyui", num_groups=4,
+                              text_dim=TEXT_DIM, seed=26, in_dim=36)
         write_tiny_checkpoint(dm / "tiny_i2v_21.safetensors", layout="comfyui", num_groups=4, text_dim=TEXT_DIM,
                               seed=24, in_dim=36, image_dim=CLIP_DIM)
         _write_loras(models / "loras")
@@ -703,17 +707,60 @@ def test_sampler_image_errors_name_the_input(env):
         run(env.nodes.MoGASampler, model=t2v, shots=sh, start_image=_image(1), vae=FakeVAE(), **SAMPLER)
 
 
-def test_pooled_sampler_refuses_images_and_pairs_clearly(env, monkeypatch):
-    monkeypatch.setattr(env.nodes.sampler, "_visible_gpus", lambda: 2)
-    i2v = load(env, "tiny_i2v_22.safetensors")
-    sh = shots(env, model=i2v, clip=FakeClip(TEXT_DIM))
-    one_gpu = "gpus.*image-to-video / expert pairs run on one GPU in this version"
-    with pytest.raises(ValueError, match=one_gpu):
-        run(env.nodes.MoGASampler, model=i2v, shots=sh, start_image=_image(1), vae=FakeVAE(), **dict(SAMPLER, gpus="2"))
-    pair = load_pair(env)
-    with pytest.raises(ValueError, match=one_gpu):
-        run(env.nodes.MoGASampler, model=pair, shots=shots(env, model=pair, clip=FakeClip(TEXT_DIM)),
-            **dict(SAMPLER, gpus="2"))
+def _pooled(env, **kw):
+    """The sampler's LATENT samples with gpus='2' on two CPU workers (gloo), standing in for two GPUs."""
+    from moga.parallel.pool import release_pool
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(env.nodes.sampler, "_visible_gpus", lambda: 2)
+        mp.setattr(env.nodes.sampler, "_pool_devices", lambda ids: ["cpu"] * len(ids))
+        try:
+            return run(env.nodes.MoGASampler, **dict(kw, gpus="2"))[0]["samples"]
+        finally:
+            release_pool()
+
+
+@pytest.mark.slow
+def test_pooled_sampler_runs_an_i2v_pair_with_its_start_image_and_cfg_low(env):
+    """A Wan2.2 I2V A14B pair with a LoRA on both experts, a start image (encoded by the host's VAE in this process,
+    the workers get its tensors) and the low expert's own guidance: 2 workers give the one-process latent."""
+    style = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=0.6)[0]
+    pair = run(env.nodes.MoGAModelLoader, ckpt_name="tiny_i2v_high_noise.safetensors", weight_dtype="default",
+               attention_backend="auto", loras=style, low_noise_model="tiny_i2v_low_noise.safetensors",
+               boundary=0.95)[0]   # steps at t = 1000 (high) and 833 (low)
+    sh = shots(env, model=pair, clip=FakeClip(TEXT_DIM))
+    kw = dict(SAMPLER, model=pair, shots=sh, start_image=_image(3), vae=FakeVAE(), cfg_low=2.0)
+    single = run(env.nodes.MoGASampler, **kw)[0]["samples"]
+    env.utils.updates.clear()
+    pooled = _pooled(env, **kw)
+    assert torch.allclose(pooled, single, atol=1e-5), (pooled - single).abs().max()
+    assert [u[:2] for u in env.utils.updates] == [(1, 2), (2, 2)]
+    same_cfg = run(env.nodes.MoGASampler, **dict(kw, cfg_low=-1.0))[0]["samples"]
+    assert not torch.allclose(same_cfg, single, atol=1e-4), "cfg_low reaches the low expert's step"
+
+
+def test_sampler_cfg_low_is_the_low_experts_guidance(env):
+    pair = load_pair(env, boundary=0.95)
+    sh = shots(env, model=pair, clip=FakeClip(TEXT_DIM))
+    got = run(env.nodes.MoGASampler, model=pair, shots=sh, cfg_low=1.5, **SAMPLER)[0]["samples"]
+    ref = sample(pair.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
+                 cfg=(3.0, 1.5), shift=5.0, solver="euler", seed=7, moga=pair.moga)
+    assert torch.equal(got, vae_space(ref))
+    assert "cfg_low" in env.io.object_info(env.nodes.MoGASampler)["input"]["optional"]
+    with pytest.raises(ValueError, match="'cfg_low'.*below 1.*Fix: use -1"):
+        run(env.nodes.MoGASampler, model=pair, shots=sh, cfg_low=0.5, **SAMPLER)
+    one = load(env)
+    with pytest.raises(ValueError, match="'cfg_low'.*low-noise expert's guidance but .* is one model"):
+        run(env.nodes.MoGASampler, model=one, shots=shots(env, model=one, clip=FakeClip(TEXT_DIM)), cfg_low=2.0,
+            **SAMPLER)
+
+
+def test_pooled_sampler_refuses_a_model_its_workers_cannot_load(env):
+    """The workers load the model from its files: a model that was not read from one is refused, naming the fix,
+    before any worker starts."""
+    t2v = load(env)
+    built = t2v.with_settings(model=_with_attr(t2v.model, source_path=None))
+    with pytest.raises(ValueError, match="'gpus'.*not loaded from a file.*Fix: use one GPU"):
+        _pooled(env, model=built, shots=shots(env, model=t2v, clip=FakeClip(TEXT_DIM)), **SAMPLER)
 
 
 @pytest.mark.slow

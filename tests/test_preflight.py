@@ -130,6 +130,8 @@ def test_preflight_model_counts_the_loaded_weights():
         b.numel() * b.element_size() for b in model.buffers())
     with pytest.raises(PreflightError):
         preflight_model(model, layout, "cpu", available=0)  # resident weights are free, activations are not
+    pair = preflight_model(model, layout, "cpu", available=None, experts=2)  # an A14B pair without offload
+    assert pair.weights == 2 * est.weights
 
 
 # ---- the command line: refused before any weight is read ---------------------------------------------
