@@ -101,3 +101,47 @@ def test_wan22_i2v_pair_from_a_folder_and_from_two_files(files, tmp_path, capsys
                 "--schedule", "distill", "--boundary", "0.5") == 0
     c = load_file(str(tmp_path / "o.safetensors"))["latent"]
     assert not torch.equal(a, c)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_run_an_i2v_pair_with_per_expert_loras_as_one_process(files, tmp_path):
+    """`torchrun -m moga generate` on 2 gloo ranks: Wan2.2 I2V A14B (--model-low, --offload-expert), a LoRA per
+    expert (--lora, --lora-low), the low expert's guidance (--cfg-low) and start images of both shots (--image,
+    --shot-image): every rank encodes the same images with the same VAE, so the latent is the one-process one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from moga.testing import write_tiny_checkpoint
+    hi = write_tiny_checkpoint(tmp_path / "hi.safetensors", in_dim=36, seed=1, num_groups=2)
+    lo = write_tiny_checkpoint(tmp_path / "lo.safetensors", in_dim=36, seed=2, num_groups=3)
+    g = torch.Generator().manual_seed(8)
+    loras = {}
+    for name, block in (("high", 0), ("low", 1)):
+        loras[name] = tmp_path / f"{name}_lora.safetensors"
+        save_file({f"diffusion_model.blocks.{block}.norm3.diff_b": 0.1 * torch.randn(64, generator=g)},
+                  str(loras[name]))
+    same_cfg = ["--model-low", str(lo), "--offload-expert", "--lora", str(loras["high"]), "--lora-low",
+                str(loras["low"]), "--steps", "4", "--cfg", "3", "--image", str(files["a"]), "--shot-image",
+                f"2:{files['b']}", "--device", "cpu", "--dtype", "float32"]
+    flags = same_cfg + ["--cfg-low", "2"]
+    assert _run(files, hi, tmp_path, *flags) == 0
+    one = load_file(str(tmp_path / "o.safetensors"))["latent"]
+    shots = tmp_path / "shots.txt"
+    root = Path(__file__).resolve().parents[1]
+    argv = ["generate", "--model", str(hi), "--shots", str(shots), "--size", "32x16", "--text-encoder",
+            str(files["te"]), "--vae", str(files["vae"]), "--out", str(tmp_path / "par.mp4"), "--save-latent",
+            str(tmp_path / "par.safetensors"), "--quiet", *flags]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", MOGA_DIST_TIMEOUT="60")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "moga", *argv], env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("wrote ") == 1 and "over 2 ranks" in res.stdout
+    par = load_file(str(tmp_path / "par.safetensors"))["latent"]
+    rel = float((par.double() - one.double()).norm() / one.double().norm())
+    assert rel < 1e-5, rel
+    assert _run(files, hi, tmp_path, *same_cfg) == 0   # without --cfg-low: another video
+    assert not torch.allclose(load_file(str(tmp_path / "o.safetensors"))["latent"], one, atol=1e-4)
