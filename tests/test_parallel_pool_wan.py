@@ -70,6 +70,7 @@ def _run_pool(checkpoint, settings, job):
     return out, events
 
 
+@pytest.mark.slow
 def test_wan22_i2v_pair_with_a_lora_per_expert_matches_one_process(files):
     lora_h, lora_l = [(files["lora_high"], 0.7)], [(files["lora_low"], 0.9)]
     ref = load_experts(files["high"], files["low"], loras=lora_h, loras_low=lora_l)
@@ -93,6 +94,7 @@ def test_wan22_i2v_pair_with_a_lora_per_expert_matches_one_process(files):
     assert _rel(sample(ref, **dict(job, cfg=3.0)), want) > 1e-3
 
 
+@pytest.mark.slow
 def test_wan21_i2v_with_clip_tokens_and_a_lora_matches_one_process(files):
     lora = [(files["lora_high"], 0.8)]
     ref = load_model(files["i2v21"], loras=lora)
@@ -148,7 +150,9 @@ def test_a_folder_or_a_loaded_model_names_the_same_pair(files, tmp_path):
     again = WorkerPool(DEVICES, checkpoint, settings)
     assert again.settings["boundary"] == 0.8 and again.settings["loras"] == ()
     assert again.settings["loras_low"] == ((files["lora_low"], 1.0),)
-    assert pool.starts == again.starts == 0
+    single = WorkerPool(DEVICES, files["t2v"])
+    assert not single.pair and single.matches(DEVICES, files["t2v"], {"loras_low": (), "offload_expert": False})
+    assert pool.starts == again.starts == single.starts == 0
 
 
 def test_what_the_pool_refuses_is_refused_in_the_host(files):

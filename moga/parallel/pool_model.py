@@ -41,10 +41,11 @@ def canonical_settings(settings) -> dict:
     out = dict(SETTINGS, **settings)
     out["loras"] = _loras(out["loras"])
     if out["low_noise"] is None:
-        given = [k for k in _PAIR_ONLY if settings.get(k) not in (None, False)]
+        given = [k for k in _PAIR_ONLY if settings.get(k)]
         if given:
             raise ValueError(f"settings {given} are for a Wan2.2 A14B pair: give settings['low_noise'] (the "
                              f"low-noise expert's file) too")
+        out.update({k: SETTINGS[k] for k in _PAIR_ONLY})  # one form: an empty loras_low is no loras_low
     else:
         low = Path(out["low_noise"]).expanduser().resolve()
         if not low.exists():
