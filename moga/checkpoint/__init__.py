@@ -15,8 +15,9 @@ Models that bring their own text encoder / VAE (the demo model) carry header met
 
 The parts: `safetensors_io` (headers, TensorSource, writing), `layouts` (key maps), `inspection`
 (what a file is; CheckpointInfo), `moga_format` (metadata, save), `loader` (load_model, extras),
-`calibrate` (patch, router calibration), `lora` (LoRAs merged at load), `router_file` (router-only
-files: routers + settings + a fingerprint of their base weights, for MoGA Patch Model).
+`calibrate` (patch, router calibration), `lora` (LoRA files: read in every layout, merged at load, written
+in ComfyUI's), `router_file` (router-only files: routers + settings + a fingerprint of their base weights,
+for MoGA Patch Model).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from .inspection import CheckpointInfo, Plan, inspect_checkpoint, plan_checkpoin
 from .layouts import (EXTRA_PREFIXES, LAYOUTS, PREFIX_COMFYUI, canonical_key, detect_layout, diffusers_to_wan,
                       router_key, to_layout, wan_to_diffusers)
 from .loader import EXTRA_LOADERS, load_model, register_extras
-from .lora import check_loras, lora_specs, merge_loras, parse_lora_spec, read_lora
+from .lora import (LORA_PREFIX, check_loras, lora_specs, lora_tensors, merge_loras, parse_lora_spec, read_lora,
+                   write_lora)
 from .moga_format import (FORMAT_VERSION, format_layers, moga_metadata, parse_layers, sampler_defaults,
                           sampler_metadata, save_checkpoint)
 from .router_file import RouterSet, compare_fingerprint, make_fingerprint, read_routers, write_routers
@@ -40,6 +42,7 @@ __all__ = ["load_model", "inspect_checkpoint", "save_checkpoint", "patch_checkpo
            "write_safetensors", "read_header", "plan_checkpoint", "FORMAT_VERSION", "CALIBRATED_DENSE_WARMUP",
            "CALIBRATED_CAPACITY", "parse_layers", "format_layers", "router_key", "wan_to_diffusers",
            "diffusers_to_wan", "Plan", "Entry", "PREFIX_COMFYUI", "LAYOUTS", "EXTRA_PREFIXES", "check_loras",
-           "merge_loras", "parse_lora_spec", "read_lora", "lora_specs", "RouterSet", "read_routers", "write_routers",
+           "merge_loras", "parse_lora_spec", "read_lora", "lora_specs", "write_lora", "lora_tensors", "LORA_PREFIX",
+           "RouterSet", "read_routers", "write_routers",
            "make_fingerprint", "compare_fingerprint", "load_experts", "find_experts", "sampler_metadata",
            "sampler_defaults"]

@@ -17,6 +17,10 @@ dequantised (times its `scale_weight` for ComfyUI's scaled fp8); `fp8="compute"`
 weight in the compute dtype (exact, 2 bytes a weight instead of 1), `fp8="fp8"` requantises it to the file's
 fp8 dtype with a fresh per-tensor scale (the file's memory, fp8 rounding of the whole weight).
 Every file is read and checked against the model before any weight changes.
+
+Writing (`write_lora`, `lora_tensors`): ComfyUI's layout, `diffusion_model.blocks.0.self_attn.q.lora_down.weight`
+/ `.lora_up.weight` / `.alpha` (what `moga train wan --lora-output separate` writes, and what ComfyUI's
+LoraLoader and this reader take).
 """
 from __future__ import annotations
 
@@ -26,13 +30,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from ..model import FP8_DTYPES
 from .errors import CheckpointError
 from .layouts import wan_to_diffusers
-from .safetensors_io import TensorSource
+from .safetensors_io import TensorSource, write_safetensors
 
 # (up, down) suffix pairs, as trainers write them (up = B [out, r], down = A [r, in])
 _PAIRS = (("lora_up.weight", "lora_down.weight"), ("lora_B.weight", "lora_A.weight"),
@@ -48,6 +53,7 @@ _UNSUPPORTED = {"lora_mid.weight": "LoCon (lora_mid)", "dora_scale": "DoRA (dora
 _WIDTHS = {1536: "Wan2.1 T2V 1.3B (width 1536)", 3072: "Wan2.2 TI2V-5B (width 3072)",
            5120: "a Wan 14B model (Wan2.1 14B or Wan2.2 A14B, width 5120)"}
 FP8_MODES = ("compute", "fp8")
+LORA_PREFIX = "diffusion_model."  # the prefix of the layout written here (ComfyUI's name for the DiT)
 
 
 @dataclass
@@ -161,21 +167,36 @@ def _resolve(module: str, dotted, flat) -> str | None:
     return dotted.get(module) or flat.get(module)
 
 
-def read_lora(path, model) -> list[LoraTerm]:
-    """The updates one LoRA file makes to `model` (a WanModel), checked against its tensors' names and
-    shapes; raises CheckpointError naming the problem and the fix."""
-    path = Path(path)
+def read_lora(lora, model) -> list[LoraTerm]:
+    """The updates one LoRA makes to `model` (a WanModel), checked against its tensors' names and shapes;
+    raises CheckpointError naming the problem and the fix. `lora`: a .safetensors file, or the tensors
+    of one as a mapping (name -> tensor, e.g. what `lora_tensors` makes)."""
+    if isinstance(lora, Mapping):
+        path, keys, get, close = "(given tensors)", list(lora), lora.__getitem__, None
+    else:
+        path = Path(lora)
+        try:
+            src = TensorSource(path)
+        except CheckpointError as exc:
+            raise CheckpointError(f"LoRA: {exc} (LoRAs are read from .safetensors files only)") from None
+        if src.path.is_dir():
+            raise CheckpointError(f"LoRA {path} is a folder: give the LoRA's .safetensors file")
+        keys, get, close = src.keys(), src.get, src.close
     try:
-        src = TensorSource(path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"LoRA: {exc} (LoRAs are read from .safetensors files only)") from None
-    if src.path.is_dir():
-        raise CheckpointError(f"LoRA {path} is a folder: give the LoRA's .safetensors file")
+        terms = _read_terms(path, keys, get, model)
+    finally:
+        if close is not None:
+            close()
+    for t in terms:
+        _check_term(t, model.get_parameter(t.target), path, model)
+    return terms
+
+
+def _read_terms(path, keys, get, model) -> list[LoraTerm]:
     params = dict(model.named_parameters())
     dotted, flat = _aliases(model)
     terms: dict[tuple[str, str], LoraTerm] = {}
     unmatched, refused, not_lora = [], set(), []
-    keys = src.keys()
     for key in keys:
         module, kind = _split(key)
         if module is None:
@@ -200,14 +221,13 @@ def read_lora(path, model) -> list[LoraTerm]:
         term = terms.setdefault((target, "diff" if kind in ("diff", "diff_b") else "lora"), LoraTerm(target))
         term.keys.append(key)
         if kind == "alpha":
-            a = src.get(key)
+            a = get(key)
             if a.numel() != 1:
                 raise CheckpointError(f"LoRA {path}: {key} has shape {tuple(a.shape)}, an alpha is one number: "
                                       f"the file is damaged; fetch it again")
             term.alpha = float(a.reshape(()))
         else:
-            setattr(term, "diff" if kind in ("diff", "diff_b") else kind, src.get(key))
-    src.close()
+            setattr(term, "diff" if kind in ("diff", "diff_b") else kind, get(key))
     if refused:
         raise CheckpointError(f"LoRA {path} uses {', '.join(sorted(refused))}, which this loader does not merge "
                               f"(plain low-rank LoRAs and .diff deltas only): use a plain LoRA, or apply it with "
@@ -221,10 +241,7 @@ def read_lora(path, model) -> list[LoraTerm]:
         raise CheckpointError(f"LoRA {path}: {len(bad)} of its {len(keys)} tensors match no weight of this "
                               f"{model.config.name} ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})"
                               f"{_made_for(bad, model)}")
-    out = list(terms.values())
-    for t in out:
-        _check_term(t, params[t.target], path, model)
-    return out
+    return list(terms.values())
 
 
 def _made_for(keys, model) -> str:
@@ -309,4 +326,21 @@ def _merge_one(model, target: str, delta: torch.Tensor, fp8: str) -> None:
     module._parameters[leaf] = torch.nn.Parameter(new, requires_grad=False)
 
 
-__all__ = ["LoraTerm", "check_loras", "lora_specs", "merge_loras", "parse_lora_spec", "read_lora", "FP8_MODES"]
+def lora_tensors(factors: Mapping[str, tuple], prefix: str = LORA_PREFIX) -> dict[str, torch.Tensor]:
+    """{module name: (down [rank, in], up [out, rank], alpha)} -> a LoRA's tensors in ComfyUI's layout
+    (`{prefix}{module}.lora_down.weight`, `.lora_up.weight`, `.alpha`), float32 on the CPU."""
+    out = {}
+    for module, (down, up, alpha) in factors.items():
+        out[f"{prefix}{module}.lora_down.weight"] = down.detach().float().cpu().contiguous()
+        out[f"{prefix}{module}.lora_up.weight"] = up.detach().float().cpu().contiguous()
+        out[f"{prefix}{module}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def write_lora(path, factors: Mapping[str, tuple], metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a LoRA file (`lora_tensors`' layout, atomically); returns its path."""
+    return write_safetensors(path, lora_tensors(factors), metadata)
+
+
+__all__ = ["LoraTerm", "check_loras", "lora_specs", "merge_loras", "parse_lora_spec", "read_lora", "FP8_MODES",
+           "LORA_PREFIX", "lora_tensors", "write_lora"]
