@@ -1,9 +1,15 @@
-"""LoRA on the DiT's attention and FFN projections: add, save, load, merge.
+"""Trainable LoRA on the DiT's attention and FFN projections: add, save, load, merge.
 
     n = add_lora(model, rank=16)                      # blocks.*.{self_attn,cross_attn}.{q,k,v,o}, ffn.0, ffn.2
     ... train the `lora_down` / `lora_up` parameters ...
     sd = lora_state_dict(model)                       # ComfyUI's LoRA key names (diffusion_model. prefix)
     merge_lora(model)                                 # W += (alpha / rank) * up @ down, LoRA removed
+
+The LoRA files themselves are moga.checkpoint.lora's: `load_lora` reads with its `read_lora` (every layout
+the checkpoint loader takes: kohya `lora_unet_*` with alpha, PEFT `lora_A`/`lora_B`, `.diff` deltas) and
+`lora_state_dict` names tensors with its `lora_tensors` (ComfyUI's layout). What stays here is what
+training needs: the trainable layers, and merges that keep a trained weight's Parameter (the optimizer
+holds it) and refuse fp8 weights rather than requantising them.
 
 A LoRA layer computes base(x) + (alpha / rank) * up(down(x)); `up` starts at zero, so adding LoRA
 changes nothing until it is trained. The layer keeps the base weight's name and tensor (only its class
@@ -20,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint.lora import LORA_PREFIX, lora_tensors, read_lora
 from ..model import FP8_DTYPES, WanLinear
 
 TARGETS = {
@@ -28,7 +35,7 @@ TARGETS = {
     "ffn": ("ffn.0", "ffn.2"),
 }
 DEFAULT_TARGETS = ("self_attn", "cross_attn", "ffn")
-COMFY_PREFIX = "diffusion_model."
+COMFY_PREFIX = LORA_PREFIX
 
 
 class LoRALinear(WanLinear):
@@ -102,73 +109,80 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def lora_state_dict(model: nn.Module, prefix: str = COMFY_PREFIX) -> dict[str, torch.Tensor]:
     """{prefix + name + '.lora_down.weight' / '.lora_up.weight' / '.alpha'}: the key names ComfyUI's
     LoRA loader reads for Wan models (with the default prefix)."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        out[f"{prefix}{name}.lora_down.weight"] = m.lora_down.detach().float().cpu().contiguous()
-        out[f"{prefix}{name}.lora_up.weight"] = m.lora_up.detach().float().cpu().contiguous()
-        out[f"{prefix}{name}.alpha"] = torch.tensor(float(m.lora_alpha))
-    return out
+    return lora_tensors({name: (m.lora_down, m.lora_up, m.lora_alpha) for name, m in lora_modules(model).items()},
+                        prefix)
 
 
-def _split_lora_sd(sd: Mapping[str, torch.Tensor]) -> dict[str, dict]:
-    mods: dict[str, dict] = {}
-    for key, t in sd.items():
-        for leaf in (".lora_down.weight", ".lora_up.weight", ".alpha"):
-            if key.endswith(leaf):
-                name = key[: -len(leaf)]
-                for p in (COMFY_PREFIX, "model.diffusion_model.", "diffusion_model."):
-                    if name.startswith(p):
-                        name = name[len(p):]
-                        break
-                mods.setdefault(name, {})[leaf.split(".")[1]] = t
-    return mods
+def lora_factors(weights: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Trained tensors by parameter name (`X.lora_down`, `X.lora_up`, others ignored) -> {X: (down, up)}."""
+    return {n[: -len(".lora_down")]: (weights[n], weights[n[: -len("down")] + "up"])
+            for n in weights if n.endswith(".lora_down")}
 
 
 def load_lora(model: nn.Module, lora, merge: bool = True, strength: float = 1.0) -> list[str]:
-    """Apply a LoRA (a dict from `lora_state_dict` or a .safetensors file) to `model`: merged into the
-    base weights (`merge`), or as trainable LoRA layers. Returns the module names it touched."""
-    if not isinstance(lora, Mapping):
-        from safetensors.torch import load_file
-        lora = load_file(str(lora))
-    mods = _split_lora_sd(lora)
-    if not mods:
+    """Apply a LoRA (a .safetensors file in any layout moga.checkpoint reads, or tensors such as
+    `lora_state_dict` makes) to `model`: merged into the base weights (`merge`), or as trainable LoRA
+    layers. Returns the module names it touched."""
+    terms = read_lora(lora, model)  # checked against the model's names and shapes before any change
+    if not terms:
         raise ValueError("the LoRA holds no lora_down/lora_up tensors")
-    for name, parts in mods.items():
-        if "lora_down" not in parts or "lora_up" not in parts:
-            raise ValueError(f"LoRA of {name} lacks its lora_down or lora_up tensor")
-        try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the LoRA targets {name}, which this model does not have: it was trained "
-                             f"for another model") from None
-        down, up = parts["lora_down"].float(), parts["lora_up"].float()
-        if tuple(up.shape[:1]) + tuple(down.shape[1:]) != tuple(m.weight.shape) or up.shape[1] != down.shape[0]:
-            raise ValueError(f"LoRA of {name} ({tuple(up.shape)} @ {tuple(down.shape)}) does not fit its "
-                             f"weight {tuple(m.weight.shape)}")
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
+    for t in terms:  # every term checked before any weight changes
         if merge:
-            _merge_into(m, name, up @ down * (alpha / down.shape[0]) * strength)
+            _check_mergeable(model, t.target)
         else:
-            if isinstance(m, LoRALinear):
-                raise ValueError(f"{name} already has LoRA")
+            _check_trainable(model, t)
+    names = []
+    for t in terms:
+        if merge:
+            w = model.get_parameter(t.target)
+            _merge_into(model, t.target, t.delta(w.device).reshape(w.shape) * strength)
+        else:
+            m = model.get_submodule(t.target[: -len(".weight")])
             m.__class__ = LoRALinear
-            m.lora_down = nn.Parameter(down.to(m.weight.device))
-            m.lora_up = nn.Parameter((up * strength).to(m.weight.device))
-            m.lora_alpha = alpha
-    return sorted(mods)
+            m.lora_down = nn.Parameter(t.down.float().to(m.weight.device))
+            m.lora_up = nn.Parameter((t.up.float() * strength).to(m.weight.device))
+            m.lora_alpha = float(t.down.shape[0] if t.alpha is None else t.alpha)
+        names.append(t.target[: -len(".weight")] if t.target.endswith(".weight") else t.target)
+    return sorted(names)
 
 
-def _merge_into(m: nn.Module, name: str, delta: torch.Tensor) -> None:
-    w = m.weight
-    if w.dtype in FP8_DTYPES or "scale_weight" in m._buffers:
-        raise ValueError(f"{name} has fp8 weights: LoRA cannot be merged into them without loss; train "
+def _check_trainable(model: nn.Module, term) -> None:
+    """A term that can become a trainable LoRA layer: low rank, on a linear layer's weight, not one yet."""
+    if term.diff is not None:
+        raise ValueError(f"the LoRA holds a full delta for {term.target} ({', '.join(term.keys)}), which is no "
+                         f"low-rank pair to train: load it with merge=True")
+    name = term.target[: -len(".weight")]
+    m = model.get_submodule(name)
+    if not isinstance(m, nn.Linear):
+        raise ValueError(f"the LoRA updates {term.target}, which is not a linear layer's weight: load it with "
+                         f"merge=True")
+    if isinstance(m, LoRALinear):
+        raise ValueError(f"{name} already has LoRA")
+
+
+def _owner(model: nn.Module, target: str) -> tuple[str, nn.Module, str]:
+    owner, _, leaf = target.rpartition(".")
+    return owner, model.get_submodule(owner) if owner else model, leaf
+
+
+def _check_mergeable(model: nn.Module, target: str) -> None:
+    owner, m, leaf = _owner(model, target)
+    if m._parameters[leaf].dtype in FP8_DTYPES or (leaf == "weight" and "scale_weight" in m._buffers):
+        raise ValueError(f"{owner} has fp8 weights: LoRA cannot be merged into them without loss; train "
                          f"from a bf16/fp16 checkpoint, or keep the LoRA separate")
+
+
+def _merge_into(model: nn.Module, target: str, delta: torch.Tensor) -> None:
+    """W += delta in float32, stored in W's dtype; a trained (requires_grad) W is updated in place."""
+    _check_mergeable(model, target)
+    _, m, leaf = _owner(model, target)
+    w = m._parameters[leaf]
     merged = (w.detach().float() + delta.to(w.device)).to(w.dtype)
     with torch.no_grad():
         if w.requires_grad:
             w.copy_(merged)
         else:
-            m._parameters["weight"] = nn.Parameter(merged, requires_grad=False)
+            m._parameters[leaf] = nn.Parameter(merged, requires_grad=False)
 
 
 @torch.no_grad()
@@ -178,7 +192,7 @@ def merge_lora(model: nn.Module) -> list[str]:
     names = []
     for name, m in lora_modules(model).items():
         delta = m.lora_up.detach().float() @ m.lora_down.detach().float() * m.lora_scale
-        _merge_into(m, name, delta)
+        _merge_into(model, f"{name}.weight", delta)
         remove_lora_layer(m)
         names.append(name)
     return names
@@ -202,5 +216,5 @@ def lora_names(model: nn.Module) -> Iterable[str]:
     return list(lora_modules(model))
 
 
-__all__ = ["LoRALinear", "add_lora", "lora_state_dict", "load_lora", "merge_lora", "remove_lora",
+__all__ = ["LoRALinear", "add_lora", "lora_state_dict", "lora_factors", "load_lora", "merge_lora", "remove_lora",
            "lora_parameters", "lora_modules", "target_names", "parse_targets", "TARGETS", "DEFAULT_TARGETS"]
