@@ -166,7 +166,7 @@ class CheckpointInfo:
             lines.append("  MoGA:       no routers (runs dense; `moga patch` adds them)")
         if self.extras:
             lines.append(f"  extras:     {self.extras} (own text encoder / VAE)")
-        if self.metadata.get("moga.train"):  # written by `moga train wan` (moga/train/wan.py)
+        if self.metadata.get("moga.train"):  # written by `moga train wan` (moga/train/wan/export.py)
             try:
                 t = json.loads(self.metadata["moga.train"])
                 lines.append(f"  trained:    {t.get('mode')} fine-tune, {t.get('steps')} steps, lr {t.get('lr')}, "
