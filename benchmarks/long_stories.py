@@ -48,6 +48,12 @@ MODES = ("dense", "moga", "window", "lse", "lse-warmup", "topk", "sol", "sol-equ
 SOL_TAU, SOL_EXTRA, SOL_DENSE = 1.3, 256, 0.2   # ComfyUI core's Model Sparse Attention defaults
 
 
+def file_label(path: Path) -> str:
+    """A checkpoint's name for the table: its folder too when the file is a run's generic model.safetensors."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.name == "model.safetensors" and path.parent.name else path.name
+
+
 def _device_name(device) -> str:
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
@@ -176,7 +182,8 @@ def measure(args, tmp: Path, argv) -> dict:
     sampling = dict(steps=args.steps or s["steps"], cfg=args.cfg or s["cfg"], shift=s["shift"], solver=s["solver"])
     stories = heldout_long_stories(args.stories, args.shots, seed=args.seed, shot_frames=args.shot_frames)
     out = Path(args.out)
-    settings = {"moga_dense_steps": args.moga_dense_steps, "checkpoint": moga_path.name, "dense_checkpoint": twin_path.name if not stand_in else None,
+    settings = {"moga_dense_steps": args.moga_dense_steps, "checkpoint": file_label(moga_path),
+                "dense_checkpoint": file_label(twin_path) if not stand_in else None,
                 "stand_in_twin": stand_in, "trained_on_long_stories": trained_long, "stories": args.stories,
                 "shots": args.shots, "shot_frames": args.shot_frames, "seed": args.seed, "sampling": sampling}
     old = json.loads(out.read_text()) if args.resume and out.exists() else {}
@@ -232,11 +239,11 @@ def measure(args, tmp: Path, argv) -> dict:
         if pictures is not None:
             save_sheet(pictures, stories[0], rows)
 
-    twin_note = "stand-in: MoGA weights, routers off" if stand_in else twin_path.name
+    twin_note = "stand-in: MoGA weights, routers off" if stand_in else file_label(twin_path)
     run("dense", twin, moga=dense_cfg, model=twin_note)
-    run("moga", model, dense_steps=warm, model=moga_path.name)
+    run("moga", model, dense_steps=warm, model=file_label(moga_path))
     run("window", model, moga=model.moga_config.replace(routed=False, per_frame=False, windowed=True),
-        model=moga_path.name)
+        model=file_label(moga_path))
     if {"lse", "lse-warmup"} & set(args.modes) - set(rows):
         lse = calibrated(twin_path, twin, stories[0], tmp, args.groups, args.seed, device)
         run("lse", lse, dense_steps=0.0, model=f"{twin_note} + calibrated routers (lse, capacity 1)")

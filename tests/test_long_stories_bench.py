@@ -16,7 +16,7 @@ from moga.demo.sparse_baselines import sol_available  # noqa: E402
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("ls") / "r.json"
     long_stories.main(["--stories", "1", "--shots", "3", "--shot-frames", "5", "--steps", "2", "--threads", "1",
-                       "--out", str(out)])
+                       "--out", str(out), "--pictures", str(out.parent / "pictures")])
     return out, json.loads(out.read_text())
 
 
@@ -62,3 +62,34 @@ def test_fit_tau_meets_the_target_ratio():
         assert abs(got - target) < 0.03 and got <= target + 1e-9, (target, got)
     tau, got = long_stories.fit_tau(calls, floor / 2)   # unreachable: the floor, said by its ratio
     assert tau == 12.0 and got == floor
+
+
+def test_pictures_show_every_mode_of_the_first_story(result):
+    """--pictures: a strip per measured mode (the middle frame of each shot) and one sheet with a row per mode."""
+    from PIL import Image
+
+    out, r = result
+    folder = out.parent / "pictures"
+    modes = [x["mode"] for x in r["rows"]]
+    for mode in modes:
+        strip = Image.open(folder / f"strip-{mode}.png")
+        assert strip.size == (3 * 128, 128), (mode, strip.size)  # 3 shots of 128 x 128 side by side
+    sheet = Image.open(folder / "long-story-modes.jpg")
+    assert sheet.size[1] == 28 + 128 * len(modes) and sheet.size[0] > 3 * 128
+
+
+def test_story_strip_takes_each_shots_middle_frame():
+    import torch
+
+    from moga.demo.long_world import heldout_long_stories
+
+    story = heldout_long_stories(1, 12, seed=1, shot_frames=5)[0]
+    video = torch.rand(3, sum(story.shot_frames), 8, 6, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    strip = torch.from_numpy(long_stories.story_strip(video, story)).float()
+    start = 0
+    for k, n in enumerate(story.shot_frames):
+        want = ((video[:, start + n // 2] + 1) * 127.5).round().permute(1, 2, 0)
+        assert torch.equal(strip[:, 6 * k:6 * (k + 1)], want), k
+        start += n
+    assert long_stories.file_label(Path("/r/moga-long/model.safetensors")) == "moga-long/model.safetensors"
+    assert long_stories.file_label(Path("/r/x.safetensors")) == "x.safetensors"
