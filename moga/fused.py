@@ -8,10 +8,11 @@ matmuls costs as much as a matmul when it runs as separate torch ops. Row-wise T
 - `layer_norm_cast`: the affine LayerNorm before the cross-attention (`norm3`), cast.
 - `rms_norm_rope`: Wan's RMSNorm of q or k over all heads (float32), times its weight, then RoPE on channel
   pairs (2i, 2i+1), written back in place. Plain torch: ~12 passes; fused: one read, one write.
-  Without `rope` it is the cross-attention's norm_q.
+  Without `rope` it is the cross-attention's norm_q; without a weight, RoPE alone.
 - `residual_norm` (the general row kernel the first two use): the gated residual update `x += gate * y`
   (float32, in place) and, from the new x, the next norm / modulation in the compute dtype and / or the
-  per-token e4m3 copy for an fp8 matmul, in one pass (`moga.fused_block` chains them).
+  per-token e4m3 copy for an fp8 matmul, in one pass (`moga.fused_block` chains them; `moga.host_block`
+  on a host's bf16 residual, written into a new buffer so the host's block input stays as it was).
 - `gelu_quant`: the FFN's GELU (tanh) straight to e4m3 with per-token scales (the input of an fp8 `ffn.2`).
 
 Every function falls back to the plain torch expression (the reference, bit for bit the unfused model)
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 
 FUSED = True         # False: always the plain torch path (benchmarks compare both)
 FUSE_ON_CPU = False  # tests: the Triton kernels on the CPU (needs TRITON_INTERPRET=1 at import)
+# residual streams the row kernel updates: the library's float32, a host model's own (ComfyUI: the weights' dtype)
+RESIDUAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _KERNELS = None
 
@@ -43,12 +46,13 @@ def _kernels():
             return None
 
         @triton.jit
-        def row_kernel(x_ptr, y_ptr, g_ptr, out_ptr, q_ptr, qs_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr,
-                       n, dim, sxb, sxt, syb, syt, sob, sot, sqb, sqt, ssb, smb, eps,
+        def row_kernel(x_ptr, r_ptr, y_ptr, g_ptr, out_ptr, q_ptr, qs_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr,
+                       n, dim, sxb, sxt, srb, srt, syb, syt, sob, sot, sqb, sqt, ssb, smb, eps,
                        RESID: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr,
                        AFFINE: tl.constexpr, OUT: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
-            # one token row: [x += (gate *) y, stored], then [LayerNorm, affine, modulation], then the
-            # compute-dtype copy and / or the per-token e4m3 copy with its scale
+            # one token row: [x + (gate *) y, stored into r (x itself, or another buffer) in r's dtype],
+            # then from the stored value [LayerNorm, affine, modulation], then the compute-dtype copy
+            # and / or the per-token e4m3 copy with its scale
             row = tl.program_id(0).to(tl.int64)
             bi, ti = row // n, row % n
             cols = tl.arange(0, BLOCK)
@@ -59,8 +63,9 @@ def _kernels():
                 y = tl.load(y_ptr + bi * syb + ti * syt + cols, mask=ok, other=0.0).to(tl.float32)
                 if GATE:
                     y = y * tl.load(g_ptr + bi * smb + cols, mask=ok, other=0.0).to(tl.float32)
-                x = x + y
-                tl.store(xp, x, mask=ok)
+                x = (x + y).to(r_ptr.dtype.element_ty)  # a bf16 residual rounds here, as a host's addcmul
+                tl.store(r_ptr + bi * srb + ti * srt + cols, x, mask=ok)
+                x = x.to(tl.float32)
             v = x
             if NORM:
                 mean = tl.sum(x, axis=0) / dim
@@ -109,7 +114,7 @@ def _kernels():
 
         @triton.jit
         def rms_rope_kernel(x_ptr, w_ptr, rope_ptr, n, half, half_head, sxb, sxt, eps,
-                            ROPE: tl.constexpr, BLOCK: tl.constexpr):
+                            NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr):
             # one token row of `2 * half` channels, in place; pair j = channels (2j, 2j+1)
             row = tl.program_id(0).to(tl.int64)
             bi, ti = row // n, row % n
@@ -118,10 +123,12 @@ def _kernels():
             base = x_ptr + bi * sxb + ti * sxt
             xe = tl.load(base + 2 * j, mask=ok, other=0.0).to(tl.float32)
             xo = tl.load(base + 2 * j + 1, mask=ok, other=0.0).to(tl.float32)
-            ms = (tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / (2 * half)
-            r = 1.0 / tl.sqrt(ms + eps)
-            ye = xe * r * tl.load(w_ptr + 2 * j, mask=ok, other=0.0).to(tl.float32)
-            yo = xo * r * tl.load(w_ptr + 2 * j + 1, mask=ok, other=0.0).to(tl.float32)
+            ye, yo = xe, xo
+            if NORM:
+                ms = (tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / (2 * half)
+                r = 1.0 / tl.sqrt(ms + eps)
+                ye = xe * r * tl.load(w_ptr + 2 * j, mask=ok, other=0.0).to(tl.float32)
+                yo = xo * r * tl.load(w_ptr + 2 * j + 1, mask=ok, other=0.0).to(tl.float32)
             if ROPE:
                 p = j % half_head
                 c = tl.load(rope_ptr + ti * 2 * half_head + 2 * p, mask=ok, other=1.0)
@@ -197,9 +204,11 @@ def _row_norm(x, eps, dtype, shift=None, scale=None, weight=None, bias=None):
     return out
 
 
-def _row_pass(x, y, gate, eps, out, quant, shift=None, scale=None, weight=None, bias=None, norm=True):
+def _row_pass(x, y, gate, eps, out, quant, shift=None, scale=None, weight=None, bias=None, norm=True,
+              x_out=None):
     """Launch `row_kernel` over x [B, n, dim] (rows contiguous); y like x or None; gate / shift / scale
-    [B, 1, dim]; out [B, n, dim] or None; quant (e4m3 [B, n, dim], float32 scales [B, n]) or None."""
+    [B, 1, dim]; out [B, n, dim] or None; quant (e4m3 [B, n, dim], float32 scales [B, n]) or None;
+    x_out: where the updated residual goes (None: x, in place)."""
     b, n, dim = x.shape
     if b * n == 0:
         return
@@ -213,8 +222,9 @@ def _row_pass(x, y, gate, eps, out, quant, shift=None, scale=None, weight=None, 
     q, qs = quant if quant is not None else (None, None)
     d = lambda t: x if t is None else t  # noqa: E731  (an unused pointer: any tensor)
     st = lambda t: (t.stride(0), t.stride(1)) if t is not None else (0, 0)  # noqa: E731
-    k.row[(b * n,)](x, d(y), d(gate), d(out), d(q), d(qs), d(shift), d(scale), d(weight), d(bias),
-                    n, dim, *st(x), *st(y), *st(out), *st(q), qs.stride(0) if q is not None else 0, dim,
+    r = x if x_out is None else x_out
+    k.row[(b * n,)](x, r, d(y), d(gate), d(out), d(q), d(qs), d(shift), d(scale), d(weight), d(bias),
+                    n, dim, *st(x), *st(r), *st(y), *st(out), *st(q), qs.stride(0) if q is not None else 0, dim,
                     float(eps),
                     RESID=y is not None, GATE=gate is not None, NORM=norm, MODULATE=mod, AFFINE=aff,
                     OUT=out is not None, QUANT=q is not None, BLOCK=block, num_warps=_warps(block))
@@ -224,11 +234,13 @@ def _row_pass(x, y, gate, eps, out, quant, shift=None, scale=None, weight=None, 
 def residual_norm(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, eps: float,
                   dtype: torch.dtype, *, shift=None, scale=None, weight=None, bias=None, norm: bool = True,
                   out: torch.Tensor | None = None, want_out: bool = True, quant: bool = False,
-                  quant_out: tuple | None = None):
+                  quant_out: tuple | None = None, x_out: torch.Tensor | None = None):
     """The gated residual update and the next matmul's input in one pass over the rows of x.
 
-    x [B, n, dim] float32 (a token slice may be strided) gets `x += gate * y` in place (gate [B, 1, dim]
-    or None: `x += y`; y None: no update). Then from the new x: LayerNorm without affine and the
+    x [B, n, dim] float32 (a token slice may be strided; a host's bfloat16 / float16 residual too, each
+    update then rounded to it as the host's own addcmul rounds) gets `x += gate * y` in place (gate
+    [B, 1, dim] or None: `x += y`; y None: no update), or, with `x_out` (like x), `x_out = x + gate * y`
+    and x is only read (a host's block input stays as it was). Then from the new x: LayerNorm without affine and the
     modulation `* (1 + scale) + shift` (shift/scale [B, 1, dim]), or the affine LayerNorm (weight/bias),
     or no norm (`norm=False`: a cast), in `dtype`, written into `out` when given (y's own buffer may be
     it: each row is read before it is written). quant: also the per-token e4m3 copy (amax / 448 of the
@@ -239,8 +251,12 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | 
     plain torch path applied and quant was asked: the caller then quantises inp itself), q8 (e4m3,
     scales [B, n]) or None."""
     quant = quant or quant_out is not None
-    tensors = (x, y, gate, shift, scale, weight, bias, out) + tuple(quant_out or ())
-    fusable = (can_fuse(*tensors) and x.dim() == 3 and x.stride(-1) == 1 and x.dtype == torch.float32
+    if x_out is not None and (y is None or x_out.shape != x.shape or x_out.dtype != x.dtype):
+        raise ValueError(f"x_out {tuple(x_out.shape)} {x_out.dtype} must be like x {tuple(x.shape)} {x.dtype}, "
+                         "with an update y")
+    tensors = (x, y, gate, shift, scale, weight, bias, out, x_out) + tuple(quant_out or ())
+    fusable = (can_fuse(*tensors) and x.dim() == 3 and x.stride(-1) == 1 and x.dtype in RESIDUAL_DTYPES
+               and (x_out is None or x_out.stride(-1) == 1)
                and (y is None or (y.shape == x.shape and y.stride(-1) == 1))
                and (out is None or (out.shape == x.shape and out.stride(-1) == 1 and out.dtype == dtype))
                and all(t is None or t.shape == (x.shape[0], 1, x.shape[2]) for t in (gate, shift, scale))
@@ -248,7 +264,9 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | 
                and (not quant or _fp8_dtype() is not None))
     want_out = want_out or out is not None
     if not fusable:
-        if y is not None:
+        if x_out is not None:
+            x = torch.addcmul(x, y, gate, out=x_out) if gate is not None else torch.add(x, y, out=x_out)
+        elif y is not None:
             if gate is not None:
                 x.addcmul_(y, gate)
             else:
@@ -266,7 +284,7 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | 
     if quant and q8 is None:
         q8 = (torch.empty(x.shape, device=x.device, dtype=_fp8_dtype()),
               torch.empty(x.shape[:2], device=x.device, dtype=torch.float32))
-    _row_pass(x, y, gate, eps, out, q8, shift, scale, weight, bias, norm)
+    _row_pass(x, y, gate, eps, out, q8, shift, scale, weight, bias, norm, x_out=x_out)
     return out, q8
 
 
@@ -291,11 +309,12 @@ def _fp8_dtype():
 
 
 @torch.compiler.disable
-def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, rope: torch.Tensor | None,
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, rope: torch.Tensor | None,
                   num_heads: int) -> torch.Tensor | None:
     """RMSNorm over the last dim (float32) times `weight`, then RoPE per head, IN PLACE on x
-    [B, n, dim] (contiguous rows); rope complex [n, head_dim / 2] or None. Returns x, or None when the
-    kernel does not apply (the caller then runs its plain path)."""
+    [B, n, dim] (contiguous rows); rope complex [n, head_dim / 2] or None. weight None: no norm, RoPE
+    only (a host normed x with its own module). Returns x, or None when the kernel does not apply
+    (the caller then runs its plain path)."""
     if not (can_fuse(x, weight) and x.dim() == 3 and x.stride(-1) == 1 and x.is_floating_point()):
         return None
     b, n, dim = x.shape
@@ -305,16 +324,15 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, rope: torch
         if rope.dtype != torch.complex64 or tuple(rope.shape) != (n, head_dim // 2):
             return None
         rp = torch.view_as_real(rope.contiguous())
-    if x.numel() == 0:
+    if x.numel() == 0 or (weight is None and rp is None):
         return x
     k = _kernels()
     half = dim // 2
     block = 1 << (half - 1).bit_length()
-    k.rms_rope[(b * n,)](x, weight.contiguous(), rp if rp is not None else x, n, half, head_dim // 2,
-                         x.stride(0), x.stride(1), float(eps), ROPE=rp is not None, BLOCK=block,
-                         num_warps=_warps(block))
+    k.rms_rope[(b * n,)](x, weight.contiguous() if weight is not None else x, rp if rp is not None else x, n, half,
+                         head_dim // 2, x.stride(0), x.stride(1), float(eps), NORM=weight is not None,
+                         ROPE=rp is not None, BLOCK=block, num_warps=_warps(block))
     return x
-
 
 __all__ = ["FUSED", "can_fuse", "modulate", "layer_norm", "modulate_cast", "layer_norm_cast",
            "residual_norm", "gelu_quant", "rms_norm_rope"]
