@@ -5,6 +5,11 @@
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/patch_path.py --sol        # + core's model under Sol-Attn
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/patch_path.py --smoke      # tiny, on the CPU: every code path
 
+Rows: the library; the patched core model as MoGA Patch Model runs it (its fused block, moga.host_block, on core's
+modules); the same patch on core's own blocks (`apply_patch(fast_block=False)`: core's block with the attention
+hooks, the path before the fused block; `--no-fast-block` times only this one). The JSON records, per patched row,
+how many block calls took the fused block and why any did not (nodes/patch_hooks.FAST_COUNTS).
+
 --sol: core's Model Sparse Attention node (comfy_extras/nodes_sparse_attention.py) is in neither vendored ComfyUI
 (0.3.64, 0.33.0), and upstream's needs core modules newer than both; so this row puts on core's model what that
 node's generic path installs, an `optimized_attention_override` that sends each self-attention call (q, k, v of
@@ -43,6 +48,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 TINY = dict(dim=256, ffn_dim=256, num_heads=2, num_layers=2, text_dim=4096, freq_dim=256)  # core reads heads = dim/128
+LIBRARY_ROW = "library (moga.model)"
+FAST_ROW = "core + MoGA Patch Model"                       # what the node runs: the fused block
+CORE_BLOCK_ROW = "core + MoGA Patch Model, core's block"   # the same patch on core's own blocks (fast_block=False)
 
 
 def import_comfy(path: str):
@@ -137,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--core-dense", action="store_true", help="also time core's own (unpatched) dense attention")
     ap.add_argument("--sol", action="store_true", help="also time core's model under Sol-Attn (see above)")
+    ap.add_argument("--no-fast-block", action="store_true",
+                    help="patch path on core's own blocks only (no fused-block row)")
     ap.add_argument("--json", default="benchmarks/results/patch_path.json")
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
     args = ap.parse_args(argv)
@@ -169,7 +179,9 @@ def main(argv=None) -> int:
     moga = MoGAConfig(num_groups=args.groups, window=(0, 2, 2), fusion="lse", capacity=args.capacity)
     routers = RouterSet({i: b.self_attn.router.weight for i, b in enumerate(lib.blocks)}, moga, 0.0, None, "calibrated")
     core = core_model_sharing(lib, device)
-    patched = hooks.apply_patch(core, patch_from_routers(routers), shot_frames=shots)
+    patch = patch_from_routers(routers)
+    variants = [(CORE_BLOCK_ROW, False)] if args.no_fast_block else [(FAST_ROW, True), (CORE_BLOCK_ROW, False)]
+    patched = {name: hooks.apply_patch(core, patch, shot_frames=shots, fast_block=fast) for name, fast in variants}
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, spec.get("in_dim", 16), frames, frame[0] * 2, frame[1] * 2, generator=g).to(device, dtype)
@@ -184,9 +196,9 @@ def main(argv=None) -> int:
         v = lib(x, sigma * 1000, ctx, shot_frames=shots, moga=moga)
         return x.float() - sigma.view(1, 1, 1, 1, 1) * v.float()  # core's denoised, to compare outputs
 
-    rows = {}
+    rows, calls = {}, {}
     with torch.inference_mode():
-        runs = [("library (moga.model)", lib_call), ("core + MoGA Patch Model", core_call(patched))]
+        runs = [(LIBRARY_ROW, lib_call)] + [(name, core_call(m)) for name, m in patched.items()]
         if args.core_dense:
             runs.append(("core, dense (no patch)", core_call(core)))
         if args.sol:
@@ -198,22 +210,34 @@ def main(argv=None) -> int:
                 runs.append((f"core + Sol-Attn (tau {SOL_TAU}, +{SOL_EXTRA} tokens)", core_call(sol)))
         outs = {}
         for name, fn in runs:
+            hooks.FAST_COUNTS.clear()
             out, seconds, peak = timed(fn, device, args.repeats)
             outs[name] = out.float()
             rows[name] = dict(seconds=seconds, peak_gib=peak)
+            if name in patched:
+                calls[name] = dict(hooks.FAST_COUNTS)
             print(f"{name}: {seconds:.2f} s, peak {peak:.1f} GiB", flush=True)
-    a, b = outs["core + MoGA Patch Model"], outs["library (moga.model)"]
-    info["patch_vs_library_rel_err"] = float((a - b).abs().max() / b.abs().max())
     info["rows"] = rows
-    info["patch_over_library"] = rows["core + MoGA Patch Model"]["seconds"] / rows["library (moga.model)"]["seconds"]
+    info["fast_block_calls"] = calls
+    lib_out, lib_s = outs[LIBRARY_ROW], rows[LIBRARY_ROW]["seconds"]
+    for name, key in ((FAST_ROW, "patch"), (CORE_BLOCK_ROW, "patch_core_block")):
+        if name in outs:
+            info[f"{key}_vs_library_rel_err"] = float((outs[name] - lib_out).abs().max() / lib_out.abs().max())
+            info[f"{key}_over_library"] = rows[name]["seconds"] / lib_s
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump(info, fh, indent=1)
     print(f"\n| path | step (s) | peak (GiB) |\n|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['seconds']:.2f} | {r['peak_gib']:.1f} |")
-    print(f"\npatch / library: {info['patch_over_library']:.3f} (target <= 1.10); outputs differ by "
-          f"{info['patch_vs_library_rel_err']:.2e} (max rel, {dtype}); wrote {args.json}")
+    for name, key in ((FAST_ROW, "patch"), (CORE_BLOCK_ROW, "patch_core_block")):
+        if name in outs:
+            print(f"\n{name} / library: {info[key + '_over_library']:.3f} (target <= 1.10); outputs differ by "
+                  f"{info[key + '_vs_library_rel_err']:.2e} (max rel, {dtype})")
+    stepped_aside = {k: v for k, v in calls.get(FAST_ROW, {}).items() if k != "fast"}
+    if stepped_aside:
+        print(f"WARNING: the fused block stepped aside in some blocks: {stepped_aside}")
+    print(f"wrote {args.json}")
     return 0
 
 

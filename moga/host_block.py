@@ -112,7 +112,7 @@ def forward(block: HostBlock, x: torch.Tensor, e: torch.Tensor, rope: torch.Tens
         c_in, _ = fused.residual_norm(x, y, gate1, n3.eps, dtype, weight=n3.weight, bias=n3.bias,
                                       out=y if own else None, x_out=x1)
     else:
-        fused.residual_norm(x, y, gate1, 0.0, dtype, want_out=False, x_out=x1)
+        fused.residual_norm(x, y, gate1, 0.0, dtype, norm=False, want_out=False, x_out=x1)
         c_in = x1 if n3 is None else n3(x1)
     del y
     c = block.cross(c_in)
@@ -125,7 +125,7 @@ def forward(block: HostBlock, x: torch.Tensor, e: torch.Tensor, rope: torch.Tens
     del c
     f = block.ffn(m)
     del m
-    fused.residual_norm(x1, f, gate2, 0.0, dtype, want_out=False)
+    fused.residual_norm(x1, f, gate2, 0.0, dtype, norm=False, want_out=False)
     return x1
 
 

@@ -21,9 +21,25 @@ Why these hooks (the same in ComfyUI 0.3.64 and 0.33.0):
   attention below), as moga.model does. The shot lengths also cut MoGA's window groups at the shots.
 - an ON_CLEANUP callback drops the routers' device copies when sampling ends. Nothing else outlives a call:
   the override and the hook exist only while one block runs.
+
+The fast block (the default; `apply_patch(..., fast_block=False)` keeps the path above for every block): where
+MoGA or the per-shot prompts run, the replacement runs core's block itself as `moga.host_block.forward`, which
+fuses the elementwise work around core's modules (modulation + norm + cast, q/k RMSNorm + RoPE, each residual
+update with the next norm). Everything that holds weights is still core's module, called as core calls it: the
+q/k/v/o projections, the whole cross-attention (with the attention override below, per-shot prompts through
+their override as above), the FFN; the modulation is cast with core's cast_to, as core does. A norm's weights
+are read (cast_to) only when core itself would use them as they are: a plain tensor on the device, no pending
+weight_function / bias_function (LoRA patches in low-VRAM mode), no dynamic-VRAM streaming; any other norm runs
+as core's module. Anything it does not recognise runs core's own block through the hooks above, counted in
+FAST_COUNTS with the reason: a block or attention class or forward signature this pack was not checked against,
+a forward replaced on the instance, attn1/attn2 patches, another block replacement below MoGA's, per-frame
+modulation (TI2V-5B's per-token timesteps), qk-norm off, a residual dtype or a RoPE layout it does not know, or
+tokens besides the latent's.
 """
 from __future__ import annotations
 
+import collections
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -35,6 +51,12 @@ SHOT_CONTEXT_KEY = "moga_shot_context"  # [B, S, L, text_dim]: the text embeddin
 SHOT_FRAMES_KEY = "moga_shot_frames"    # [B, S] long: latent frames of each shot
 WRAPPER_KEY = "moga_patch"
 SUPPORTED = "comfy.ldm.wan.model.WanModel (Wan2.1 T2V/I2V/FLF/Fun 1.3B/14B, Wan2.2 A14B T2V/I2V experts, TI2V-5B)"
+# block calls by path: "fast" (moga.host_block) or "core block: <why>" (tests and benchmarks read it)
+FAST_COUNTS: collections.Counter = collections.Counter()
+# the forward signatures of the core code the fast block was checked against (ComfyUI 0.3.64 and 0.33.0)
+KNOWN_SIGNATURES = {
+    "WanAttentionBlock": ("self", "x", "e", "freqs", "context", "context_img_len", "transformer_options"),
+    "WanSelfAttention": ("self", "x", "freqs", "transformer_options")}
 
 
 class PatchError(ValueError):
@@ -48,6 +70,8 @@ class _CallState:
     dense: bool
     blocks: Any
     shot_context: Any = None  # per shot: the embedded text [B, L, dim] (core's own text_embedding), or None
+    context_img_len: Any = None  # what core's forward hands its blocks: the CLIP tokens' count, or None
+    rope: Any = None  # (core's freqs, its complex form) for the fast block, made once per call
 
 
 def patchable_model(model_patcher):
@@ -104,8 +128,9 @@ def check_fingerprint(routers, dm, model_name: str) -> str:
     return verdict
 
 
-def apply_patch(model_patcher, patch, shot_frames=None):
-    """A clone of `model_patcher` whose Wan blocks in `patch.layers` run MoGA self-attention."""
+def apply_patch(model_patcher, patch, shot_frames=None, fast_block=True):
+    """A clone of `model_patcher` whose Wan blocks in `patch.layers` run MoGA self-attention (`fast_block`: through
+    moga.host_block where it applies, else core's own block with the attention hooks)."""
     dm = patchable_model(model_patcher)
     patch.check_model(int(dm.dim), len(dm.blocks), type(model_patcher.model).__name__)
     m = model_patcher.clone()
@@ -115,7 +140,7 @@ def apply_patch(model_patcher, patch, shot_frames=None):
     for i in range(len(dm.blocks)):  # every block: per-shot prompts reach the layers MoGA does not route too
         previous = dit.get(("double_block", i))
         previous = getattr(previous, "moga_previous", previous)  # a second MoGA patch replaces the first
-        m.set_model_patch_replace(_block_replacement(i, previous), "dit", "double_block", i)
+        m.set_model_patch_replace(_block_replacement(i, previous, fast_block), "dit", "double_block", i)
     m.remove_wrappers_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper(patch, shot_frames))
     m.remove_callbacks_with_key(ext.CallbacksMP.ON_CLEANUP, WRAPPER_KEY)
@@ -147,13 +172,15 @@ def _apply_model_wrapper(patch, shot_frames):
                 raise PatchError(f"MoGA Patch Model: {shot_context.shape[1]} shot prompts for {layout.num_shots} shots")
             dtype = base.manual_cast_dtype or base.get_dtype()
             embedded = [dm.text_embedding(shot_context[:, s].to(x.device, dtype)) for s in range(layout.num_shots)]
-        state = _CallState(patch, layout, patch.dense_at(float(t.max()), warm_sigma), dm.blocks, embedded)
+        clip = kwargs.get("clip_fea")
+        state = _CallState(patch, layout, patch.dense_at(float(t.max()), warm_sigma), dm.blocks, embedded,
+                           context_img_len=clip.shape[-2] if clip is not None else None)
         to = {**transformer_options, STATE_KEY: state}
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
     return wrapper
 
 
-def _block_replacement(i, previous):
+def _block_replacement(i, previous, fast_block=True):
     def replace(args, extra):
         inner = (lambda a: previous(a, extra)) if previous is not None else extra["original_block"]
         to = args["transformer_options"]
@@ -167,6 +194,13 @@ def _block_replacement(i, previous):
 
         def attention(func, q, k, v, *a, **kw):
             return below(func, q, k, v, *a, **kw) if below is not None else func(q, k, v, *a, **kw)
+
+        if fast_block:
+            why = "another block replacement below MoGA's" if previous is not None else None
+            out = why or _fast_block(i, args, state, to, moga, per_shot, attention)
+            if not isinstance(out, str):
+                return {"img": out}
+            _count_core_block(out)
 
         def capture(module, inputs):
             seen["x"] = inputs[0]
@@ -208,3 +242,120 @@ def _per_shot_cross(func, attention, state, cross, a, kw):
         v = cross.v(ctx)
         outs.append(attention(func, q[:, lo:hi].contiguous(), k, v, *rest, **kw))
     return torch.cat(outs, dim=1)
+
+
+_LOGGED: set = set()
+_SIGNATURES_CHECKED: list = []  # [None] when core's forwards are the known ones, else [the reason]
+
+
+def _count_core_block(why):
+    FAST_COUNTS[f"core block: {why}"] += 1
+    if why not in _LOGGED:
+        _LOGGED.add(why)
+        logging.info("MoGA Patch Model: core's own block runs (without the fused elementwise work) where %s", why)
+
+
+def _unknown_signatures(wan):
+    if not _SIGNATURES_CHECKED:
+        why = None
+        for name, want in KNOWN_SIGNATURES.items():
+            got = tuple(inspect.signature(getattr(wan, name).forward).parameters)
+            if got != want:
+                why = f"core's {name}.forward{got} is not one this pack was checked against"
+        _SIGNATURES_CHECKED.append(why)
+    return _SIGNATURES_CHECKED[0]
+
+
+def _read_norm(module, kind, x):
+    """moga.host_block.NormWeights of a norm core would apply with its weights as they are (plain tensors on x's
+    device, nothing pending, no dynamic-VRAM streaming), cast as core casts them; None: run core's module."""
+    import torch
+    from comfy.model_management import cast_to
+    from moga.host_block import NormWeights
+
+    if (not isinstance(module, kind) or getattr(module, "weight_function", None)
+            or getattr(module, "bias_function", None) or hasattr(module, "_v")
+            or not isinstance(module.eps, float) or tuple(module.normalized_shape) != (x.shape[-1],)):
+        return None
+    tensors = (module.weight, module.bias) if kind is torch.nn.LayerNorm else (module.weight,)
+    if not all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device == x.device for t in tensors):
+        return None
+    cast = [cast_to(t, dtype=x.dtype, device=x.device) for t in tensors]
+    return NormWeights(cast[0], cast[1] if len(cast) > 1 else None, module.eps)
+
+
+def _fast_block(i, args, state, to, moga, per_shot, attention):
+    """Run core's block i as moga.host_block.forward and return its output, or return why it does not apply
+    (a str; nothing has run then)."""
+    import torch
+    import comfy.ldm.wan.model as wan
+    from comfy.model_management import cast_to
+    from moga import fused, host_block
+
+    why = _unknown_signatures(wan)
+    if why:
+        return why
+    block = state.blocks[i]
+    sa, ca = block.self_attn, block.cross_attn
+    if type(block) is not wan.WanAttentionBlock or type(sa) is not wan.WanSelfAttention or type(ca) not in (
+            wan.WanT2VCrossAttention, wan.WanI2VCrossAttention):
+        return f"the block is a {type(block).__name__} with {type(sa).__name__} / {type(ca).__name__}"
+    if any("forward" in vars(m) for m in (block, sa, ca)):
+        return "a block's forward is replaced on the instance"
+    patches = to.get("patches") or {}
+    if patches.get("attn1_patch") or patches.get("attn2_patch"):
+        return "attn1_patch / attn2_patch patches are set"
+    x, e, freqs, context = args.get("img"), args.get("vec"), args.get("pe"), args.get("txt")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in fused.RESIDUAL_DTYPES:
+        return f"the residual is {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
+    b, n, dim = x.shape
+    if n != state.layout.num_tokens:
+        return "the blocks see tokens besides the latent's"
+    if isinstance(e, torch.Tensor) and e.dim() == 4 and e.shape[1] == 1:
+        e = e[:, 0]
+    if not isinstance(e, torch.Tensor) or tuple(e.shape) != (b, 6, dim) or e.dtype != x.dtype:
+        shape = tuple(getattr(e, "shape", ()))
+        kind = "per-frame modulation" if len(shape) == 4 else "modulation"
+        return f"{kind} e {shape} {getattr(e, 'dtype', '')} (the fast block takes one [batch, 6, dim] in x's dtype)"
+    if tuple(block.modulation.shape) != (1, 6, dim) or sa.dim != dim or dim % sa.num_heads:
+        return "the block's shapes are not Wan's"
+    for name in ("norm1", "norm2"):
+        norm = getattr(block, name)
+        if not isinstance(norm, torch.nn.LayerNorm) or norm.weight is not None or norm.bias is not None:
+            return f"{name} is not a LayerNorm without weights"
+    if isinstance(sa.norm_q, torch.nn.Identity) or isinstance(sa.norm_k, torch.nn.Identity):
+        return "the self-attention has no qk-norm"
+    if state.rope is None or state.rope[0] is not freqs:
+        state.rope = (freqs, host_block.rope_from_rotations(freqs, n, dim // sa.num_heads))
+    rope = state.rope[1]
+    if rope is None:
+        return f"RoPE freqs {tuple(getattr(freqs, 'shape', ()))} are not core's rotations of every token"
+
+    def read_or_module(norm, kind):
+        return _read_norm(norm, kind, x) or norm
+
+    norm3 = None if isinstance(block.norm3, torch.nn.Identity) else read_or_module(block.norm3, torch.nn.LayerNorm)
+    cross_to = to
+    if per_shot:
+        def cross_override(func, *a, **kw):  # every shot's tokens against its own prompt, as in the hook path
+            plain = kw.get("mask") is None and not kw.get("skip_reshape", False)
+            if plain and a[0].shape[1] == state.layout.num_tokens:
+                return _per_shot_cross(func, attention, state, ca, a, kw)
+            return attention(func, *a, **kw)
+        cross_to = {**to, "optimized_attention_override": cross_override}
+    heads = sa.num_heads
+    if moga:
+        def attend(q, k, v, inp):
+            return state.patch.attend(i, q, k, v, heads, inp, state.layout)
+    else:
+        def attend(q, k, v, inp):
+            return wan.optimized_attention(q, k, v, heads=heads, transformer_options=to)
+    parts = host_block.HostBlock(
+        q=sa.q, k=sa.k, v=sa.v, o=sa.o, heads=heads,
+        norm_q=read_or_module(sa.norm_q, torch.nn.RMSNorm), norm_k=read_or_module(sa.norm_k, torch.nn.RMSNorm),
+        norm1_eps=block.norm1.eps, norm2_eps=block.norm2.eps, norm3=norm3,
+        modulation=cast_to(block.modulation, dtype=x.dtype, device=x.device),
+        cross=lambda c_in: ca(c_in, context, context_img_len=state.context_img_len, transformer_options=cross_to),
+        ffn=block.ffn)
+    FAST_COUNTS["fast"] += 1
+    return host_block.forward(parts, x, e, rope, attend)

@@ -14,6 +14,8 @@ the routers from the same file (moga.checkpoint.router_file), patches the MODEL 
   - a real KSampler run (comfy.sample.sample): equals core's with the dense setting, and the routers' device
     copies are dropped when sampling ends;
   - a model MoGA cannot patch: an error naming it.
+These run through the fused block (moga.host_block) where it applies; tests/test_patch_fast_block.py compares it
+with core's own block path and checks where it steps aside.
 Executed as a script it prints the measurements as JSON (the last line).
 """
 from __future__ import annotations
@@ -40,14 +42,37 @@ def _rel(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def compare() -> dict:
-    import torch
-
+def load_host():
+    """ComfyUI from COMFYUI_PATH on the CPU, and nodes/patch_hooks.py loaded by file (ComfyUI has its own top-level
+    `nodes` module); returns the hooks module."""
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
     sys.path.insert(0, str(ROOT))
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("moga_patch_hooks", ROOT / "nodes" / "patch_hooks.py")
+    hooks = sys.modules["moga_patch_hooks"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    return hooks
+
+
+def denoised(patcher, x, sigma, context, **conds):
+    """core's denoised output of one call, through the wrappers the sampler would merge in."""
+    import torch
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    to = dict(patcher.model_options.get("transformer_options", {}))
+    to["wrappers"] = patcher.wrappers
+    with torch.inference_mode():
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to, **conds).float()
+
+
+def compare() -> dict:
+    import torch
+
+    hooks = load_host()
     import comfy.model_management as mm
     import comfy.sample
     import comfy.sd
@@ -57,10 +82,6 @@ def compare() -> dict:
     from moga.host_patch import patch_from_routers
     from moga.checkpoint.router_file import read_routers
     from moga.testing import write_tiny_checkpoint
-    import importlib.util  # by file: ComfyUI has its own top-level `nodes` module
-    spec = importlib.util.spec_from_file_location("moga_patch_hooks", ROOT / "nodes" / "patch_hooks.py")
-    hooks = sys.modules["moga_patch_hooks"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hooks)
     PatchError, apply_patch = hooks.PatchError, hooks.apply_patch
 
     torch.manual_seed(0)
@@ -79,13 +100,7 @@ def compare() -> dict:
     sigma = torch.tensor([0.55])
 
     def run(patcher, **conds):
-        """core's denoised output of one call, through the wrappers the sampler would merge in."""
-        mm.load_models_gpu([patcher])
-        to = dict(patcher.model_options.get("transformer_options", {}))
-        to["wrappers"] = patcher.wrappers
-        with torch.inference_mode():
-            return patcher.model.apply_model(x, sigma, c_crossattn=ctx_padded, transformer_options=to,
-                                             **conds).float()
+        return denoised(patcher, x, sigma, ctx_padded, **conds)
 
     def library(cfg, shots=None, model=lib, texts=None):
         with torch.inference_mode():
@@ -189,11 +204,7 @@ def compare() -> dict:
     mask[:, :, 0] = 0.0  # the first latent frame is given (timestep 0 there)
 
     def run48(patcher):
-        mm.load_models_gpu([patcher])
-        to = dict(patcher.model_options.get("transformer_options", {}), wrappers=patcher.wrappers)
-        with torch.inference_mode():
-            return patcher.model.apply_model(x48, sigma, c_crossattn=ctx_padded, transformer_options=to,
-                                             denoise_mask=mask).float()
+        return denoised(patcher, x48, sigma, ctx_padded, denoise_mask=mask)
     ti2v_ref = run48(ti2v)
     ti2v_routers = read_routers(ti2v_path)
     err["TI2V-5B layout, 1 group static off vs core"] = _rel(run48(apply_patch(ti2v, patch_from_routers(
@@ -276,6 +287,7 @@ def compare() -> dict:
     except PatchError as e:
         out["unsupported error"] = str(e)
     out["max"] = max(err.values())
+    out["fast block calls"] = dict(hooks.FAST_COUNTS)
     import comfy
     out["torch"] = torch.__version__
     out["comfyui"] = getattr(__import__("comfyui_version"), "__version__", "?")
@@ -309,10 +321,14 @@ def test_patched_core_model_matches_core_and_library():
     assert report["KSampler, two shot prompts vs one"] > 1e-3, report
     assert report["routers released after sampling"] and report["original model untouched"], report
     assert report["unsupported error"] and "cannot patch" in report["unsupported error"], report
+    # the fused block ran wherever MoGA or per-shot prompts did, except TI2V's per-token timesteps
+    calls = report["fast block calls"]
+    assert calls.get("fast", 0) > 0 and all("per-frame modulation" in k for k in calls if k != "fast"), calls
 
 
 def test_patch_path_benchmark_smoke(tmp_path):
-    """benchmarks/patch_path.py --smoke: both paths on shared weights, the same output, its JSON written."""
+    """benchmarks/patch_path.py --smoke: the library and both patch paths (the fused block, core's own block) on
+    shared weights, the same output, every fused-block row's block calls fused, its JSON written."""
     path, python = os.environ.get("COMFYUI_PATH"), os.environ.get("COMFYUI_PYTHON")
     if not path or not python:
         pytest.skip("set COMFYUI_PATH and COMFYUI_PYTHON (a ComfyUI host) to run the patch-path benchmark")
@@ -322,9 +338,11 @@ def test_patch_path_benchmark_smoke(tmp_path):
                           env={**os.environ, "PYTHONPATH": ""}, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     info = json.loads(out.read_text())
-    assert info["patch_vs_library_rel_err"] < TOLERANCE, info
-    assert set(info["rows"]) == {"library (moga.model)", "core + MoGA Patch Model", "core, dense (no patch)"}
-    assert "| core + MoGA Patch Model |" in proc.stdout
+    assert info["patch_vs_library_rel_err"] < TOLERANCE and info["patch_core_block_vs_library_rel_err"] < TOLERANCE, info
+    fast, core_block = "core + MoGA Patch Model", "core + MoGA Patch Model, core's block"
+    assert set(info["rows"]) == {"library (moga.model)", fast, core_block, "core, dense (no patch)"}, info
+    assert set(info["fast_block_calls"][fast]) == {"fast"} and info["fast_block_calls"][core_block] == {}, info
+    assert f"| {fast} |" in proc.stdout and f"| {core_block} |" in proc.stdout
     assert "sol_skipped" in info and "Sol-Attn row skipped" in proc.stdout  # no CUDA here: said, not faked
 
 
