@@ -141,6 +141,14 @@ def compare() -> dict:
         if kind == "T2V":
             t2v, t2v_routers, t2v_ref = core, routers, plain_ref
 
+    # a batch of two samples with their own prompts (a CFG batch: cond and uncond in one call)
+    x2 = torch.randn(2, 16, 4, 8, 12, generator=g)
+    ctx2 = torch.cat([ctx_padded, torch.cat([torch.randn(1, 5, 4096, generator=g), torch.zeros(1, 507, 4096)], 1)])
+    sigma2 = torch.tensor([0.55, 0.55])
+    got = counted("batch of 2", lambda: denoised(apply_patch(t2v, patch_from_routers(t2v_routers, **one)), x2, sigma2,
+                                                  ctx2))
+    err["batch of 2, own prompts, 1 group vs core"] = _rel(got, denoised(t2v, x2, sigma2, ctx2))
+
     # where the fused block steps aside: core's own block runs, counted with the reason, and the output is core's
     patch_one = patch_from_routers(t2v_routers, **one)
     ti2v_path = write_tiny_checkpoint(tmp / "tiny_ti2v.safetensors", layout="comfyui", num_groups=4, seed=5,
@@ -283,7 +291,7 @@ def test_fused_block_matches_core_and_steps_aside_where_it_must():
                                                  "core block: another block replacement below MoGA's": 1}, counts
     assert report["replacement below called"] == 1, report
     assert counts["attn1_patch"] == {"core block: attn1_patch / attn2_patch patches are set": LAYERS}, counts
-    assert counts["norms with weight patches"] == every, counts
+    assert counts["norms with weight patches"] == every and counts["batch of 2"] == every, counts
     assert report["norm reads"] == {"plain": True, "with a weight_function": True, "dynamic VRAM": True}, report
 
 
