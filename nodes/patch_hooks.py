@@ -164,10 +164,6 @@ def _apply_model_wrapper(patch, shot_frames):
         layout = patch.layout(grid, shots)
         embedded = None
         if shot_context is not None:
-            if kwargs.get("clip_fea") is not None:
-                raise PatchError("MoGA Patch Model: per-shot prompts with an image cross-attention (Wan2.1 I2V / FLF "
-                                 "clip vision input) are not supported yet: use one prompt (core's text encode) for "
-                                 "this model")
             if shot_context.shape[1] != layout.num_shots:
                 raise PatchError(f"MoGA Patch Model: {shot_context.shape[1]} shot prompts for {layout.num_shots} shots")
             dtype = base.manual_cast_dtype or base.get_dtype()
@@ -216,9 +212,10 @@ def _block_replacement(i, previous, fast_block=True):
                     out = out.view(b, n, heads, hd // heads).transpose(1, 2)
                 return out
             if x is None and per_shot and plain and a[0].shape[1] == state.layout.num_tokens:
-                return _per_shot_cross(func, attention, state, state.blocks[i].cross_attn, a, kw)
+                return shot_cross(func, attention, a, kw)
             return attention(func, *a, **kw)
 
+        shot_cross = _ShotCross(state, state.blocks[i].cross_attn) if per_shot else None
         handle = state.blocks[i].self_attn.register_forward_pre_hook(capture)
         try:
             return inner({**args, "transformer_options": {**to, "optimized_attention_override": override}})
@@ -227,6 +224,29 @@ def _block_replacement(i, previous, fast_block=True):
 
     replace.moga_previous = previous
     return replace
+
+
+class _ShotCross:
+    """One block call's cross-attention, answered shot by shot for the text. Wan2.1 I2V / FLF's cross-attention
+    (core's WanI2VCrossAttention, 0.3.64 and 0.33.0) calls attention twice: the CLIP image tokens first, shared by
+    every shot (the library's per-shot image embedding is one tensor here), then the text, per shot."""
+
+    def __init__(self, state, cross):
+        import comfy.ldm.wan.model as wan
+
+        self.state, self.cross = state, cross
+        self.image_pending = isinstance(cross, wan.WanI2VCrossAttention) and state.context_img_len is not None
+
+    def __call__(self, func, attention, a, kw):
+        if self.image_pending:
+            self.image_pending = False
+            if a[1].shape[1] != self.state.context_img_len:
+                raise PatchError(
+                    f"MoGA Patch Model: this ComfyUI's image cross-attention first attends {a[1].shape[1]} keys, not "
+                    f"the {self.state.context_img_len} CLIP image tokens (ComfyUI 0.3.64 and 0.33.0 attend the image "
+                    "first): per-shot prompts cannot be placed here; use one prompt (core's text encode)")
+            return attention(func, *a, **kw)
+        return _per_shot_cross(func, attention, self.state, self.cross, a, kw)
 
 
 def _per_shot_cross(func, attention, state, cross, a, kw):
@@ -337,10 +357,12 @@ def _fast_block(i, args, state, to, moga, per_shot, attention):
     norm3 = None if isinstance(block.norm3, torch.nn.Identity) else read_or_module(block.norm3, torch.nn.LayerNorm)
     cross_to = to
     if per_shot:
+        shot_cross = _ShotCross(state, ca)
+
         def cross_override(func, *a, **kw):  # every shot's tokens against its own prompt, as in the hook path
             plain = kw.get("mask") is None and not kw.get("skip_reshape", False)
             if plain and a[0].shape[1] == state.layout.num_tokens:
-                return _per_shot_cross(func, attention, state, ca, a, kw)
+                return shot_cross(func, attention, a, kw)
             return attention(func, *a, **kw)
         cross_to = {**to, "optimized_attention_override": cross_override}
     heads = sa.num_heads

@@ -76,6 +76,7 @@ def compare() -> dict:
     hooks = load_host()
     import comfy.sd
 
+    from moga.attention import MoGAConfig
     from moga.checkpoint import load_model
     from moga.checkpoint.router_file import read_routers
     from moga.host_patch import patch_from_routers
@@ -138,6 +139,25 @@ def compare() -> dict:
             err[f"{name}, MoGA on, fused block vs core's block"] = _rel(fast_out, core_out)
             out["changes"][f"{name}: MoGA vs dense"] = _rel(fast_out, ref)
         out["changes"][f"{kind}: LoRA vs none"] = _rel(run(lora_model, **conds), plain_ref)
+        # per-shot prompts (MoGA Shot Conditioning's model_conds): each shot's tokens see only their own text, and
+        # on I2V every shot also sees the one CLIP image, as the library's per-shot cross-attention does
+        shot_texts = [ctx, torch.randn(1, 5, 4096, generator=g)]
+        pad = lambda c: torch.cat([c, c.new_zeros(1, 512 - c.shape[1], 4096)], dim=1)  # noqa: E731
+        per_shot = {hooks.SHOT_CONTEXT_KEY: torch.stack([pad(c)[0] for c in shot_texts])[None],
+                    hooks.SHOT_FRAMES_KEY: torch.tensor([[3, 1]], dtype=torch.long)}
+        for setting, kw in (("dense", dict(dense_warmup=1.0)), ("MoGA", moga_on)):
+            patch = patch_from_routers(routers, **kw)
+            cfg = MoGAConfig(dense=True) if setting == "dense" else patch.config
+            with torch.inference_mode():
+                v = libs[""](x, sigma * 1000, shot_texts, shot_frames=[3, 1], moga=cfg, **lib_kw)
+            expect = x - sigma.view(1, 1, 1, 1, 1) * v
+            for fast in (True, False):
+                got = run(apply_patch(core, patch, fast_block=fast), **conds, **per_shot)
+                err[f"{kind}, per-shot prompts, {setting}, {'fused' if fast else 'core'} block vs library"] = \
+                    _rel(got, expect)
+        one_text = run(apply_patch(core, patch_from_routers(routers, dense_warmup=1.0)), **conds)
+        out["changes"][f"{kind}: two shot prompts vs one"] = _rel(
+            run(apply_patch(core, patch_from_routers(routers, dense_warmup=1.0)), **conds, **per_shot), one_text)
         if kind == "T2V":
             t2v, t2v_routers, t2v_ref = core, routers, plain_ref
 
