@@ -315,7 +315,9 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int | 
     steps, cfg, shift, solver, schedule ("wan" | "distill"): None takes the checkpoint's default
         (`sampler_settings`). cfg may be (cfg_high, cfg_low) for an expert pair (Wan2.2's own
         guidance differs per expert).
-    moga: the MoGAConfig for this run (None: the model's own). The first `dense_warmup_steps` steps
+    moga: the MoGAConfig for this run (None: the model's own); for an expert pair also (moga_high,
+        moga_low), one per expert (each expert's routers have their own group count; None in the
+        tuple: that expert's own). The first `dense_warmup_steps` steps
         (or the `dense_steps` fraction) run with `moga.replace(dense=True)`; `dense_layers` run dense
         at every step.
     image: a `moga.conditioning.ImageCondition` (start images per shot), or None.
@@ -365,7 +367,15 @@ def sample(model, positive, negative, *, shot_frames, latent_size, steps: int | 
                          f"(moga.conditioning.image_condition with a start image for shot 1)")
     n_dense = dense_step_count(dense_steps, steps, dense_warmup_steps)
     nets = (model.high, model.low) if pair else (model,)
-    base_cfgs = {id(m): moga if moga is not None else getattr(m, "moga_config", None) for m in nets}
+    if isinstance(moga, (tuple, list)):
+        if not pair or len(moga) != 2:
+            raise ValueError(f"moga is one MoGAConfig (or (moga_high, moga_low) for an expert pair), got "
+                             f"{len(moga)} configs for {'an expert pair' if pair else 'one model'}")
+        given = dict(zip(map(id, nets), moga))
+    else:
+        given = {id(m): moga for m in nets}
+    base_cfgs = {id(m): given[id(m)] if given[id(m)] is not None else getattr(m, "moga_config", None)
+                 for m in nets}
     if n_dense and any(c is None for c in base_cfgs.values()):
         raise ValueError("dense warm-up needs a MoGA config: pass moga= or use a model with moga_config")
     dense_layers = tuple(dense_layers)

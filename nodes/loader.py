@@ -8,7 +8,7 @@ from collections import OrderedDict
 import folder_paths
 from comfy_api.latest import io
 
-from .common import CATEGORY, MoGAModelHandle, MogaLoras, MogaModel, input_error
+from .common import CATEGORY, MoGAModelHandle, MogaLoras, MogaModel, input_error, lora_entry, split_loras
 
 NODE = "MoGA Model Loader"
 MOGA_FOLDER = "moga"
@@ -85,13 +85,13 @@ class _ModelCache:
     @staticmethod
     def key(path: str, dtype, loras=(), pair=None) -> tuple:
         st = os.stat(path)
-        lora_key = tuple((os.path.realpath(f), s, os.stat(f).st_mtime_ns) for f, s in loras)
         pair_key = None
-        if pair is not None:  # (low-noise file, boundary, offload): a different pair is a different model
-            low, boundary, offload = pair
+        if pair is not None:  # (low-noise file, boundary, offload, its LoRAs): another pair is another model
+            low, boundary, offload, loras_low = pair
             lst = os.stat(low)
-            pair_key = (os.path.realpath(low), lst.st_size, lst.st_mtime_ns, boundary, bool(offload))
-        return (os.path.realpath(path), st.st_size, st.st_mtime_ns, str(dtype), lora_key, pair_key)
+            pair_key = (os.path.realpath(low), lst.st_size, lst.st_mtime_ns, boundary, bool(offload),
+                        _lora_key(loras_low))
+        return (os.path.realpath(path), st.st_size, st.st_mtime_ns, str(dtype), _lora_key(loras), pair_key)
 
     def get(self, path: str, dtype, load, loras=(), pair=None):
         key = self.key(path, dtype, loras, pair)
@@ -112,6 +112,10 @@ class _ModelCache:
             self.models.clear()
 
 
+def _lora_key(loras) -> tuple:
+    return tuple((os.path.realpath(f), s, os.stat(f).st_mtime_ns) for f, s in loras)
+
+
 CACHE = _ModelCache(CACHE_SIZE)
 
 
@@ -127,12 +131,12 @@ def _load(path, dtype, loras=()):
 
 
 def _load_pair(path, dtype, loras, pair):
-    """A Wan2.2 A14B ExpertPair: `path` the high-noise expert, pair = (low-noise file, boundary or None,
-    offload). The LoRAs go to both experts (a LoRA made for one expert only: chain it on a second loader)."""
+    """A Wan2.2 A14B ExpertPair: `path` the high-noise expert with `loras`, pair = (low-noise file, boundary
+    or None, offload, the low-noise expert's LoRAs)."""
     from moga.checkpoint import load_experts
-    low, boundary, offload = pair
+    low, boundary, offload, loras_low = pair
     experts = load_experts(path, low, boundary=boundary, offload=offload, device="cpu", dtype=dtype,
-                           loras=list(loras), loras_low=list(loras))
+                           loras=list(loras), loras_low=list(loras_low))
     for net in (experts.high, experts.low):
         net.eval().requires_grad_(False)
     return experts
@@ -161,7 +165,8 @@ class MoGAModelLoader(io.ComfyNode):
                                        "(flash-attn 4 > flash-attn 2 > torch varlen > SDPA per group)."),
                 MogaLoras.Input("loras", optional=True,
                                 tooltip="LoRAs from MoGA LoRA nodes, merged into the weights as the file loads "
-                                        "(the multi-GPU workers load the same); a Wan2.2 pair: both experts get them."),
+                                        "(the multi-GPU workers load the same); a Wan2.2 pair: each goes to the "
+                                        "expert(s) its MoGA LoRA node's 'experts' names."),
                 io.Combo.Input("low_noise_model", options=[NO_LOW] + checkpoint_names(), default=NO_LOW,
                                optional=True,
                                tooltip="Wan2.2 A14B: the low-noise expert file (then ckpt_name is the high-noise "
@@ -184,7 +189,7 @@ class MoGAModelLoader(io.ComfyNode):
             path = resolve(ckpt_name)
             low = None if low_noise_model in (None, "", NO_LOW) else resolve(low_noise_model, "low_noise_model")
             return (path, os.path.getmtime(path), weight_dtype, attention_backend,
-                    tuple((f, s, os.path.getmtime(f)) for f, s in loras or ()),
+                    tuple(tuple(x) + (os.path.getmtime(x[0]),) for x in loras or ()),
                     low, low and os.path.getmtime(low), boundary, offload_expert)
         except (ValueError, OSError):
             return float("nan")  # never equal: the error shows again on the next run
@@ -194,6 +199,12 @@ class MoGAModelLoader(io.ComfyNode):
                 low_noise_model=NO_LOW, boundary=0.0, offload_expert=False) -> io.NodeOutput:
         path = resolve(ckpt_name)
         pair = None
+        try:
+            loras = tuple(lora_entry(x) for x in loras or ())
+        except (ValueError, TypeError) as e:
+            raise input_error(NODE, "loras", f"is not a LoRA list ({e})", "connect the output of a MoGA LoRA node") \
+                from e
+        loras_high, loras_low = split_loras(loras)
         if low_noise_model not in (None, "", NO_LOW):
             low = resolve(low_noise_model, "low_noise_model")
             if os.path.realpath(low) == os.path.realpath(path):
@@ -202,29 +213,42 @@ class MoGAModelLoader(io.ComfyNode):
             if not 0.0 <= float(boundary) < 1.0:
                 raise input_error(NODE, "boundary", f"{boundary} is outside 0..1",
                                   "use 0 (Wan2.2's own) or a fraction like 0.875")
-            pair = (low, float(boundary) or None, bool(offload_expert))
+            pair = (low, float(boundary) or None, bool(offload_expert), tuple(loras_low))
+        else:
+            one_expert = [x for x in loras if x[2] != "both"]
+            if one_expert:
+                name, _, experts = one_expert[0]
+                raise input_error(NODE, "loras", f"the LoRA {os.path.basename(name)!r} is for the "
+                                  f"{experts.replace('_', '-')} expert of a Wan2.2 A14B pair (its MoGA LoRA node's "
+                                  f"experts: {experts}), but {ckpt_name!r} is loaded as one model",
+                                  "set that MoGA LoRA node's 'experts' to both, or pick the low-noise expert's "
+                                  "file in low_noise_model (then ckpt_name is the high-noise one)")
         dtype = torch_dtype(weight_dtype)
         if attention_backend not in ATTENTION_BACKENDS:
             raise input_error(NODE, "attention_backend", f"unknown backend {attention_backend!r}",
                               f"pick one of {', '.join(ATTENTION_BACKENDS)}")
-        loras = tuple((str(f), float(s)) for f, s in loras or ())
         try:
-            model = CACHE.get(path, dtype, _load_pair if pair else _load, loras, pair)
+            model = CACHE.get(path, dtype, _load_pair if pair else _load, tuple(loras_high), pair)
         except (ValueError, OSError) as e:
             if loras and "LoRA" in str(e):
-                raise input_error(NODE, "loras", f"a LoRA could not be merged into {ckpt_name!r}: {e}",
-                                  "pick a LoRA made for this model, or remove the MoGA LoRA node") from e
+                into = f"{ckpt_name!r} + {low_noise_model!r}" if pair else repr(ckpt_name)
+                raise input_error(NODE, "loras", f"a LoRA could not be merged into {into}: {e}",
+                                  "pick a LoRA made for this model (a Wan2.2 pair: set each MoGA LoRA node's "
+                                  "'experts' to the expert its file is for), or remove the MoGA LoRA node") from e
             if pair:
                 raise input_error(NODE, "low_noise_model", f"{ckpt_name!r} + {low_noise_model!r} could not be "
                                   f"loaded as a Wan2.2 A14B pair: {e}",
                                   "pick the high- and low-noise files of one Wan2.2 A14B model") from e
             raise input_error(NODE, "ckpt_name", f"{ckpt_name!r} could not be loaded: {e}",
                               "pick a Wan2.1/Wan2.2-architecture checkpoint") from e
-        moga = model.moga_config.replace(backend=attention_backend)
-        first = getattr(model, "high", model)  # an expert pair: the high-noise expert answers for both
+        first = getattr(model, "high", model)  # an expert pair: the high-noise expert answers shape questions
+        # each expert runs with its own routers' settings (group count, window, fusion, capacity)
+        moga = first.moga_config.replace(backend=attention_backend)
+        moga_low = model.low.moga_config.replace(backend=attention_backend) if pair else None
         # None lets the sampler compute in the checkpoint's dtype (fp8 files: bf16)
         compute = dtype if dtype is not None else getattr(first, "compute_dtype", None)
         return io.NodeOutput(MoGAModelHandle(model=model, name=ckpt_name, path=path, dtype=compute, moga=moga,
+                                             moga_low=moga_low,
                                              dense_warmup=float(getattr(first, "dense_warmup", 0.0) or 0.0),
                                              loras=loras))
 

@@ -67,13 +67,15 @@ def _previewer(channels: int, device):
         return None
 
 
-def _check_fits(net, layout, device, moga_config, workers_loaded: bool = False, cfg=None) -> None:
+def _check_fits(model: MoGAModelHandle, layout, device, workers_loaded: bool = False, cfg=None) -> None:
     """moga.preflight before any work is dispatched: a clear error (estimate and fix), not an OOM.
     `device`: one device, or the pool's list (each GPU holds the weights and 1/P of the tokens).
-    An expert pair counts both experts' weights, or one with offload_expert."""
+    An expert pair counts both experts' weights, or one with offload_expert; each expert is checked with
+    its own MoGA config (one may run dense where the other routes)."""
     import torch
     from moga.preflight import PreflightError, available_bytes, guidance_batch, model_bytes, preflight_model
 
+    net = model.model
     one = getattr(net, "high", net)
     experts = 2 if hasattr(net, "expert_for") and not net.offload else 1
     devices = device if isinstance(device, list) else [device]
@@ -85,8 +87,9 @@ def _check_fits(net, layout, device, moga_config, workers_loaded: bool = False, 
             available += experts * model_bytes(one)  # the pool's workers already hold the weights
     try:
         batch = guidance_batch(torch.device(devices[0]).type, layout.num_tokens, len(devices), cfg)
-        preflight_model(one, layout, devices[0], world_size=len(devices), moga_config=moga_config,
-                        available=available, batch=batch, experts=experts)
+        for _, expert, moga_config in model.experts():
+            preflight_model(expert, layout, devices[0], world_size=len(devices), moga_config=moga_config,
+                            available=available, batch=batch, experts=experts)
     except PreflightError as e:
         raise ValueError(f"{NODE}: {e}") from None
 
@@ -289,7 +292,7 @@ class MoGASampler(io.ComfyNode):
 
         # the start image is encoded here, in the host: the pool's workers get its tensors, never a VAE
         common = dict(shot_frames=shot_frames, latent_size=latent_size, steps=steps, cfg=guidance,
-                      shift=float(shift), solver=solver, seed=int(seed), moga=model.moga,
+                      shift=float(shift), solver=solver, seed=int(seed), moga=model.run_moga,
                       dense_steps=model.dense_warmup, dense_layers=model.dense_layers, schedule=schedule,
                       image=image)
         if len(devices) > 1:
@@ -316,7 +319,7 @@ class MoGASampler(io.ComfyNode):
             mm.unload_all_models()
             mm.soft_empty_cache()
         net = model.model
-        _check_fits(net, layout, device, model.moga, cfg=common["cfg"])
+        _check_fits(model, layout, device, cfg=common["cfg"])
         try:
             net.to(device)
             with torch.inference_mode():
@@ -344,7 +347,7 @@ class MoGASampler(io.ComfyNode):
         except ValueError as e:
             raise input_error(NODE, "gpus", str(e), "use one GPU for this model") from e
         pool = get_pool(_pool_devices(devices), checkpoint, settings)
-        _check_fits(model.model, layout, _pool_devices(devices), model.moga, workers_loaded=pool.alive,
+        _check_fits(model, layout, _pool_devices(devices), workers_loaded=pool.alive,
                     cfg=common["cfg"])
         job = dict(common, positive=[p.cpu() for p in shots.positive],
                    negative=None if shots.negative is None else shots.negative.cpu())

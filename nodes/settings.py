@@ -95,14 +95,6 @@ class MoGAAttentionSettings(io.ComfyNode):
             raise input_error(NODE, "model", "is not a MoGA model", "connect the output of MoGA Model Loader")
         config = getattr(model.model, "config", None)
         num_layers = int(getattr(config, "num_layers", 0))
-        groups_available = int(getattr(config, "num_groups", 0) or 0)
-        base = model.moga if model.moga is not None else model.model.moga_config
-        if num_groups == 0:
-            num_groups = base.num_groups
-        if groups_available and num_groups > groups_available:
-            raise input_error(NODE, "num_groups", f"{num_groups} groups but the checkpoint's routers have "
-                              f"{groups_available}", f"use at most {groups_available}, or make a checkpoint with "
-                              f"more: `python -m moga patch --groups {num_groups}`")
         if float(dense_warmup) == -1.0:  # the checkpoint's (the loader put it on the handle)
             dense_warmup = model.dense_warmup
         if not 0.0 <= float(dense_warmup) <= 1.0:
@@ -110,7 +102,7 @@ class MoGAAttentionSettings(io.ComfyNode):
                               "use -1 (the checkpoint's), or a value from 0 (no dense steps) to 1 (all steps dense)")
         routed = parse_layers(route_layers, num_layers)
         dense_layers = tuple(i for i in range(num_layers) if i not in routed)
-        changes = dict(num_groups=int(num_groups), window=(int(window_frames), int(window_rows), int(window_cols)),
+        changes = dict(window=(int(window_frames), int(window_rows), int(window_cols)),
                        context_frames=int(context_frames))
         if fusion != "checkpoint":
             if fusion not in FUSIONS:
@@ -122,12 +114,35 @@ class MoGAAttentionSettings(io.ComfyNode):
                                   "use -1 (the checkpoint's), 0 (off) or a positive number (1 = the balanced "
                                   "group size)")
             changes["capacity"] = float(capacity)
-        try:
-            moga = base.replace(**changes)
-        except ValueError as e:
-            raise input_error(NODE, "window", str(e), "frames >= 0 (0 = whole shot), rows and cols >= 1") from e
+        # a Wan2.2 A14B pair: each expert has its own routers, so its own base settings and group limit; what is
+        # set here applies to both, checked against each
+        experts = model.experts()
+        configs = [_expert_config(label, net, base, int(num_groups), changes, len(experts) > 1)
+                   for label, net, base in experts]
+        moga = configs[0]
         settings = dict(model.settings, num_groups=moga.num_groups, window=moga.window,
                         context_frames=moga.context_frames, fusion=moga.fusion, route_layers=route_layers,
                         dense_warmup=float(dense_warmup), capacity=moga.capacity)
-        return io.NodeOutput(model.with_settings(moga=moga, dense_warmup=float(dense_warmup),
-                                                 dense_layers=dense_layers, settings=settings))
+        if len(configs) > 1:
+            settings.update(num_groups_low=configs[1].num_groups, fusion_low=configs[1].fusion,
+                            capacity_low=configs[1].capacity)
+        return io.NodeOutput(model.with_settings(moga=moga, moga_low=configs[1] if len(configs) > 1 else None,
+                                                 dense_warmup=float(dense_warmup), dense_layers=dense_layers,
+                                                 settings=settings))
+
+
+def _expert_config(label: str, net, base, num_groups: int, changes: dict, pair: bool):
+    """One expert's (or the one model's) run config: its own `base` with the node's changes; num_groups 0 keeps
+    its own group count, more than its routers have is an error naming it."""
+    available = int(getattr(getattr(net, "config", None), "num_groups", 0) or 0)
+    groups = num_groups or base.num_groups
+    if available and groups > available:
+        fix = (f"use 0 (each expert's own group count) or at most {available}, or re-patch "
+               f"{label.split(' (')[0]}'s file with more" if pair else
+               f"use at most {available}, or make a checkpoint with more")
+        raise input_error(NODE, "num_groups", f"{groups} groups but the routers of {label} have {available}",
+                          f"{fix}: `python -m moga patch --groups {groups}`")
+    try:
+        return base.replace(num_groups=groups, **changes)
+    except ValueError as e:
+        raise input_error(NODE, "window", f"{label}: {e}", "frames >= 0 (0 = whole shot), rows and cols >= 1") from e

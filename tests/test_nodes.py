@@ -40,6 +40,9 @@ def env(tmp_path_factory):
                               text_dim=TEXT_DIM, seed=21)
         write_tiny_checkpoint(dm / "tiny_t2v_low_noise.safetensors", layout="comfyui", num_groups=4,
                               text_dim=TEXT_DIM, seed=22)
+        # a low-noise expert whose own routers differ from the high-noise one's: 2 groups, lse, another window
+        write_tiny_checkpoint(dm / "tiny_t2v_g2_low_noise.safetensors", layout="comfyui", num_groups=2,
+                              text_dim=TEXT_DIM, seed=27, fusion="lse", window="1,1,2")
         write_tiny_checkpoint(dm / "tiny_i2v_22.safetensors", layout="comfyui", num_groups=4, text_dim=TEXT_DIM,
                               seed=23, in_dim=36)
         write_tiny_checkpoint(dm / "tiny_i2v_high_noise.safetensors", layout="comfyui", num_groups=4,
@@ -440,11 +443,13 @@ def test_lora_nodes_chain_and_the_loader_merges_them(env):
     folder = Path(env.folder_paths.models_dir) / "loras"
     first = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=0.5)[0]
     chain = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=0.25, loras=first)[0]
-    assert chain == ((str(folder / "style.safetensors"), 0.5), (str(folder / "style.safetensors"), 0.25))
+    style = str(folder / "style.safetensors")
+    assert chain == ((style, 0.5, "both"), (style, 0.25, "both"))  # no 'experts' given: both
     handle = run(env.nodes.MoGAModelLoader, ckpt_name="tiny_moga.safetensors", weight_dtype="default",
                  attention_backend="auto", loras=chain)[0]
-    ref = load_model(handle.path, loras=list(chain))
-    assert handle.loras == chain and handle.model.loras == list(chain)
+    files = [(f, s) for f, s, _ in chain]
+    ref = load_model(handle.path, loras=files)
+    assert handle.loras == chain and handle.model.loras == files
     for (k, p), q in zip(handle.model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(p, q), k
     plain = load(env)
@@ -573,7 +578,7 @@ def test_loader_loads_an_expert_pair_with_the_loras_on_both(env):
     pair = load_pair(env, loras=style)
     assert isinstance(pair.model, ExpertPair) and pair.model.boundary == BOUNDARY_T2V and not pair.model.offload
     ref = load_experts(dm / "tiny_t2v_high_noise.safetensors", dm / "tiny_t2v_low_noise.safetensors",
-                       loras=list(style), loras_low=list(style))
+                       loras=[style[0][:2]], loras_low=[style[0][:2]])
     for got, want in ((pair.model.high, ref.high), (pair.model.low, ref.low)):
         for (k, p), q in zip(got.state_dict().items(), want.state_dict().values()):
             assert torch.equal(p, q), k
@@ -780,3 +785,119 @@ def test_pooled_sampler_runs_the_distill_schedule(env, monkeypatch):
         release_pool()
     assert torch.allclose(pooled, single, atol=1e-5), (pooled - single).abs().max()
     assert not torch.allclose(wan, single, atol=1e-4)
+
+
+# ---- Wan2.2 A14B: each expert's own MoGA config, a LoRA per expert -----------------------------------------------
+MIXED_LOW = "tiny_t2v_g2_low_noise.safetensors"   # 2 groups, lse, window (1, 1, 2); the high expert: 4, mean, (0, 2, 2)
+
+
+def load_mixed(env, loras=None, **kw):
+    return run(env.nodes.MoGAModelLoader, ckpt_name="tiny_t2v_high_noise.safetensors", weight_dtype="default",
+               attention_backend="auto", loras=loras, low_noise_model=MIXED_LOW, boundary=0.95, **kw)[0]
+
+
+def _experts_files(env, low=MIXED_LOW):
+    dm = Path(env.folder_paths.models_dir) / "diffusion_models"
+    return dm / "tiny_t2v_high_noise.safetensors", dm / low
+
+
+def test_a_pair_with_different_router_groups_samples_as_the_library_does(env):
+    """Each expert runs its own routers' settings: the node's latent is the library's ExpertPair run with each
+    expert's own config (steps at t = 1000 high, 833 low); the high expert's config cannot run the low one."""
+    from moga.checkpoint import load_experts
+    pair = load_mixed(env)
+    assert (pair.moga.num_groups, pair.moga.fusion, pair.moga.window) == (4, "mean", (0, 2, 2))
+    assert (pair.moga_low.num_groups, pair.moga_low.fusion, pair.moga_low.window) == (2, "lse", (1, 1, 2))
+    sh = shots(env, model=pair, clip=FakeClip(TEXT_DIM))
+    got = run(env.nodes.MoGASampler, model=pair, shots=sh, **SAMPLER)[0]["samples"]
+    ref_pair = load_experts(*_experts_files(env), boundary=0.95)
+    kw = dict(shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2, cfg=3.0, shift=5.0, solver="euler", seed=7)
+    assert torch.equal(got, vae_space(sample(ref_pair, sh.positive, sh.negative, **kw)))
+    with pytest.raises(ValueError, match="num_groups <= 2"):  # what the node did before: high's config on both
+        sample(ref_pair, sh.positive, sh.negative, moga=pair.moga, **kw)
+    # Attention Settings: what is set applies to both experts, fusion 'checkpoint' keeps each expert's own
+    two = run(env.nodes.MoGAAttentionSettings, model=pair, num_groups=2, window_frames=1, window_rows=2,
+              window_cols=1)[0]
+    assert (two.moga.num_groups, two.moga.fusion) == (2, "mean") and (two.moga_low.num_groups, two.moga_low.fusion) \
+        == (2, "lse") and two.moga.window == two.moga_low.window == (1, 2, 1)
+    got_two = run(env.nodes.MoGASampler, model=two, shots=sh, **SAMPLER)[0]["samples"]
+    want_two = sample(ref_pair, sh.positive, sh.negative, **kw,
+                      moga=(ref_pair.high.moga_config.replace(num_groups=2, window=(1, 2, 1)),
+                            ref_pair.low.moga_config.replace(window=(1, 2, 1))))
+    assert torch.equal(got_two, vae_space(want_two)) and not torch.allclose(got_two, got, atol=1e-4)
+    own = run(env.nodes.MoGAAttentionSettings, model=pair, num_groups=0, fusion="mean", capacity=0.5)[0]
+    assert (own.moga.num_groups, own.moga_low.num_groups) == (4, 2)
+    assert own.moga_low.fusion == "mean" and own.moga.capacity == own.moga_low.capacity == 0.5
+    with pytest.raises(ValueError, match=r"MoGA Attention Settings: input 'num_groups': 3 groups but the routers of "
+                                         r"the low-noise expert \(tiny_t2v_g2_low_noise.safetensors\) have 2\. "
+                                         r"Fix: use 0 \(each expert's own group count\) or at most 2"):
+        run(env.nodes.MoGAAttentionSettings, model=pair, num_groups=3)
+    with pytest.raises(ValueError, match=r"5 groups but the routers of the high-noise expert .* have 4"):
+        run(env.nodes.MoGAAttentionSettings, model=pair, num_groups=5)
+
+
+def test_a_lora_on_one_expert_changes_only_that_experts_weights(env):
+    from safetensors.torch import load_file
+
+    from moga.checkpoint import load_experts
+    from moga.parallel.pool_model import settings_of
+    style = str(Path(env.folder_paths.models_dir) / "loras" / "style.safetensors")
+    low_only = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=0.7, experts="low_noise")[0]
+    assert low_only == ((style, 0.7, "low_noise"),)
+    pair = load_pair(env, loras=low_only)
+    high_file, low_file = _experts_files(env, "tiny_t2v_low_noise.safetensors")
+    plain = load_experts(high_file, low_file)
+    for (k, p), q in zip(pair.model.high.state_dict().items(), plain.high.state_dict().values()):
+        assert torch.equal(p, q), f"the high-noise expert changed at {k}"
+    # the low expert: W + s * alpha / rank * up @ down where the LoRA has a tensor, untouched elsewhere
+    lora = {k: v.double() for k, v in load_file(style).items()}
+    q, ffn = "blocks.0.self_attn.q.weight", "blocks.1.ffn.2.weight"
+    want_q = plain.low.state_dict()[q].double() + 0.7 * (2.0 / 4) * (
+        lora["lora_unet_blocks_0_self_attn_q.lora_up.weight"] @ lora["lora_unet_blocks_0_self_attn_q.lora_down.weight"])
+    got_low = pair.model.low.state_dict()
+    assert torch.allclose(got_low[q].double(), want_q, atol=1e-5) and not torch.equal(got_low[q], plain.low.state_dict()[q])
+    assert not torch.equal(got_low[ffn], plain.low.state_dict()[ffn])
+    for k, p in plain.low.state_dict().items():
+        if k not in (q, ffn):
+            assert torch.equal(got_low[k], p), k
+    # the workers load the same: no LoRA on the high expert, the one on the low expert
+    assert settings_of(pair.model)[1]["loras"] == () and settings_of(pair.model)[1]["loras_low"] == ((style, 0.7),)
+    # chained: one file for each expert (as Wan2.2 distill LoRAs come) -> each expert's own list, a new model
+    chain = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=-0.4, loras=low_only,
+                experts="high_noise")[0]
+    both = load_pair(env, loras=chain)
+    assert both.model is not pair.model
+    _, settings = settings_of(both.model)
+    assert settings["loras"] == ((style, -0.4),) and settings["loras_low"] == ((style, 0.7),)
+    assert torch.equal(both.model.low.state_dict()[q], got_low[q])
+    assert torch.allclose(both.model.high.state_dict()[q].double(), plain.high.state_dict()[q].double() - 0.4 * 0.5 * (
+        lora["lora_unet_blocks_0_self_attn_q.lora_up.weight"] @ lora["lora_unet_blocks_0_self_attn_q.lora_down.weight"]),
+        atol=1e-5)
+
+
+def test_per_expert_lora_errors_name_the_input_and_the_expert(env):
+    with pytest.raises(ValueError, match="MoGA LoRA: input 'experts': unknown choice 'middle'.*Fix: pick one of both"):
+        run(env.nodes.MoGALora, lora_name="style.safetensors", strength=1.0, experts="middle")
+    low_only = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=1.0, experts="low_noise")[0]
+    with pytest.raises(ValueError, match=r"MoGA Model Loader: input 'loras': the LoRA 'style.safetensors' is for the "
+                                         r"low-noise expert .* loaded as one model\. Fix: set that MoGA LoRA node's "
+                                         r"'experts' to both, or pick the low-noise expert's file in low_noise_model"):
+        run(env.nodes.MoGAModelLoader, ckpt_name="tiny_moga.safetensors", weight_dtype="default",
+            attention_backend="auto", loras=low_only)
+    wide = run(env.nodes.MoGALora, lora_name="wan14b.safetensors", strength=1.0, experts="low_noise")[0]
+    with pytest.raises(ValueError, match=r"input 'loras': a LoRA could not be merged into .*the low-noise expert "
+                                         r"\(tiny_t2v_low_noise.safetensors\).*Wan 14B.*Fix: .*'experts'"):
+        load_pair(env, loras=wide)
+
+
+@pytest.mark.slow
+def test_pooled_sampler_runs_a_pair_with_its_own_groups_and_a_lora_per_expert(env):
+    """2 gloo workers load each expert with its own LoRA and run it with its own MoGA config (4 and 2 groups):
+    the one-process latent."""
+    high = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=0.6, experts="high_noise")[0]
+    chain = run(env.nodes.MoGALora, lora_name="style.safetensors", strength=-0.5, loras=high, experts="low_noise")[0]
+    pair = run(env.nodes.MoGAAttentionSettings, model=load_mixed(env, loras=chain), window_frames=1)[0]
+    sh = shots(env, model=pair, clip=FakeClip(TEXT_DIM))
+    single = run(env.nodes.MoGASampler, model=pair, shots=sh, **SAMPLER)[0]["samples"]
+    pooled = _pooled(env, model=pair, shots=sh, **SAMPLER)
+    assert torch.allclose(pooled, single, atol=1e-5), (pooled - single).abs().max()

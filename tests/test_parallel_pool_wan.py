@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from moga.attention import MoGAConfig
 from moga.checkpoint import load_experts, load_model
 from moga.conditioning import image_condition
 from moga.parallel import WorkerPool
@@ -174,6 +175,8 @@ def test_what_the_pool_refuses_is_refused_in_the_host(files):
              (i2v21, {"image": with_clip.__class__(with_clip.kind, y=with_clip.y, clip=with_clip.clip[:1])},
               "CLIP tokens .* for each of the 2 shots"),
              (t2v, {"cfg": (3.0, 2.0)}, "is one model: give one number"),
+             (t2v, {"moga": (MoGAConfig(num_groups=3),) * 2}, "is one model: give one MoGAConfig"),
+             (pair, {"moga": (MoGAConfig(num_groups=3),) * 3}, r"\(moga_high, moga_low\) for an expert pair, got 3"),
              (t2v, {"image": concat.y}, "give a moga.conditioning.ImageCondition"),
              (t2v, {"on_step": print}, "not sample\\(\\) options")]
     for pool, extra, match in cases:

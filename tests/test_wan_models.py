@@ -136,6 +136,28 @@ def test_experts_switch_at_the_boundary_step():
     assert {c.num_groups for _, c in calls["high"]} == {3} and {c.num_groups for _, c in calls["low"]} == {4}
 
 
+def test_a_moga_config_per_expert_reaches_its_expert():
+    """moga=(high, low): each expert runs its own (None in the pair: that expert's own); one model refuses a pair."""
+    pair = _pair(boundary=0.95)   # 2 steps: t = 1000 high, 833 low
+    seen = {"high": set(), "low": set()}
+    for name in seen:
+        getattr(pair, name).register_forward_pre_hook(
+            lambda m, args, kwargs, name=name: seen[name].add(kwargs["moga"]), with_kwargs=True)
+    pos, neg = _texts(pair.config, 1)
+    kw = dict(shot_frames=(2,), latent_size=(2, 4, 4), steps=2, cfg=3.0, shift=5.0, seed=2, solver="euler")
+    high = pair.high.moga_config.replace(num_groups=2, window=(1, 2, 1))
+    low = pair.low.moga_config.replace(num_groups=3, fusion="lse")
+    a = sample(pair, pos, neg, moga=(high, low), **kw)
+    assert seen == {"high": {high}, "low": {low}}
+    seen["high"].clear(), seen["low"].clear()
+    b = sample(pair, pos, neg, moga=(high, None), **kw)
+    assert seen == {"high": {high}, "low": {pair.low.moga_config}} and rel(a, b) > 1e-4
+    with pytest.raises(ValueError, match="got 1 configs for one model"):
+        sample(pair.high, pos, neg, moga=(high,), **kw)
+    with pytest.raises(ValueError, match=r"moga is one MoGAConfig \(or \(moga_high, moga_low\)"):
+        sample(pair, pos, neg, moga=(high, low, low), **kw)
+
+
 def test_i2v_pair_boundary_and_override():
     pair = _pair(in_dim=36)
     assert pair.boundary == 0.9 and pair.name_for(900.0) == "high" and pair.name_for(899.9) == "low"

@@ -47,13 +47,21 @@ def load_experts(high, low=None, boundary: float | None = None, offload: bool = 
                                   f"(high_noise_model/ + low_noise_model/, or *high_noise* + *low_noise* "
                                   f"files): pass the low-noise expert too")
         high, low = found
-    first = "cpu" if offload else device
-    h = load_model(high, device=first, loras=loras, **load_kwargs)
-    lo = load_model(low, device="cpu" if offload else device, loras=loras_low, **load_kwargs)
+    where = "cpu" if offload else device
+    h = _load_expert("high-noise", high, where, loras, load_kwargs)
+    lo = _load_expert("low-noise", low, where, loras_low, load_kwargs)
     try:
         return ExpertPair(h, lo, boundary=boundary, offload=offload, device=device)
     except ValueError as exc:
         raise CheckpointError(f"{high} + {low}: {exc}") from exc
+
+
+def _load_expert(which: str, path, device, loras, load_kwargs):
+    """load_model for one expert; its errors say which expert (a LoRA made for the other one fails here)."""
+    try:
+        return load_model(path, device=device, loras=loras, **load_kwargs)
+    except CheckpointError as exc:
+        raise CheckpointError(f"the {which} expert ({Path(path).name}): {exc}") from exc
 
 
 __all__ = ["find_experts", "load_experts"]

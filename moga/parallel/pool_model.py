@@ -15,8 +15,8 @@ its settings, so each rank holds the same weights as a one-process run of the sa
 
 `settings_of(model)` gives (checkpoint, settings) that load a model already loaded in the host again
 (a WanModel or an ExpertPair read from files, with the LoRAs it merged). `check_fits` refuses, in the
-host, a job the model cannot run (an image condition of another model kind, per-expert guidance for one
-model), so a mistake costs no worker restart.
+host, a job the model cannot run (an image condition of another model kind, per-expert guidance or MoGA
+configs for one model), so a mistake costs no worker restart.
 """
 from __future__ import annotations
 
@@ -175,6 +175,14 @@ def check_fits(job: dict, config, pair: bool) -> None:
         raise ValueError(f"cfg {tuple(cfg)} gives each Wan2.2 A14B expert its own guidance, but this pool's model "
                          f"({config.name}) is one model: give one number, or start the pool with "
                          f"settings['low_noise']")
+    moga = job.get("moga")
+    if isinstance(moga, (tuple, list)):
+        if not pair:
+            raise ValueError(f"moga gives each Wan2.2 A14B expert its own MoGA config, but this pool's model "
+                             f"({config.name}) is one model: give one MoGAConfig, or start the pool with "
+                             f"settings['low_noise']")
+        if len(moga) != 2:
+            raise ValueError(f"moga is (moga_high, moga_low) for an expert pair, got {len(moga)} configs")
     kind, image = config.conditioning, job.get("image")
     if image is None:
         if kind in ("concat", "clip+concat"):
