@@ -110,8 +110,32 @@ def _host_vae_encoder(vae):
     return Encoder()
 
 
-def image_condition_of(model, shots, latent_size, start_image, vae, clip_vision_output, width, height):
-    """The moga ImageCondition of shot 1's start image (None: text-to-video), or a clear error."""
+def start_shots(text, images: int, num_shots: int) -> list[int]:
+    """Shot indices (from 0) that the start_image batch's images start, in batch order, from 'start_image_shots'
+    ("1" or "1,5": shots counted from 1), or a clear error."""
+    text = (text or "1").strip() or "1"
+    try:
+        wanted = [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise input_error(NODE, "start_image_shots", f"{text!r} is not a list of shot numbers",
+                          "write the shots the images start, counted from 1, e.g. '1' or '1,5'") from None
+    bad = [n for n in wanted if not 1 <= n <= num_shots]
+    if bad:
+        raise input_error(NODE, "start_image_shots", f"shots {bad} are not in the plan (it has shots 1..{num_shots})",
+                          "name shots of the shot list")
+    if len(set(wanted)) != len(wanted):
+        raise input_error(NODE, "start_image_shots", f"{text!r} names a shot twice", "give each shot one image")
+    if len(wanted) != images:
+        raise input_error(NODE, "start_image_shots", f"{len(wanted)} shots ({text!r}) for {images} start images",
+                          f"name one shot per image of the start_image batch ({images}), e.g. "
+                          f"'{','.join(str(i + 1) for i in range(min(images, num_shots)))}'")
+    return [n - 1 for n in wanted]
+
+
+def image_condition_of(model, shots, latent_size, start_image, vae, clip_vision_output, width, height,
+                       start_image_shots="1"):
+    """The moga ImageCondition of the start images (None: text-to-video), or a clear error. start_image: a batch
+    of images, image j starting shot start_image_shots[j] (default: one image, shot 1)."""
     config = getattr(model.model, "config", None)
     kind = getattr(config, "conditioning", "none")
     if start_image is None:
@@ -146,14 +170,21 @@ def image_condition_of(model, shots, latent_size, start_image, vae, clip_vision_
     from moga.conditioning import image_condition
     from moga.wan_image_io import encode_start_images
 
-    first = start_image[:1].float().movedim(-1, 1)[:, :3]  # [1, 3, h, w] in 0..1
-    if tuple(first.shape[-2:]) != (height, width):
-        first = torch.nn.functional.interpolate(first, size=(height, width), mode="bilinear", align_corners=False)
-    pixels = {0: first[0] * 2 - 1}
+    targets = start_shots(start_image_shots, int(start_image.shape[0]), shots.plan.num_shots)
+    batch = start_image.float().movedim(-1, 1)[:, :3]  # [N, 3, h, w] in 0..1
+    if tuple(batch.shape[-2:]) != (height, width):
+        batch = torch.nn.functional.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False)
+    pixels = {shot: batch[j] * 2 - 1 for j, shot in enumerate(targets)}
+    if clip is not None:
+        clip = clip.float().cpu()
+        if clip.shape[0] == len(targets) > 1:  # CLIP Vision Encode of the same batch: each shot its own image's
+            clip = {shot: clip[j:j + 1] for j, shot in enumerate(targets)}
+        elif clip.shape[0] != 1:
+            raise input_error(NODE, "clip_vision_output", f"{clip.shape[0]} CLIP images for {len(targets)} start "
+                              "images", "encode the start_image batch itself (CLIP Vision Encode), or one image")
     try:
         latents, fill = encode_start_images(_host_vae_encoder(vae), config, shots.plan.shot_frames, pixels)
-        return image_condition(config, shots.plan.latent_shot_frames(), latent_size, latents,
-                               clip=None if clip is None else clip.float().cpu(), fill=fill)
+        return image_condition(config, shots.plan.latent_shot_frames(), latent_size, latents, clip=clip, fill=fill)
     except ValueError as e:
         raise input_error(NODE, "vae", f"the start image could not condition {config.name}: {e}",
                           "use this model's VAE (wan_2.1_vae for 16-channel models)") from e
@@ -206,7 +237,8 @@ class MoGASampler(io.ComfyNode):
                                        "(LightX2V-style: 4-8 steps, cfg 1, euler)."),
                 io.Image.Input("start_image", optional=True,
                                tooltip="Image-to-video models: the first frame of shot 1 (resized to width x "
-                                       "height). Needs 'vae'."),
+                                       "height). Needs 'vae'. A batch of images starts the shots named in "
+                                       "start_image_shots."),
                 io.Vae.Input("vae", optional=True,
                              tooltip="The VAE that encodes start_image (VAE Loader with wan_2.1_vae for Wan2.1 I2V "
                                      "and Wan2.2 I2V A14B)."),
@@ -216,6 +248,10 @@ class MoGASampler(io.ComfyNode):
                 io.Float.Input("cfg_low", default=-1.0, min=-1.0, max=30.0, step=0.1, round=0.01, optional=True,
                                tooltip="Wan2.2 A14B: guidance of the low-noise expert's steps; -1: the same as "
                                        "cfg (Wan2.2 T2V uses 4.0 high, 3.0 low)."),
+                io.String.Input("start_image_shots", default="1", optional=True,
+                                tooltip="Which shots the start_image batch's images start, counted from 1, in "
+                                        "batch order: '1' (one image, shot 1), '1,5' (a second image, e.g. a "
+                                        "character sheet, starts shot 5). Shots without one continue the story."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
@@ -223,7 +259,7 @@ class MoGASampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, shots, width=832, height=480, steps=30, cfg=5.0, shift=5.0, solver="unipc", seed=0,
                 gpus="auto", schedule="wan", start_image=None, vae=None, clip_vision_output=None,
-                cfg_low=-1.0) -> io.NodeOutput:
+                cfg_low=-1.0, start_image_shots="1") -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -262,7 +298,7 @@ class MoGASampler(io.ComfyNode):
         shot_frames = plan.latent_shot_frames()
         devices = parse_gpus(gpus, _visible_gpus())
         image = image_condition_of(model, shots, latent_size, start_image, vae, clip_vision_output,
-                                   int(width), int(height))
+                                   int(width), int(height), start_image_shots)
 
         from moga.preflight import wants_block_progress
 

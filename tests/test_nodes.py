@@ -680,6 +680,47 @@ def test_sampler_encodes_the_start_image_of_shot_one(env, monkeypatch):
     assert not torch.allclose(latent, other, atol=1e-4)  # the image steers the video
 
 
+def test_sampler_start_images_for_later_shots(env, monkeypatch):
+    """A batch of two images with start_image_shots '1,3': image 2 starts shot 3 (a character sheet for a later
+    shot), as the library's image_condition builds it from the same pixels; CLIP per image on Wan2.1 I2V."""
+    import types
+
+    from moga.conditioning import image_condition
+    from moga.wan_image_io import encode_start_images
+
+    model = load(env, "tiny_i2v_22.safetensors")
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    batch = torch.cat([_image(5), _image(8)])
+    _, cond = _capture_image(env, monkeypatch, model=model, shots=sh, start_image=batch, vae=FakeVAE(),
+                             start_image_shots="1, 3", **SAMPLER)
+    mask = cond.y[:, :4]
+    assert torch.equal(mask[:, :, 0], torch.ones(1, 4, 4, 4)) and torch.equal(mask[:, :, 5], torch.ones(1, 4, 4, 4))
+    assert mask[:, :, 1:5].abs().sum() == 0 and mask[:, :, 6:].abs().sum() == 0
+    sampler_module = sys.modules[env.nodes.MoGASampler.__module__]
+    pixels = torch.nn.functional.interpolate(batch.movedim(-1, 1), size=(32, 32), mode="bilinear",
+                                             align_corners=False) * 2 - 1
+    latents, fill = encode_start_images(sampler_module._host_vae_encoder(FakeVAE()), model.model.config,
+                                        sh.plan.shot_frames, {0: pixels[0], 2: pixels[1]})
+    want = image_condition(model.model.config, sh.plan.latent_shot_frames(), (7, 4, 4), latents, fill=fill)
+    assert torch.allclose(cond.y, want.y, atol=1e-6)
+    _, one = _capture_image(env, monkeypatch, model=model, shots=sh, start_image=batch[:1], vae=FakeVAE(), **SAMPLER)
+    assert not torch.allclose(cond.y[:, 4:, 5:], one.y[:, 4:, 5:], atol=1e-4)  # shot 3 now starts from image 2
+
+    i2v21 = load(env, "tiny_i2v_21.safetensors")
+    sh21 = shots(env, model=i2v21, clip=FakeClip(TEXT_DIM))
+    tokens = torch.randn(2, 257, CLIP_DIM, generator=torch.Generator().manual_seed(4))
+    out = types.SimpleNamespace(penultimate_hidden_states=tokens)
+    _, cond = _capture_image(env, monkeypatch, model=i2v21, shots=sh21, start_image=batch, vae=FakeVAE(),
+                             clip_vision_output=out, start_image_shots="1,3", **SAMPLER)
+    assert [torch.equal(c, tokens[j:j + 1]) for c, j in zip(cond.clip, (0, 0, 1))] == [True] * 3
+
+    for text, match in (("1", "1 shots.*2 start images"), ("1,4", "shots \\[4\\] are not in the plan"),
+                        ("3,3", "names a shot twice"), ("one", "not a list of shot numbers")):
+        with pytest.raises(ValueError, match="start_image_shots.*" + match):
+            run(env.nodes.MoGASampler, model=model, shots=sh, start_image=batch, vae=FakeVAE(),
+                start_image_shots=text, **SAMPLER)
+
+
 def test_sampler_passes_clip_vision_to_wan21_i2v(env, monkeypatch):
     import types
     model = load(env, "tiny_i2v_21.safetensors")

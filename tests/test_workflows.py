@@ -120,9 +120,9 @@ def _node(ui, cls):
 def test_checker_flags_ui_mistakes(good, info):
     ui, _ = good
     bad = copy.deepcopy(ui)
-    # a required widget value missing (gpus; the optional schedule and cfg_low after it may be left out): positions
-    # shift
-    del _node(bad, "MoGASampler")["widgets_values"][-3:]
+    # a required widget value missing (gpus; the optional schedule, cfg_low and start_image_shots after it may be
+    # left out): positions shift
+    del _node(bad, "MoGASampler")["widgets_values"][-4:]
     assert any("widget values" in p for p in wc.check_ui(bad, info))
     bad = copy.deepcopy(ui)
     _node(bad, "MoGASampler")["type"] = "MoGASamplerOld"         # a node type the host does not have
