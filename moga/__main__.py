@@ -1,4 +1,4 @@
-"""`python -m moga ...`: see moga/cli.py and docs/cli.md."""
+"""`python -m moga ...`: see moga/cli/ and docs/cli.md."""
 import sys
 
 from .cli import main
