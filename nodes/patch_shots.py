@@ -26,12 +26,16 @@ def _padded(embeddings, length):
 
 
 def shot_conditioning(per_shot, shot_frames):
-    """[[first shot's text, {model_conds: every shot's text + latent frames}]] (core's CONDITIONING)."""
+    """[[first shot's text, {model_conds: every shot's text + latent frames}]] (core's CONDITIONING). One shot is
+    one prompt: plain [[text, {}]], as core's CLIP Text Encode gives, so MoGA Patch Model's own shot_frames still
+    say where the cuts are (a one-shot length in the conditioning would override them)."""
     import torch
-    from comfy.conds import CONDRegular
 
     length = max(TEXT_LEN, *(e.shape[-2] for e in per_shot))
     padded = _padded(per_shot, length)
+    if len(padded) == 1:
+        return [[padded[0], {}]]
+    from comfy.conds import CONDRegular
     stacked = torch.stack([p[0] for p in padded])[None]            # [1, S, L, D]
     frames = torch.tensor([list(shot_frames)], dtype=torch.long)     # [1, S]
     conds = {SHOT_CONTEXT_KEY: CONDRegular(stacked), SHOT_FRAMES_KEY: CONDRegular(frames)}
