@@ -151,9 +151,10 @@ class Server:
     def run(self, graph, stall_s=180, cap_s=1800) -> dict:
         """Queue a graph and return its /history entry once it finished. Fails when the server sends no message
         about it for `stall_s` seconds (a hang: a running prompt reports its nodes and steps) or after `cap_s` in
-        all; a slow, loaded machine is no failure."""
+        all; a slow, loaded machine is no failure. The run's websocket messages are kept in `last_messages`."""
         client = uuid.uuid4().hex
         messages, proc = self.listen(client, seconds=cap_s + 60)
+        self.last_messages = messages
         try:
             prompt_id = self.queue(graph, client_id=client)
             start = last = time.monotonic()
@@ -172,6 +173,64 @@ class Server:
         finally:
             proc.kill()
             proc.wait(10)
+
+    def interrupt_after_first_step(self, graph, steps: int, timeout=120) -> dict:
+        """Queue `graph`, whose sampler runs `steps` steps, POST /interrupt as soon as the websocket brings the
+        sampler's first progress message, and report what happened: {"entry": its /history entry, "seen": the
+        step reported when the interrupt went out, "values": every step the sampler reported, "stopped_after":
+        seconds from the interrupt to the prompt's end}. Every wait is tied to a server event and has a timeout."""
+        client = uuid.uuid4().hex
+        messages, proc = self.listen(client, seconds=timeout + 120)
+        try:
+            prompt_id = self.queue(graph, client_id=client)
+
+            def progress():
+                return [m["data"]["value"] for m in list(messages) if m.get("type") == "progress"
+                        and m["data"].get("prompt_id") == prompt_id and m["data"].get("max") == steps]
+
+            def event(kind):
+                return any(m.get("type") == kind and m.get("data", {}).get("prompt_id") == prompt_id
+                           for m in list(messages))
+            end = time.monotonic() + timeout
+            while not progress():
+                if event("execution_error") or event("execution_success"):
+                    raise AssertionError(f"prompt {prompt_id} ended before its first step was reported: "
+                                         f"{json.dumps(self.wait(prompt_id, 30)['status'])[:3000]}")
+                if time.monotonic() > end:
+                    raise AssertionError(f"no sampler progress within {timeout} s: {messages[-5:]}; log tail:\n"
+                                         f"{self.log_tail()}")
+                time.sleep(0.02)
+            seen = max(progress())
+            t0 = time.monotonic()
+            self.post("/interrupt", {})
+            entry = self.wait(prompt_id, timeout=60)
+            stopped_after = time.monotonic() - t0
+            # the socket delivers in order: once the interrupt message is in, every progress message sent is too
+            end = time.monotonic() + 30
+            while not event("execution_interrupted"):
+                assert time.monotonic() < end, f"no execution_interrupted message: {messages[-5:]}"
+                time.sleep(0.02)
+        finally:
+            proc.kill()
+            proc.wait(10)
+        return {"entry": entry, "seen": seen, "values": progress(), "stopped_after": stopped_after}
+
+    def log_size(self) -> int:
+        log = self.state / "server.log"
+        return log.stat().st_size if log.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        """What the server logged after `offset` (a log_size() taken before)."""
+        with open(self.state / "server.log", "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def place_input(self, name: str, writer) -> Path:
+        """Write a file into the host's input/ folder (Load Image reads it; removed after the session)."""
+        path = self.comfy / "input" / name
+        writer(path)
+        self.cleanup.append(path)
+        return path
 
     def _finished(self, prompt_id) -> dict | None:
         hist = self.get(f"/history/{prompt_id}")

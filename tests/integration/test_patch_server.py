@@ -8,25 +8,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
+from .run_model import write_core_model  # noqa: E402
+
 PATCH_NODES = {"MoGARouterLoader": ["MOGA_ROUTERS"], "MoGAPatchModel": ["MODEL"],
                "MoGAShotConditioning": ["CONDITIONING", "CONDITIONING"], "MoGAEmptyMultiShotLatent": ["LATENT"]}
 # the demo model's world words (its text encoder knows no others); 5 + 9 frames -> 2 + 3 latent frames
 SHOTS = "a small red circle moves right on a black background [5]\nit moves left on a black background [9]"
 FRAMES = 14
-
-
-def write_core_model(path):
-    """A tiny MoGA checkpoint core's loader reads (width 256 = two heads of 128, text width 4096) that also brings a
-    small text encoder and decoder (the demo model's format), so no umT5 or Wan VAE is needed on a CPU."""
-    import torch
-    from moga.demo.codec import DemoCodec
-    from moga.demo.model import build_demo, save_demo
-    from moga.demo.text import DemoTextEncoder
-
-    torch.manual_seed(0)
-    model, _ = build_demo(seed=0, dim=256, ffn_dim=256, num_heads=2, num_layers=2, moga_layers=(0, 1), text_dim=4096)
-    text = DemoTextEncoder(dim=4096, layers=0, heads=4, max_len=16)
-    return save_demo(path, model, text, DemoCodec(latent_channels=16, hidden=32, blocks=1), dtype=torch.float32)
 
 
 def _errors(entry) -> str:
