@@ -30,7 +30,8 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 # Inputs whose options are the files in a model folder: any file name is accepted, since the list depends on
 # what the user has downloaded.
 FILE_INPUTS = {("CLIPLoader", "clip_name"), ("VAELoader", "vae_name"), ("UNETLoader", "unet_name"),
-               ("MoGAModelLoader", "ckpt_name"), ("MoGALora", "lora_name"), ("MoGARouterLoader", "routers_name"),
+               ("MoGAModelLoader", "ckpt_name"), ("MoGAModelLoader", "low_noise_model"), ("MoGALora", "lora_name"),
+               ("MoGARouterLoader", "routers_name"),
                ("LoraLoaderModelOnly", "lora_name"), ("CLIPVisionLoader", "clip_name"), ("LoadImage", "image")}
 CORE_NODE_NAMES = ["CLIPLoader", "VAELoader", "CreateVideo", "SaveVideo", "UNETLoader", "VAEDecode", "KSampler",
                    "ModelSamplingSD3", "LoraLoaderModelOnly", "KSamplerAdvanced", "LoadImage", "CLIPVisionLoader",
