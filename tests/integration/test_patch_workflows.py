@@ -33,7 +33,7 @@ PATCH_WORKFLOWS = sorted(p.name for p in API.glob("moga_patch_*_api.json"))
 SIZE = 64
 ONE_SHOT = "a small red circle moves right on a black background [9]"
 I2V_FRAMES, I2V_SHOTS = 9, "2,1"  # 9 frames -> 3 latent frames, cut after the second
-INTERRUPT_STEPS, AFTER_STEPS, INTERRUPT_SIZE = 200, 5, 192
+INTERRUPT_STEPS, AFTER_STEPS, INTERRUPT_SIZE = 200, 5, 256
 
 
 def _nodes(graph, cls):
