@@ -197,7 +197,7 @@ def _image(seed):
 def test_i2v_workflow_runs_to_a_video_that_starts_from_the_image(comfy_server, host_files):
     """moga_patch_i2v_14b: Load Image -> Load CLIP Vision + CLIP Vision Encode and core's WanImageToVideo (core's
     VAE encodes the start image) -> KSampler on the patched Wan2.1 I2V model (two shots by shot_frames) -> VAE
-    Decode -> Save Video. Run twice with two start images: the video follows the image."""
+    Decode -> Save Video. Run with two start images (the video follows the image) and once without the cut."""
     s, tag = comfy_server, comfy_server.tag
     dit = s.place("diffusion_models", f"{tag}-i2v.safetensors", lambda p: write_core_model(p, seed=21, image=True))
     routers = s.place("moga", f"{tag}-i2v-routers.safetensors", lambda p: write_router_file(p, dit))
@@ -238,7 +238,14 @@ def test_i2v_workflow_runs_to_a_video_that_starts_from_the_image(comfy_server, h
     assert "MoGA 8/8 groups" in log and routers.name in log, log[-3000:]
     # the start image reached the model (its CLIP features, its VAE latent as the first frame): another image, another
     # video
-    assert abs(videos[0] - videos[1]).mean() > 1.0
+    assert abs(videos[0] - videos[1]).mean() > 1.0, abs(videos[0] - videos[1]).mean()
+    # the patch's shot_frames cut the video under a one-shot MoGA Shot Conditioning: without the cut, another video
+    _node(g, "LoadImage")["image"] = images[0].name
+    _node(g, "MoGAPatchModel")["shot_frames"] = ""
+    entry = s.run(g)
+    assert entry["status"]["status_str"] == "success", _errors(entry)
+    uncut = _video(s, entry).astype(float)
+    assert abs(videos[0] - uncut).mean() > 0.1, abs(videos[0] - uncut).mean()
 
 
 def _long_graph(model_name, prefix, steps):
