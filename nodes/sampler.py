@@ -94,19 +94,39 @@ def _check_fits(model: MoGAModelHandle, layout, device, workers_loaded: bool = F
         raise ValueError(f"{NODE}: {e}") from None
 
 
-def _host_vae_encoder(vae):
+WAN22_CHANNELS = 48   # TI2V-5B: the Wan2.2 VAE's latents, 16x16 pixels a latent pixel
+VAE_FILES = {16: "wan_2.1_vae.safetensors", WAN22_CHANNELS: "wan2.2_vae.safetensors"}
+
+
+def spatial_ratio(channels: int) -> int:
+    """Pixels per latent pixel (each way) of the VAE a model with these latent channels samples for."""
+    return 16 if channels == WAN22_CHANNELS else 8
+
+
+def _latent_format(channels: int):
+    """Core's latent format of Wan's VAE latents with these channels (per-channel mean/std normalisation)."""
+    import comfy.latent_formats as formats
+    return formats.Wan22() if channels == WAN22_CHANNELS else formats.Wan21()
+
+
+def _vae_file(channels: int) -> str:
+    return VAE_FILES.get(channels, f"the VAE of {channels}-channel latents")
+
+
+def _host_vae_encoder(vae, channels: int = 16):
     """ComfyUI's VAE as `moga.wan_image_io.encode_start_images` wants it: [1, 3, T, H, W] in -1..1 -> the model's
     (normalised) latent. The host's encode() takes [T, H, W, 3] in 0..1 and returns the raw latent; core's Wan
-    model normalises it with the Wan21 latent format, as done here."""
-    import comfy.latent_formats
+    model normalises it with the latent format of its channels (Wan21: 16, Wan22: TI2V-5B's 48), as done here."""
+    fmt = _latent_format(channels)
 
     class Encoder:
-        z_dim = None  # the host's VAE does not say; a wrong VAE shows as a shape error in image_condition
+        # core's VAE says its latent channels (16: Wan2.1 VAE, 48: Wan2.2 VAE); encode_start_images checks them
+        z_dim = getattr(vae, "latent_channels", None)
 
         @staticmethod
         def encode(x):
             pixels = ((x[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
-            return comfy.latent_formats.Wan21().process_in(vae.encode(pixels).float().cpu())
+            return fmt.process_in(vae.encode(pixels).float().cpu())
     return Encoder()
 
 
@@ -150,13 +170,15 @@ def image_condition_of(model, shots, latent_size, start_image, vae, clip_vision_
     if kind == "none":
         raise input_error(NODE, "start_image", f"{model.name} is a text-to-video model: it takes no start image",
                           "load an image-to-video checkpoint (Wan2.1 I2V, Wan2.2 I2V A14B), or disconnect it")
-    if kind == "replace":  # its 48-channel Wan2.2 VAE latents need core's Wan22 format, not wired here yet
-        raise input_error(NODE, "start_image", f"{config.name} (TI2V-5B) takes its start image from the command "
-                          "line only in this version", "disconnect start_image (it then runs text-to-video), "
-                          "or use `moga generate --image`")
+    channels = int(config.out_dim)
     if vae is None:
         raise input_error(NODE, "vae", "start_image needs a VAE to encode it", "connect a VAE Loader with "
-                          "wan_2.1_vae.safetensors to 'vae'")
+                          f"{_vae_file(channels)} to 'vae'")
+    have = getattr(vae, "latent_channels", None)
+    if have is not None and int(have) != channels:  # e.g. the Wan2.1 VAE on TI2V-5B: its latents do not fit
+        raise input_error(NODE, "vae", f"the VAE makes {int(have)}-channel latents but {config.name} samples "
+                          f"{channels}-channel ones", f"connect a VAE Loader with {_vae_file(channels)} (the VAE "
+                          "of this model) to 'vae'")
     clip = None
     if kind == "clip+concat":
         clip = getattr(clip_vision_output, "penultimate_hidden_states", None)
@@ -183,20 +205,19 @@ def image_condition_of(model, shots, latent_size, start_image, vae, clip_vision_
             raise input_error(NODE, "clip_vision_output", f"{clip.shape[0]} CLIP images for {len(targets)} start "
                               "images", "encode the start_image batch itself (CLIP Vision Encode), or one image")
     try:
-        latents, fill = encode_start_images(_host_vae_encoder(vae), config, shots.plan.shot_frames, pixels)
+        latents, fill = encode_start_images(_host_vae_encoder(vae, channels), config, shots.plan.shot_frames,
+                                            pixels)
         return image_condition(config, shots.plan.latent_shot_frames(), latent_size, latents, clip=clip, fill=fill)
     except ValueError as e:
         raise input_error(NODE, "vae", f"the start image could not condition {config.name}: {e}",
-                          "use this model's VAE (wan_2.1_vae for 16-channel models)") from e
+                          f"use this model's VAE ({_vae_file(channels)})") from e
 
 
 def _to_vae_space(latent, channels: int):
     """The DiT samples Wan's normalised latents ((z - mean) / std per channel); core's Wan VAE decodes raw ones, so
     core's samplers apply the latent format's process_out (KSampler's process_latent_out). Doing the same here means
     MoGA Decode with the host's VAE, core's VAE Decode and the patch path's KSampler output all see one LATENT."""
-    import comfy.latent_formats as formats
-    fmt = formats.Wan22() if channels == 48 else formats.Wan21()
-    return fmt.process_out(latent)
+    return _latent_format(channels).process_out(latent)
 
 
 class MoGASampler(io.ComfyNode):
@@ -213,9 +234,11 @@ class MoGASampler(io.ComfyNode):
                 MogaModel.Input("model", tooltip="From MoGA Model Loader or MoGA Attention Settings."),
                 MogaShots.Input("shots", tooltip="From MoGA Shot Prompts: the shots, their lengths and prompts."),
                 io.Int.Input("width", default=832, min=16, max=4096, step=16,
-                             tooltip="Video width in pixels, a multiple of 16 (Wan2.1 480p: 832)."),
+                             tooltip="Video width in pixels, a multiple of 16 (Wan2.1 480p: 832); TI2V-5B: of 32 "
+                                     "(720p: 1280)."),
                 io.Int.Input("height", default=480, min=16, max=4096, step=16,
-                             tooltip="Video height in pixels, a multiple of 16 (Wan2.1 480p: 480)."),
+                             tooltip="Video height in pixels, a multiple of 16 (Wan2.1 480p: 480); TI2V-5B: of 32 "
+                                     "(720p: 704)."),
                 io.Int.Input("steps", default=30, min=1, max=1000,
                              tooltip="Denoising steps. Cost grows linearly; Wan2.1 uses 50, 20-30 is usually enough."),
                 io.Float.Input("cfg", default=5.0, min=1.0, max=30.0, step=0.1, round=0.01,
@@ -236,12 +259,12 @@ class MoGASampler(io.ComfyNode):
                                tooltip="wan: Wan's schedule. distill: the few-step schedule of step-distill LoRAs "
                                        "(LightX2V-style: 4-8 steps, cfg 1, euler)."),
                 io.Image.Input("start_image", optional=True,
-                               tooltip="Image-to-video models: the first frame of shot 1 (resized to width x "
-                                       "height). Needs 'vae'. A batch of images starts the shots named in "
-                                       "start_image_shots."),
+                               tooltip="Image-to-video models (Wan2.1 I2V, Wan2.2 I2V A14B, TI2V-5B): the first "
+                                       "frame of shot 1 (resized to width x height). Needs 'vae'. A batch of "
+                                       "images starts the shots named in start_image_shots."),
                 io.Vae.Input("vae", optional=True,
                              tooltip="The VAE that encodes start_image (VAE Loader with wan_2.1_vae for Wan2.1 I2V "
-                                     "and Wan2.2 I2V A14B)."),
+                                     "and Wan2.2 I2V A14B, wan2.2_vae for TI2V-5B's 48-channel latents)."),
                 io.ClipVisionOutput.Input("clip_vision_output", optional=True,
                                           tooltip="Wan2.1 I2V: CLIP Vision Encode of the start image "
                                                   "(clip_vision_h)."),
@@ -290,10 +313,14 @@ class MoGASampler(io.ComfyNode):
         if schedule not in SCHEDULES:
             raise input_error(NODE, "schedule", f"unknown schedule {schedule!r}", f"pick one of {', '.join(SCHEDULES)}")
         plan = shots.plan
+        net_config = getattr(model.model, "config", None)
+        # TI2V-5B's Wan2.2 VAE: 16x16 pixels a latent pixel, so sizes are multiples of 32 (the CLI does the same)
+        spatial = spatial_ratio(int(getattr(net_config, "out_dim", 16)))
         try:
-            latent_size = plan.latent_size(int(width), int(height))
+            latent_size = plan.latent_size(int(width), int(height), spatial_ratio=spatial)
         except ValueError as e:
-            raise input_error(NODE, "width" if int(width) % 16 else "height", str(e),
+            raise input_error(NODE, "width" if int(width) % (2 * spatial) else "height", str(e),
+                              "use multiples of 32, e.g. 1280 x 704 (TI2V-5B)" if spatial == 16 else
                               "use multiples of 16, e.g. 832 x 480") from e
         shot_frames = plan.latent_shot_frames()
         devices = parse_gpus(gpus, _visible_gpus())
@@ -302,8 +329,7 @@ class MoGASampler(io.ComfyNode):
 
         from moga.preflight import wants_block_progress
 
-        layout = plan.token_layout(int(width), int(height))
-        net_config = getattr(model.model, "config", None)
+        layout = plan.token_layout(int(width), int(height), spatial_ratio=spatial)
         # long steps on one device: the bar moves block by block (the pool reports whole steps)
         blocks = len(getattr(model.model, "blocks", ())) if (
             len(devices) <= 1 and net_config is not None and

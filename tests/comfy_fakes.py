@@ -339,26 +339,37 @@ class FakeClip:
 
 
 class FakeVAE:
-    """ComfyUI's Wan VAE contract: decode(latent [B, 16, F, H, W]) -> images [B, 4(F-1)+1, 8H, 8W, 3] in 0..1."""
+    """ComfyUI's Wan VAE contract: decode(latent [B, 16, F, H, W]) -> images [B, 4(F-1)+1, 8H, 8W, 3] in 0..1;
+    `latent_channels` as core's VAE object says it (16: the Wan2.1 VAE)."""
+    latent_channels = 16
+    ratio = 8   # pixels per latent pixel, each way
 
     def __init__(self):
         self.calls = []
 
     def encode(self, pixels):
-        """[T, H, W, 3] in 0..1 -> [1, 16, (T-1)//4+1, H/8, W/8]: a fixed random mix of 8x8 patches of each
+        """[T, H, W, 3] in 0..1 -> [1, C, (T-1)//4+1, H/r, W/r]: a fixed random mix of r x r patches of each
         frame group (the first latent frame is the first pixel frame alone, as Wan's VAE does)."""
         self.calls.append(("encode", tuple(pixels.shape)))
         t, h, w, _ = pixels.shape
         x = pixels.permute(3, 0, 1, 2)[None].float()                  # [1, 3, T, H, W]
         groups = [x[:, :, :1]] + [x[:, :, i:i + 4] for i in range(1, t, 4)]
         frames = torch.cat([g.mean(2, keepdim=True) for g in groups], dim=2)   # [1, 3, F, H, W]
-        patches = torch.nn.functional.avg_pool3d(frames, (1, 8, 8))          # [1, 3, F, H/8, W/8]
-        mix = torch.randn(16, 3, generator=torch.Generator().manual_seed(11))
+        r = self.ratio
+        patches = torch.nn.functional.avg_pool3d(frames, (1, r, r))          # [1, 3, F, H/r, W/r]
+        mix = torch.randn(self.latent_channels, 3, generator=torch.Generator().manual_seed(11))
         return torch.einsum("oc,bcfhw->bofhw", mix, patches) + 0.25
 
     def decode(self, z):
         self.calls.append(tuple(z.shape))
         b, c, f, h, w = z.shape
+        r = self.ratio
         x = z.mean(1, keepdim=True)                                   # [B, 1, F, H, W]
-        x = torch.nn.functional.interpolate(x, size=(4 * (f - 1) + 1, 8 * h, 8 * w), mode="nearest")
+        x = torch.nn.functional.interpolate(x, size=(4 * (f - 1) + 1, r * h, r * w), mode="nearest")
         return torch.sigmoid(x)[:, 0, ..., None].expand(-1, -1, -1, -1, 3)
+
+
+class FakeVAE22(FakeVAE):
+    """The Wan2.2 VAE's contract (TI2V-5B): 48 latent channels, 16x16 pixels a latent pixel."""
+    latent_channels = 48
+    ratio = 16
