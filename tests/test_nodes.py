@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_fakes  # noqa: E402
-from comfy_fakes import FakeClip, FakeVAE  # noqa: E402
+from comfy_fakes import FakeClip, FakeVAE, FakeVAE22  # noqa: E402
 
 from moga.checkpoint import load_model  # noqa: E402
 from moga.sampling import sample  # noqa: E402
@@ -51,6 +51,8 @@ def env(tmp_path_factory):
                               text_dim=TEXT_DIM, seed=26, in_dim=36)
         write_tiny_checkpoint(dm / "tiny_i2v_21.safetensors", layout="comfyui", num_groups=4, text_dim=TEXT_DIM,
                               seed=24, in_dim=36, image_dim=CLIP_DIM)
+        write_tiny_checkpoint(dm / "tiny_ti2v_5b.safetensors", layout="comfyui", num_groups=4, text_dim=TEXT_DIM,
+                              seed=28, in_dim=48, out_dim=48)   # TI2V-5B: 48 channels in and out
         _write_loras(models / "loras")
         env.nodes.loader.CACHE.clear()
         yield env
@@ -745,10 +747,6 @@ def test_sampler_image_errors_name_the_input(env):
         run(env.nodes.MoGASampler, model=i2v, shots=sh, start_image=_image(1), vae=FakeVAE(),
             clip_vision_output=object(), **SAMPLER)
     t2v = load(env)
-    ti2v = t2v.with_settings(model=_with_attr(t2v.model, config=t2v.model.config.replace(in_dim=48, out_dim=48)))
-    assert ti2v.model.config.conditioning == "replace"
-    with pytest.raises(ValueError, match="start_image.*TI2V-5B.*command line"):
-        run(env.nodes.MoGASampler, model=ti2v, shots=sh, start_image=_image(1), vae=FakeVAE(), **SAMPLER)
     with pytest.raises(ValueError, match="start_image.*text-to-video"):
         run(env.nodes.MoGASampler, model=t2v, shots=sh, start_image=_image(1), vae=FakeVAE(), **SAMPLER)
 
@@ -942,3 +940,75 @@ def test_pooled_sampler_runs_a_pair_with_its_own_groups_and_a_lora_per_expert(en
     single = run(env.nodes.MoGASampler, model=pair, shots=sh, **SAMPLER)[0]["samples"]
     pooled = _pooled(env, model=pair, shots=sh, **SAMPLER)
     assert torch.allclose(pooled, single, atol=1e-5), (pooled - single).abs().max()
+
+
+TI2V = dict(SAMPLER, width=64, height=64)   # the Wan2.2 VAE's 16x: a 4 x 4 latent, as 32 x 32 gives Wan2.1's
+
+
+def test_sampler_runs_ti2v_5b_at_the_wan22_vaes_16x(env):
+    """TI2V-5B text-to-video: the latent is width/16 x height/16 (the Wan2.2 VAE), the library's call, handed on
+    through core's Wan22 format; a size that is not a multiple of 32 is refused with the fix."""
+    model = load(env, "tiny_ti2v_5b.safetensors")
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    got = run(env.nodes.MoGASampler, model=model, shots=sh, **TI2V)[0]["samples"]
+    assert got.shape == (1, 48, 7, 4, 4)
+    ref = sample(model.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
+                 cfg=3.0, shift=5.0, solver="euler", seed=7, moga=model.moga)
+    assert torch.equal(got, sys.modules["comfy.latent_formats"].Wan22().process_out(ref))
+    with pytest.raises(ValueError, match="'width'.*multiples of 32.*1280 x 704"):
+        run(env.nodes.MoGASampler, model=model, shots=sh, **dict(TI2V, width=48))
+
+
+def test_sampler_encodes_ti2v_start_images_through_the_wan22_format(env, monkeypatch):
+    """TI2V-5B with start images for shots 1 and 3: the host's Wan2.2 VAE encodes each image alone, core's Wan22
+    format normalises it, and the condition is the library's encode_start_images + image_condition on the same
+    pixels (the image latent replaces each shot's first latent frame, at timestep 0); the video is moga's sample
+    with it, and another image gives another video."""
+    from moga.conditioning import image_condition
+    from moga.wan_image_io import encode_start_images
+
+    model = load(env, "tiny_ti2v_5b.safetensors")
+    sh = shots(env, model=model, clip=FakeClip(TEXT_DIM))
+    vae, batch = FakeVAE22(), torch.cat([_image(5), _image(8)])
+    latent, cond = _capture_image(env, monkeypatch, model=model, shots=sh, start_image=batch, vae=vae,
+                                  start_image_shots="1,3", **TI2V)
+    assert cond.kind == "replace" and cond.y is None and cond.latent.shape == (1, 48, 7, 4, 4)
+    assert cond.fixed.tolist() == [True, False, False, False, False, True, False]
+    assert vae.calls == [("encode", (1, 64, 64, 3))] * 2   # each image alone, at the video's size
+    pixels = torch.nn.functional.interpolate(batch.movedim(-1, 1), size=(64, 64), mode="bilinear",
+                                             align_corners=False)
+    fmt = sys.modules["comfy.latent_formats"].Wan22()
+    first = fmt.process_in(FakeVAE22().encode(pixels[0].movedim(0, -1)[None]))   # [1, 48, 1, 4, 4], by hand
+    assert torch.allclose(cond.latent[:, :, :1], first, atol=1e-6)
+    assert not torch.allclose(first, FakeVAE22().encode(pixels[0].movedim(0, -1)[None]), atol=1e-3)  # normalised
+    sampler_module = sys.modules[env.nodes.MoGASampler.__module__]
+    latents, fill = encode_start_images(sampler_module._host_vae_encoder(FakeVAE22(), 48), model.model.config,
+                                        sh.plan.shot_frames, {0: pixels[0] * 2 - 1, 2: pixels[1] * 2 - 1})
+    want = image_condition(model.model.config, sh.plan.latent_shot_frames(), (7, 4, 4), latents, fill=fill)
+    assert torch.allclose(cond.latent, want.latent, atol=1e-6) and torch.equal(cond.fixed, want.fixed)
+    ref = sample(model.model, sh.positive, sh.negative, shot_frames=(2, 3, 2), latent_size=(7, 4, 4), steps=2,
+                 cfg=3.0, shift=5.0, solver="euler", seed=7, moga=model.moga, image=cond)
+    assert torch.equal(latent, fmt.process_out(ref))
+    other, _ = _capture_image(env, monkeypatch, model=model, shots=sh, start_image=torch.cat([_image(6), _image(8)]),
+                              vae=vae, start_image_shots="1,3", **TI2V)
+    assert not torch.allclose(latent, other, atol=1e-4)  # the image steers the video
+    t2v = run(env.nodes.MoGASampler, model=model, shots=sh, **TI2V)[0]["samples"]
+    assert not torch.allclose(latent, t2v, atol=1e-4)
+
+
+def test_sampler_refuses_a_vae_of_other_latent_channels(env):
+    """The Wan2.1 VAE (16 channels) on TI2V-5B and the Wan2.2 VAE (48) on a 16-channel I2V model: an error on
+    'vae' naming both channel counts and the VAE file to load, before any encode or step."""
+    ti2v = load(env, "tiny_ti2v_5b.safetensors")
+    sh = shots(env, model=ti2v, clip=FakeClip(TEXT_DIM))
+    wan21 = FakeVAE()
+    with pytest.raises(ValueError, match="'vae'.*16-channel latents but .* samples 48-channel.*Fix: .*wan2.2_vae"):
+        run(env.nodes.MoGASampler, model=ti2v, shots=sh, start_image=_image(1), vae=wan21, **TI2V)
+    with pytest.raises(ValueError, match="'vae'.*needs a VAE.*wan2.2_vae"):
+        run(env.nodes.MoGASampler, model=ti2v, shots=sh, start_image=_image(1), **TI2V)
+    i2v = load(env, "tiny_i2v_22.safetensors")
+    sh = shots(env, model=i2v, clip=FakeClip(TEXT_DIM))
+    wan22 = FakeVAE22()
+    with pytest.raises(ValueError, match="'vae'.*48-channel latents but .* samples 16-channel.*Fix: .*wan_2.1_vae"):
+        run(env.nodes.MoGASampler, model=i2v, shots=sh, start_image=_image(1), vae=wan22, **SAMPLER)
+    assert wan21.calls == [] and wan22.calls == [] and env.utils.updates == []
