@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lazy_triton import triton_kernels
+
 E4M3 = getattr(torch, "float8_e4m3fn", None)
 E5M2 = getattr(torch, "float8_e5m2", None)
 E4M3_MAX = 448.0
@@ -372,32 +374,22 @@ def enable_fp8(model: nn.Module, device=None, quantize_bf16: bool = True, weight
 
 # ---- Triton: per-token amax -> e4m3 in one pass ------------------------------------------------
 
-_TRITON = None
 
-
-def _kernel():
-    global _TRITON
-    if _TRITON is None:
-        try:
-            import triton
-            import triton.language as tl
-        except Exception:
-            _TRITON = False
-            return None
-
-        @triton.jit
-        def quant_rows(out_ptr, scale_ptr, x_ptr, k, sx, BLOCK: tl.constexpr):
-            row = tl.program_id(0).to(tl.int64)
-            cols = tl.arange(0, BLOCK)
-            ok = cols < k
-            x = tl.load(x_ptr + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
-            amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
-            s = tl.math.div_rn(amax, 448.0)
-            y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
-            tl.store(out_ptr + row * k + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
-            tl.store(scale_ptr + row, s)
-        _TRITON = quant_rows
-    return _TRITON or None
+@triton_kernels
+def _kernel(triton, tl):
+    """The per-token quantisation kernel (`_kernel()`: None when Triton is not importable)."""
+    @triton.jit
+    def quant_rows(out_ptr, scale_ptr, x_ptr, k, sx, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < k
+        x = tl.load(x_ptr + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
+        s = tl.math.div_rn(amax, 448.0)
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
+        tl.store(out_ptr + row * k + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(scale_ptr + row, s)
+    return quant_rows
 
 
 def _quantize_rows_triton(kernel, x2: torch.Tensor):

@@ -19,129 +19,119 @@ Every function falls back to the plain torch expression (the reference, bit for 
 where the kernels do not apply: no CUDA tensor, no Triton, gradients needed (the kernels have no backward),
 or `FUSED = False`. The fused results differ from the plain ones only by rounding: the kernels keep float32
 to the end and round once, where the plain path rounds to bf16 between steps.
-This module imports nothing from moga (the attention package and the model both call it).
+This module imports nothing from moga but the leaf `moga.lazy_triton` (the attention package and the model
+both call it).
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
+
+from .lazy_triton import triton_kernels
 
 FUSED = True         # False: always the plain torch path (benchmarks compare both)
 FUSE_ON_CPU = False  # tests: the Triton kernels on the CPU (needs TRITON_INTERPRET=1 at import)
 # residual streams the row kernel updates: the library's float32, a host model's own (ComfyUI: the weights' dtype)
 RESIDUAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_KERNELS = None
-
-
-def _kernels():
-    """The Triton kernels (a namespace), or None when Triton is not importable."""
-    global _KERNELS
-    if _KERNELS is None:
-        try:
-            import triton
-            import triton.language as tl
-        except Exception:
-            _KERNELS = False
-            return None
-
-        @triton.jit
-        def row_kernel(x_ptr, r_ptr, y_ptr, g_ptr, out_ptr, q_ptr, qs_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr,
-                       n, dim, sxb, sxt, srb, srt, syb, syt, sob, sot, sqb, sqt, ssb, smb, eps,
-                       RESID: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr,
-                       AFFINE: tl.constexpr, OUT: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
-            # one token row: [x + (gate *) y, stored into r (x itself, or another buffer) in r's dtype],
-            # then from the stored value [LayerNorm, affine, modulation], then the compute-dtype copy
-            # and / or the per-token e4m3 copy with its scale
-            row = tl.program_id(0).to(tl.int64)
-            bi, ti = row // n, row % n
-            cols = tl.arange(0, BLOCK)
-            ok = cols < dim
-            xp = x_ptr + bi * sxb + ti * sxt + cols
-            x = tl.load(xp, mask=ok, other=0.0).to(tl.float32)
-            if RESID:
-                y = tl.load(y_ptr + bi * syb + ti * syt + cols, mask=ok, other=0.0).to(tl.float32)
-                if GATE:
-                    y = y * tl.load(g_ptr + bi * smb + cols, mask=ok, other=0.0).to(tl.float32)
-                x = (x + y).to(r_ptr.dtype.element_ty)  # a bf16 residual rounds here, as a host's addcmul
-                tl.store(r_ptr + bi * srb + ti * srt + cols, x, mask=ok)
-                x = x.to(tl.float32)
-            v = x
-            if NORM:
-                mean = tl.sum(x, axis=0) / dim
-                xc = tl.where(ok, x - mean, 0.0)
-                var = tl.sum(xc * xc, axis=0) / dim
-                v = xc / tl.sqrt(var + eps)
-            if AFFINE:
-                v = v * tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32) \
-                    + tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-            if MODULATE:
-                sc = tl.load(scale_ptr + bi * smb + cols, mask=ok, other=0.0).to(tl.float32)
-                sh = tl.load(shift_ptr + bi * smb + cols, mask=ok, other=0.0).to(tl.float32)
-                v = v * (1.0 + sc) + sh
-            if OUT:
-                tl.store(out_ptr + bi * sob + ti * sot + cols, v.to(out_ptr.dtype.element_ty), mask=ok)
-            if QUANT:
-                amax = tl.maximum(tl.max(tl.where(ok, tl.abs(v), 0.0), axis=0), 1e-12)
-                s = tl.math.div_rn(amax, 448.0)
-                qv = tl.minimum(tl.maximum(tl.math.div_rn(v, s), -448.0), 448.0)
-                # onto e4m3's grid first (3 mantissa bits, nearest even; below 2^-6 steps of 2^-9), so
-                # the cast is exact: the GPU's conversion and Triton's interpreter then agree
-                bits = qv.to(tl.int32, bitcast=True)
-                bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
-                qv = tl.where(tl.abs(qv) < 0.015625, (qv + 24576.0) - 24576.0, bits.to(tl.float32, bitcast=True))
-                tl.store(q_ptr + bi * sqb + ti * sqt + cols, qv.to(q_ptr.dtype.element_ty), mask=ok)
-                tl.store(qs_ptr + bi * ssb + ti, s)
-
-        @triton.jit
-        def gelu_quant_kernel(q_ptr, qs_ptr, h_ptr, k, sh, BLOCK: tl.constexpr):
-            # GELU (tanh approximation) of one row, then its per-token e4m3 copy and scale
-            row = tl.program_id(0).to(tl.int64)
-            cols = tl.arange(0, BLOCK)
-            ok = cols < k
-            h = tl.load(h_ptr + row * sh + cols, mask=ok, other=0.0).to(tl.float32)
-            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-            t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)          # tanh(u); exp overflow gives 1, underflow -1
-            g = 0.5 * h * (1.0 + t)
-            amax = tl.maximum(tl.max(tl.where(ok, tl.abs(g), 0.0), axis=0), 1e-12)
+@triton_kernels
+def _kernels(triton, tl):
+    """The Triton kernels (a namespace; `_kernels()` gives None when Triton is not importable)."""
+    @triton.jit
+    def row_kernel(x_ptr, r_ptr, y_ptr, g_ptr, out_ptr, q_ptr, qs_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr,
+                   n, dim, sxb, sxt, srb, srt, syb, syt, sob, sot, sqb, sqt, ssb, smb, eps,
+                   RESID: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr,
+                   AFFINE: tl.constexpr, OUT: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
+        # one token row: [x + (gate *) y, stored into r (x itself, or another buffer) in r's dtype],
+        # then from the stored value [LayerNorm, affine, modulation], then the compute-dtype copy
+        # and / or the per-token e4m3 copy with its scale
+        row = tl.program_id(0).to(tl.int64)
+        bi, ti = row // n, row % n
+        cols = tl.arange(0, BLOCK)
+        ok = cols < dim
+        xp = x_ptr + bi * sxb + ti * sxt + cols
+        x = tl.load(xp, mask=ok, other=0.0).to(tl.float32)
+        if RESID:
+            y = tl.load(y_ptr + bi * syb + ti * syt + cols, mask=ok, other=0.0).to(tl.float32)
+            if GATE:
+                y = y * tl.load(g_ptr + bi * smb + cols, mask=ok, other=0.0).to(tl.float32)
+            x = (x + y).to(r_ptr.dtype.element_ty)  # a bf16 residual rounds here, as a host's addcmul
+            tl.store(r_ptr + bi * srb + ti * srt + cols, x, mask=ok)
+            x = x.to(tl.float32)
+        v = x
+        if NORM:
+            mean = tl.sum(x, axis=0) / dim
+            xc = tl.where(ok, x - mean, 0.0)
+            var = tl.sum(xc * xc, axis=0) / dim
+            v = xc / tl.sqrt(var + eps)
+        if AFFINE:
+            v = v * tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32) \
+                + tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        if MODULATE:
+            sc = tl.load(scale_ptr + bi * smb + cols, mask=ok, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + bi * smb + cols, mask=ok, other=0.0).to(tl.float32)
+            v = v * (1.0 + sc) + sh
+        if OUT:
+            tl.store(out_ptr + bi * sob + ti * sot + cols, v.to(out_ptr.dtype.element_ty), mask=ok)
+        if QUANT:
+            amax = tl.maximum(tl.max(tl.where(ok, tl.abs(v), 0.0), axis=0), 1e-12)
             s = tl.math.div_rn(amax, 448.0)
-            qv = tl.minimum(tl.maximum(tl.math.div_rn(g, s), -448.0), 448.0)
-            bits = qv.to(tl.int32, bitcast=True)           # onto e4m3's grid, as in row_kernel
+            qv = tl.minimum(tl.maximum(tl.math.div_rn(v, s), -448.0), 448.0)
+            # onto e4m3's grid first (3 mantissa bits, nearest even; below 2^-6 steps of 2^-9), so
+            # the cast is exact: the GPU's conversion and Triton's interpreter then agree
+            bits = qv.to(tl.int32, bitcast=True)
             bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
             qv = tl.where(tl.abs(qv) < 0.015625, (qv + 24576.0) - 24576.0, bits.to(tl.float32, bitcast=True))
-            tl.store(q_ptr + row * k + cols, qv.to(q_ptr.dtype.element_ty), mask=ok)
-            tl.store(qs_ptr + row, s)
+            tl.store(q_ptr + bi * sqb + ti * sqt + cols, qv.to(q_ptr.dtype.element_ty), mask=ok)
+            tl.store(qs_ptr + bi * ssb + ti, s)
 
-        @triton.jit
-        def rms_rope_kernel(x_ptr, w_ptr, rope_ptr, n, half, half_head, sxb, sxt, eps,
-                            NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr):
-            # one token row of `2 * half` channels, in place; pair j = channels (2j, 2j+1)
-            row = tl.program_id(0).to(tl.int64)
-            bi, ti = row // n, row % n
-            j = tl.arange(0, BLOCK)
-            ok = j < half
-            base = x_ptr + bi * sxb + ti * sxt
-            xe = tl.load(base + 2 * j, mask=ok, other=0.0).to(tl.float32)
-            xo = tl.load(base + 2 * j + 1, mask=ok, other=0.0).to(tl.float32)
-            ye, yo = xe, xo
-            if NORM:
-                ms = (tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / (2 * half)
-                r = 1.0 / tl.sqrt(ms + eps)
-                ye = xe * r * tl.load(w_ptr + 2 * j, mask=ok, other=0.0).to(tl.float32)
-                yo = xo * r * tl.load(w_ptr + 2 * j + 1, mask=ok, other=0.0).to(tl.float32)
-            if ROPE:
-                p = j % half_head
-                c = tl.load(rope_ptr + ti * 2 * half_head + 2 * p, mask=ok, other=1.0)
-                s = tl.load(rope_ptr + ti * 2 * half_head + 2 * p + 1, mask=ok, other=0.0)
-                ye, yo = ye * c - yo * s, ye * s + yo * c
-            tl.store(base + 2 * j, ye.to(x_ptr.dtype.element_ty), mask=ok)
-            tl.store(base + 2 * j + 1, yo.to(x_ptr.dtype.element_ty), mask=ok)
+    @triton.jit
+    def gelu_quant_kernel(q_ptr, qs_ptr, h_ptr, k, sh, BLOCK: tl.constexpr):
+        # GELU (tanh approximation) of one row, then its per-token e4m3 copy and scale
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < k
+        h = tl.load(h_ptr + row * sh + cols, mask=ok, other=0.0).to(tl.float32)
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)          # tanh(u); exp overflow gives 1, underflow -1
+        g = 0.5 * h * (1.0 + t)
+        amax = tl.maximum(tl.max(tl.where(ok, tl.abs(g), 0.0), axis=0), 1e-12)
+        s = tl.math.div_rn(amax, 448.0)
+        qv = tl.minimum(tl.maximum(tl.math.div_rn(g, s), -448.0), 448.0)
+        bits = qv.to(tl.int32, bitcast=True)           # onto e4m3's grid, as in row_kernel
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
+        qv = tl.where(tl.abs(qv) < 0.015625, (qv + 24576.0) - 24576.0, bits.to(tl.float32, bitcast=True))
+        tl.store(q_ptr + row * k + cols, qv.to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(qs_ptr + row, s)
 
-        class K:
-            pass
-        K.row, K.rms_rope, K.gelu_quant = row_kernel, rms_rope_kernel, gelu_quant_kernel
-        _KERNELS = K
-    return _KERNELS or None
+    @triton.jit
+    def rms_rope_kernel(x_ptr, w_ptr, rope_ptr, n, half, half_head, sxb, sxt, eps,
+                        NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr):
+        # one token row of `2 * half` channels, in place; pair j = channels (2j, 2j+1)
+        row = tl.program_id(0).to(tl.int64)
+        bi, ti = row // n, row % n
+        j = tl.arange(0, BLOCK)
+        ok = j < half
+        base = x_ptr + bi * sxb + ti * sxt
+        xe = tl.load(base + 2 * j, mask=ok, other=0.0).to(tl.float32)
+        xo = tl.load(base + 2 * j + 1, mask=ok, other=0.0).to(tl.float32)
+        ye, yo = xe, xo
+        if NORM:
+            ms = (tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / (2 * half)
+            r = 1.0 / tl.sqrt(ms + eps)
+            ye = xe * r * tl.load(w_ptr + 2 * j, mask=ok, other=0.0).to(tl.float32)
+            yo = xo * r * tl.load(w_ptr + 2 * j + 1, mask=ok, other=0.0).to(tl.float32)
+        if ROPE:
+            p = j % half_head
+            c = tl.load(rope_ptr + ti * 2 * half_head + 2 * p, mask=ok, other=1.0)
+            s = tl.load(rope_ptr + ti * 2 * half_head + 2 * p + 1, mask=ok, other=0.0)
+            ye, yo = ye * c - yo * s, ye * s + yo * c
+        tl.store(base + 2 * j, ye.to(x_ptr.dtype.element_ty), mask=ok)
+        tl.store(base + 2 * j + 1, yo.to(x_ptr.dtype.element_ty), mask=ok)
+
+    return SimpleNamespace(row=row_kernel, rms_rope=rms_rope_kernel, gelu_quant=gelu_quant_kernel)
 
 
 def can_fuse(*tensors: torch.Tensor) -> bool:

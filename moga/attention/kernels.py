@@ -30,6 +30,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..lazy_triton import triton_kernels
+
 BACKENDS = ("fa4", "flash_attn", "torch", "sdpa", "reference")
 LSE_HAS_GRAD = {"fa4": True, "flash_attn": False, "torch": False, "sdpa": True, "reference": True}
 _HALF = (torch.float16, torch.bfloat16)
@@ -267,79 +269,67 @@ def _chunked_softmax(q, k, v, scale, mask=None, budget=1 << 26):
 # Fused branch merge (CUDA, Triton): unsort + gate + mean (or lse weighting) + cast in one pass.
 # Unsorting each branch with index_select and then averaging in float32 with separate elementwise
 # ops moves about six times the bytes of one read of every branch and one write of the result.
-_TRITON = None
-
-
-def _triton_merge():
-    """The Triton merge kernel, or None when Triton is not importable."""
-    global _TRITON
-    if _TRITON is None:
-        try:
-            import triton
-            import triton.language as tl
-        except Exception:
-            _TRITON = False
-            return None
-
-        @triton.jit
-        def merge_kernel(out_ptr, a_ptr, b_ptr, c_ptr, ia_ptr, ib_ptr, ic_ptr, gate_ptr,
-                         la_ptr, lb_ptr, lc_ptr, hd, heads, head_dim, inv_n,
-                         HAS_B: tl.constexpr, HAS_C: tl.constexpr, IDX_A: tl.constexpr,
-                         IDX_B: tl.constexpr, IDX_C: tl.constexpr, GATE: tl.constexpr,
-                         LSE: tl.constexpr, BLOCK: tl.constexpr):
-            row = tl.program_id(0).to(tl.int64)
-            cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-            ok = cols < hd
-            head = cols // head_dim
-            ra = row
-            if IDX_A:
-                ra = tl.load(ia_ptr + row).to(tl.int64)
-            va = tl.load(a_ptr + ra * hd + cols, mask=ok, other=0.0).to(tl.float32)
+@triton_kernels
+def _triton_merge(triton, tl):
+    """The Triton merge kernel (`_triton_merge()`: None when Triton is not importable)."""
+    @triton.jit
+    def merge_kernel(out_ptr, a_ptr, b_ptr, c_ptr, ia_ptr, ib_ptr, ic_ptr, gate_ptr,
+                     la_ptr, lb_ptr, lc_ptr, hd, heads, head_dim, inv_n,
+                     HAS_B: tl.constexpr, HAS_C: tl.constexpr, IDX_A: tl.constexpr,
+                     IDX_B: tl.constexpr, IDX_C: tl.constexpr, GATE: tl.constexpr,
+                     LSE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < hd
+        head = cols // head_dim
+        ra = row
+        if IDX_A:
+            ra = tl.load(ia_ptr + row).to(tl.int64)
+        va = tl.load(a_ptr + ra * hd + cols, mask=ok, other=0.0).to(tl.float32)
+        if LSE:
+            la = tl.load(la_ptr + ra * heads + head, mask=ok, other=0.0)
+            top = la
+        if HAS_B:
+            rb = row
+            if IDX_B:
+                rb = tl.load(ib_ptr + row).to(tl.int64)
+            vb = tl.load(b_ptr + rb * hd + cols, mask=ok, other=0.0).to(tl.float32)
             if LSE:
-                la = tl.load(la_ptr + ra * heads + head, mask=ok, other=0.0)
-                top = la
+                lb = tl.load(lb_ptr + rb * heads + head, mask=ok, other=0.0)
+                top = tl.maximum(top, lb)
+        if HAS_C:
+            rc = row
+            if IDX_C:
+                rc = tl.load(ic_ptr + row).to(tl.int64)
+            vc = tl.load(c_ptr + rc * hd + cols, mask=ok, other=0.0).to(tl.float32)
+            if LSE:
+                lc = tl.load(lc_ptr + rc * heads + head, mask=ok, other=0.0)
+                top = tl.maximum(top, lc)
+        if LSE:
+            wa = tl.exp(la - top)
+            acc = wa * va
+            norm = wa
             if HAS_B:
-                rb = row
-                if IDX_B:
-                    rb = tl.load(ib_ptr + row).to(tl.int64)
-                vb = tl.load(b_ptr + rb * hd + cols, mask=ok, other=0.0).to(tl.float32)
-                if LSE:
-                    lb = tl.load(lb_ptr + rb * heads + head, mask=ok, other=0.0)
-                    top = tl.maximum(top, lb)
+                wb = tl.exp(lb - top)
+                acc += wb * vb
+                norm += wb
             if HAS_C:
-                rc = row
-                if IDX_C:
-                    rc = tl.load(ic_ptr + row).to(tl.int64)
-                vc = tl.load(c_ptr + rc * hd + cols, mask=ok, other=0.0).to(tl.float32)
-                if LSE:
-                    lc = tl.load(lc_ptr + rc * heads + head, mask=ok, other=0.0)
-                    top = tl.maximum(top, lc)
-            if LSE:
-                wa = tl.exp(la - top)
-                acc = wa * va
-                norm = wa
-                if HAS_B:
-                    wb = tl.exp(lb - top)
-                    acc += wb * vb
-                    norm += wb
-                if HAS_C:
-                    wc = tl.exp(lc - top)
-                    acc += wc * vc
-                    norm += wc
-                acc = acc / norm
-            else:
-                if GATE:
-                    va = va * tl.load(gate_ptr + row)
-                acc = va
-                if HAS_B:
-                    acc += vb
-                if HAS_C:
-                    acc += vc
-                acc = acc * inv_n
-            tl.store(out_ptr + row * hd + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+                wc = tl.exp(lc - top)
+                acc += wc * vc
+                norm += wc
+            acc = acc / norm
+        else:
+            if GATE:
+                va = va * tl.load(gate_ptr + row)
+            acc = va
+            if HAS_B:
+                acc += vb
+            if HAS_C:
+                acc += vc
+            acc = acc * inv_n
+        tl.store(out_ptr + row * hd + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
-        _TRITON = merge_kernel
-    return _TRITON or None
+    return merge_kernel
 
 
 def fused_merge(outs, invs, rows: int, gate=None, lses=None, dtype=None):
