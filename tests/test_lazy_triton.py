@@ -77,3 +77,15 @@ def test_an_error_in_the_builder_propagates_and_is_retried(monkeypatch):
 def test_the_modules_kernels_are_lazy(lazy):
     assert isinstance(lazy, LazyKernels)
     assert (lazy() is None) == (lazy.problem() is not None)
+
+
+def test_fused_merge_without_triton_says_why(monkeypatch):
+    import torch
+    no_triton(monkeypatch)
+    kernels._triton_merge.reset()
+    try:
+        with pytest.raises(RuntimeError, match=r"fused_merge needs Triton: Triton is not importable \("):
+            kernels.fused_merge([torch.randn(3, 2, 4)], [None], 3)
+    finally:
+        monkeypatch.undo()
+        kernels._triton_merge.reset()   # the real Triton (or its absence) again for later tests

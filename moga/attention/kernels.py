@@ -342,7 +342,7 @@ def fused_merge(outs, invs, rows: int, gate=None, lses=None, dtype=None):
     """
     kernel = _triton_merge()
     if kernel is None:
-        raise RuntimeError("fused_merge needs Triton")
+        raise RuntimeError(f"fused_merge needs Triton: {_triton_merge.problem()}")
     if not 1 <= len(outs) <= 3:
         raise ValueError("fused_merge merges one to three branches")
     h, d = outs[0].shape[1:]
