@@ -136,8 +136,14 @@ def exit_together(code: int, timeout_s: float = EXIT_BARRIER_S) -> int:
         deadline = time.monotonic() + timeout_s
         while store.add("moga/exiting", 0) < world and time.monotonic() < deadline:
             time.sleep(0.05)
-        if rank == 0:  # the store lives in rank 0: leave it up until the others have read it
-            time.sleep(0.2)
+        # the store lives in rank 0: it stays up until every other rank has made its last call to it (a fixed
+        # grace was not enough on a loaded machine: a rank still polling saw the store vanish and printed
+        # c10d's "recvValue failed" warning after the user's error)
+        if rank == 0:
+            while store.add("moga/left", 0) < world - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            store.add("moga/left", 1)
     except Exception:  # noqa: BLE001 - an exit must never fail: leave without the barrier
         pass
     return code
