@@ -6,6 +6,14 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 
+WAN22_VAE_CHANNELS = 48  # TI2V-5B's latents: the Wan2.2 VAE's (the Wan2.1 VAE makes 16)
+
+
+def vae_spatial_ratio(latent_channels: int) -> int:
+    """Pixels per latent pixel, each way: 16 for the Wan2.2 VAE's 48-channel latents, 8 for the Wan2.1 VAE's."""
+    return 16 if int(latent_channels) == WAN22_VAE_CHANNELS else 8
+
+
 @dataclass(frozen=True)
 class WanConfig:
     """Shape and kind of a Wan DiT (T2V, I2V, TI2V: `conditioning`). `from_state_dict` reads it from
@@ -66,6 +74,11 @@ class WanConfig:
         return (c - 2 * (c // 3), c // 3, c // 3)
 
     @property
+    def vae_spatial_ratio(self) -> int:
+        """Pixels per latent pixel, each way, of the VAE this model samples for (`vae_spatial_ratio`)."""
+        return vae_spatial_ratio(self.out_dim)
+
+    @property
     def conditioning(self) -> str:
         """How an image enters: "none" (T2V), "concat" (Wan2.2 I2V A14B: mask + image latent channels),
         "clip+concat" (Wan2.1 I2V: also CLIP tokens), "replace" (TI2V-5B: the image latent replaces
@@ -74,7 +87,7 @@ class WanConfig:
             return "clip+concat"
         if self.in_dim != self.out_dim:
             return "concat"
-        return "replace" if self.out_dim == 48 else "none"
+        return "replace" if self.out_dim == WAN22_VAE_CHANNELS else "none"
 
     @property
     def name(self) -> str:

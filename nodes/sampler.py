@@ -94,19 +94,14 @@ def _check_fits(model: MoGAModelHandle, layout, device, workers_loaded: bool = F
         raise ValueError(f"{NODE}: {e}") from None
 
 
-WAN22_CHANNELS = 48   # TI2V-5B: the Wan2.2 VAE's latents, 16x16 pixels a latent pixel
-VAE_FILES = {16: "wan_2.1_vae.safetensors", WAN22_CHANNELS: "wan2.2_vae.safetensors"}
-
-
-def spatial_ratio(channels: int) -> int:
-    """Pixels per latent pixel (each way) of the VAE a model with these latent channels samples for."""
-    return 16 if channels == WAN22_CHANNELS else 8
+VAE_FILES = {16: "wan_2.1_vae.safetensors", 48: "wan2.2_vae.safetensors"}  # by latent channels
 
 
 def _latent_format(channels: int):
     """Core's latent format of Wan's VAE latents with these channels (per-channel mean/std normalisation)."""
     import comfy.latent_formats as formats
-    return formats.Wan22() if channels == WAN22_CHANNELS else formats.Wan21()
+    from moga.wan_config import WAN22_VAE_CHANNELS
+    return formats.Wan22() if channels == WAN22_VAE_CHANNELS else formats.Wan21()
 
 
 def _vae_file(channels: int) -> str:
@@ -315,7 +310,8 @@ class MoGASampler(io.ComfyNode):
         plan = shots.plan
         net_config = getattr(model.model, "config", None)
         # TI2V-5B's Wan2.2 VAE: 16x16 pixels a latent pixel, so sizes are multiples of 32 (the CLI does the same)
-        spatial = spatial_ratio(int(getattr(net_config, "out_dim", 16)))
+        from moga.wan_config import vae_spatial_ratio
+        spatial = vae_spatial_ratio(getattr(net_config, "out_dim", 16))
         try:
             latent_size = plan.latent_size(int(width), int(height), spatial_ratio=spatial)
         except ValueError as e:

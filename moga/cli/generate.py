@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
 
         positive, negative = encode_plan(te, plan, use_wan_negative=umt5)
         del te
-        spatial = 16 if net.config.out_dim == 48 else 8   # TI2V-5B: the Wan2.2 VAE's 16x16 pixels
+        spatial = net.config.vae_spatial_ratio   # TI2V-5B: the Wan2.2 VAE's 16x16 pixels
         image = encode_images(args, net, vae, plan, images, width, height)
         if not lead:
             vae = None  # only rank 0 decodes
